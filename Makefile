@@ -1,0 +1,32 @@
+# The two commands a new user needs: `make demo` and `make test`. Both set up .venv first if needed.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+AVP := $(VENV)/bin/avp
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench constraints clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup  ## skip the slow (Spark / multi-process / Airflow) tests
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench.run_all
+
+constraints:  ## refreeze constraints.txt from the current venv
+	@(echo "# Full freeze of the pipeline's environment (Python 3.11). Regenerate with: make constraints"; \
+	  echo "# torch is pinned without a local label so the CPU build here and the CUDA build elsewhere both match."; \
+	  $(PY) -m pip freeze --exclude-editable | sed -e 's/^torch==\([0-9.]*\)+.*/torch==\1/' \
+	    -e 's|^horovod @ .*|horovod==0.28.1|' | grep -v '^avp') > constraints.txt
+
+clean:  ## remove the pipeline home (data, registry, runs); keeps .venv
+	rm -rf .avp

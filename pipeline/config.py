@@ -1,0 +1,245 @@
+"""Configuration as code: typed dataclasses with defaults that make the demo work.
+
+Every value can be overridden, in increasing priority, by environment variables
+(``AVP_HOME``, ``AVP_REGISTRY_URL``, ``AVP_<SECTION>__<FIELD>`` such as ``AVP_TRAIN__EPOCHS=3``) and by
+CLI flags (``--set train.epochs=3`` or a stage's own flags such as ``avp train --epochs 3``).
+Values are coerced to the annotated type; a value that does not fit fails with a ``ConfigError`` naming
+the field and what is allowed. ``resolved(cfg)`` is the plain dict every run records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown or does not fit its field."""
+
+
+@dataclass
+class SimulateConfig:
+    """The fleet simulator: how many drive logs, how long, and over which days."""
+
+    logs: int = 24
+    frames: int = 20  # frames per log, recorded at 10 Hz
+    beams: int = 32
+    azimuth_steps: int = 1024
+    max_range_m: float = 60.0
+    range_noise_m: float = 0.02
+    dropout: float = 0.05  # share of returns lost
+    start_date: str = "2026-11-01"
+    days: int = 3
+    seed: int = 0
+
+
+@dataclass
+class IngestConfig:
+    """Extraction of drive logs into Petastorm train/test/validation datasets."""
+
+    dataset_name: str = "fleet-lidar"
+    source: Literal["mcap", "kitti", "semantickitti", "av2"] = "mcap"
+    source_path: str = ""  # empty: <home>/logs for mcap
+    split: Literal["hash", "geo"] = "hash"
+    train_share: float = 0.75
+    test_share: float = 0.15
+    val_share: float = 0.10
+    geo_cell_m: float = 2000.0  # side of a GeoSplit cell
+    date_from: str = ""  # inclusive, YYYY-MM-DD; empty: no lower bound
+    date_to: str = ""  # exclusive, YYYY-MM-DD; empty: no upper bound
+    spark_master: str = "local[2]"
+    reader_ranks: int = 2  # row groups are laid out in multiples of this so every rank gets equal rows
+    rows_per_group: int = 8
+    max_points: int = 200_000  # a frame with more points than this is quarantined
+
+
+@dataclass
+class ValidateConfig:
+    """Great Expectations suite thresholds and the gate before training."""
+
+    warn_only: bool = False
+    split_tolerance: float = 0.10  # absolute tolerance on the 75/15/10 log shares
+    min_frames_per_log: int = 1
+    max_frames_per_log: int = 100_000
+    max_class_share: float = 0.95
+    min_class_share: float = 0.0
+    max_linf_drift: float = 0.10
+    max_kl_drift: float = 0.10
+
+
+@dataclass
+class TrainConfig:
+    """Data-parallel training of a registered model."""
+
+    model: str = "bev_segnet"
+    backend: Literal["horovod", "ddp"] = "horovod"
+    np: int = 2
+    epochs: int = 4
+    batch_size: int = 2
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    checkpoint_every: int = 20  # steps
+    max_points: int = 40_000  # points sampled per frame for training
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluation and the blessing gate."""
+
+    min_miou: float = 0.30
+    min_class_recall: float = 0.0
+    latency_p99_budget_ms: float = 500.0
+    max_regression: float = 0.05  # no class or scene may lose more than this against production
+    latency_runs: int = 20
+
+
+@dataclass
+class ServeConfig:
+    """Serving package and HTTP server."""
+
+    namespace: str = "perception"
+    host: str = "127.0.0.1"
+    port: int = 8765
+    max_points: int = 300_000
+
+
+@dataclass
+class PipelineConfig:
+    """The whole pipeline: one home for everything it writes, one registry, one section per stage."""
+
+    home: str = "./.avp"
+    registry_url: str = ""  # empty: sqlite:///<home>/registry.db
+    seed: int = 0
+    force: bool = False  # rebuild even when a succeeded artifact has the same content key
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+
+_TOP_LEVEL_ENV = {"AVP_HOME": "home", "AVP_REGISTRY_URL": "registry_url", "AVP_SEED": "seed"}
+
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    """Turn ``value`` (often a string from a flag or the environment) into ``annotation``'s type."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(
+                f"config field {path}: {value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}"
+            )
+        return value
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if annotation is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if annotation is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if annotation is str:
+            if not isinstance(value, (str, int, float)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        kind = {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}
+        raise ConfigError(f"config field {path}: {value!r} is not {kind[annotation]}") from None
+    raise ConfigError(f"config field {path}: unsupported type {annotation!r}")
+
+
+def _section_fields(obj: Any) -> dict[str, tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(obj)}
+
+
+def set_value(cfg: PipelineConfig, dotted: str, value: Any) -> None:
+    """Set ``section.field`` (or a top-level field) on ``cfg``, coercing and validating the value."""
+    parts = dotted.split(".")
+    target: Any = cfg
+    for depth, name in enumerate(parts):
+        fields = _section_fields(target)
+        if name not in fields:
+            where = ".".join(parts[:depth]) or "the top level"
+            raise ConfigError(
+                f"unknown config field {dotted!r}: {where} has {', '.join(sorted(fields))}"
+            )
+        _, annotation = fields[name]
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(annotation):
+                raise ConfigError(f"config field {dotted!r} is a section; set one of its fields")
+            setattr(target, name, _coerce(dotted, value, annotation))
+        else:
+            if not dataclasses.is_dataclass(annotation):
+                raise ConfigError(f"config field {'.'.join(parts[: depth + 1])!r} has no sub-fields")
+            target = getattr(target, name)
+    _check_invariants(cfg)
+
+
+def _check_invariants(cfg: PipelineConfig) -> None:
+    shares = (cfg.ingest.train_share, cfg.ingest.test_share, cfg.ingest.val_share)
+    if any(s < 0 for s in shares) or abs(sum(shares) - 1.0) > 1e-6:
+        raise ConfigError(
+            f"config fields ingest.train_share/test_share/val_share must be >= 0 and sum to 1, got {shares}"
+        )
+    for path, value in (("train.np", cfg.train.np), ("train.epochs", cfg.train.epochs),
+                        ("simulate.logs", cfg.simulate.logs), ("simulate.frames", cfg.simulate.frames),
+                        ("train.batch_size", cfg.train.batch_size)):
+        if value < 1:
+            raise ConfigError(f"config field {path}: {value} must be at least 1")
+
+
+def load(overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> PipelineConfig:
+    """Defaults, then environment variables, then explicit ``overrides`` (dotted names)."""
+    env = os.environ if env is None else env
+    cfg = PipelineConfig()
+    for var, name in _TOP_LEVEL_ENV.items():
+        if env.get(var):
+            set_value(cfg, name, env[var])
+    for var, value in sorted(env.items()):
+        if var.startswith("AVP_") and "__" in var:
+            section, _, name = var[4:].partition("__")
+            set_value(cfg, f"{section.lower()}.{name.lower()}", value)
+    for dotted, value in (overrides or {}).items():
+        set_value(cfg, dotted, value)
+    _check_invariants(cfg)
+    return cfg
+
+
+def parse_assignments(pairs: list[str]) -> dict[str, str]:
+    """``["train.epochs=3", ...]`` from ``--set`` flags into a dict, with a clear error for a bad pair."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects section.field=value, got {pair!r}")
+        out[key.strip()] = value
+    return out
+
+
+def resolved(cfg: Any) -> dict[str, Any]:
+    """The fully resolved config (or one section of it) as a JSON-ready dict."""
+    return dataclasses.asdict(cfg)
+
+
+def canonical_json(obj: Any) -> str:
+    """Stable JSON used for hashing: sorted keys, no whitespace."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)

@@ -1,0 +1,638 @@
+"""A versioned artifact registry in the spirit of Uber's VerCD.
+
+Every dataset, model, metrics report and serving package (and the logs and statistics around them) is an
+*artifact*: ``kind:name@vN`` with a content key, a lifecycle state, the code version that built it
+(git SHA + hash of uncommitted changes), its entry point and resolved config, parent artifacts, locations,
+who/when, and the Airflow DAG/run when it ran under Airflow.
+
+Lifecycle::
+
+    registered -> building -> succeeded | failed | aborted
+    succeeded -> deprecated -> end_of_life
+
+``Registry.build`` is the one way stages publish: it reuses a succeeded artifact with the same content
+key (a hash of the parents' versions, the entry point's code version and the resolved config), otherwise
+writes into a staging folder, renames it into place and only then marks the record succeeded. A killed
+build stays ``building``; the next build notices its process is gone, marks it ``aborted`` and removes
+its files. SQLite writes take ``BEGIN IMMEDIATE`` so concurrent processes serialise instead of racing;
+a unique constraint on (kind, name, version) backs that up on any database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import psutil
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from pipeline import provenance
+from pipeline.config import canonical_json
+from pipeline.home import Home, check_name, is_url
+
+KINDS = ("log", "dataset", "statistics", "validation", "model", "metrics", "package")
+STATES = ("registered", "building", "succeeded", "failed", "aborted", "deprecated", "end_of_life")
+TRANSITIONS = {
+    "registered": {"building", "aborted"},
+    "building": {"succeeded", "failed", "aborted"},
+    "succeeded": {"deprecated"},
+    "deprecated": {"end_of_life"},
+    "failed": set(),
+    "aborted": set(),
+    "end_of_life": set(),
+}
+# A build whose process cannot be checked (another host) is considered dead after this long.
+STALE_AFTER_S = 24 * 3600
+
+
+class RegistryError(Exception):
+    """Base for registry errors; the message says what is wrong and with which artifact."""
+
+
+class NotFound(RegistryError):
+    pass
+
+
+class IllegalTransition(RegistryError):
+    pass
+
+
+class PromotionRefused(RegistryError):
+    pass
+
+
+class BuildInProgress(RegistryError):
+    pass
+
+
+metadata = sa.MetaData()
+
+artifacts_table = sa.Table(
+    "artifacts", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("content_key", sa.String(64), nullable=False, index=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("git_sha", sa.String(64), nullable=False),
+    sa.Column("diff_hash", sa.String(64), nullable=False),
+    sa.Column("entry_point", sa.String(256), nullable=False),
+    sa.Column("config", sa.Text, nullable=False),
+    sa.Column("locations", sa.Text, nullable=False, default="[]"),
+    sa.Column("meta", sa.Text, nullable=False, default="{}"),
+    sa.Column("blessed", sa.Boolean, nullable=True),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    sa.Column("created_by", sa.String(128), nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+    sa.Column("host", sa.String(256), nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("pid_started", sa.Float, nullable=False),
+    sa.Column("dag_id", sa.String(256), nullable=True),
+    sa.Column("dag_run_id", sa.String(256), nullable=True),
+    sa.UniqueConstraint("kind", "name", "version", name="uq_artifact_version"),
+)
+
+edges_table = sa.Table(
+    "edges", metadata,
+    sa.Column("child_id", sa.Integer, sa.ForeignKey("artifacts.id"), primary_key=True),
+    sa.Column("parent_id", sa.Integer, sa.ForeignKey("artifacts.id"), primary_key=True),
+)
+
+events_table = sa.Table(
+    "events", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("artifact_id", sa.Integer, sa.ForeignKey("artifacts.id"), nullable=False, index=True),
+    sa.Column("from_state", sa.String(16), nullable=True),
+    sa.Column("to_state", sa.String(16), nullable=False),
+    sa.Column("at", sa.DateTime, nullable=False),
+    sa.Column("by", sa.String(128), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+)
+
+promotions_table = sa.Table(
+    "promotions", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("namespace", sa.String(128), nullable=False),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("major", sa.Integer, nullable=False),
+    sa.Column("minor", sa.Integer, nullable=False),
+    sa.Column("artifact_id", sa.Integer, sa.ForeignKey("artifacts.id"), nullable=False),
+    # production: serving now; previous: was production, kept for rollback; rolled_back: withdrawn
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("promoted_at", sa.DateTime, nullable=False),
+    sa.Column("promoted_by", sa.String(128), nullable=False),
+    sa.UniqueConstraint("namespace", "name", "major", "minor", name="uq_promotion_version"),
+)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+@dataclass
+class Artifact:
+    """One registry record, as plain data."""
+
+    id: int
+    kind: str
+    name: str
+    version: int
+    content_key: str
+    state: str
+    git_sha: str
+    diff_hash: str
+    entry_point: str
+    config: dict[str, Any]
+    locations: list[str]
+    meta: dict[str, Any]
+    blessed: bool | None
+    reason: str
+    created_by: str
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    host: str
+    pid: int
+    dag_id: str | None
+    dag_run_id: str | None
+    cached: bool = field(default=False, compare=False)  # True when build() reused it
+
+    @property
+    def ref(self) -> str:
+        return f"{self.kind}:{self.name}@v{self.version}"
+
+    @property
+    def location(self) -> str:
+        return self.locations[0] if self.locations else ""
+
+    @classmethod
+    def _from_row(cls, row: Any) -> "Artifact":
+        m = row._mapping
+        return cls(
+            id=m["id"], kind=m["kind"], name=m["name"], version=m["version"], content_key=m["content_key"],
+            state=m["state"], git_sha=m["git_sha"], diff_hash=m["diff_hash"], entry_point=m["entry_point"],
+            config=json.loads(m["config"]), locations=json.loads(m["locations"]), meta=json.loads(m["meta"]),
+            blessed=m["blessed"], reason=m["reason"], created_by=m["created_by"], created_at=m["created_at"],
+            updated_at=m["updated_at"], host=m["host"], pid=m["pid"], dag_id=m["dag_id"],
+            dag_run_id=m["dag_run_id"],
+        )
+
+
+@dataclass
+class Promotion:
+    namespace: str
+    name: str
+    major: int
+    minor: int
+    artifact_id: int
+    status: str
+    promoted_at: dt.datetime
+    promoted_by: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.namespace}/{self.name}/{self.major}.{self.minor}"
+
+
+def parse_ref(ref: str) -> tuple[str | None, str, int | None]:
+    """``kind:name@vN`` / ``kind:name`` / ``name@N`` -> (kind, name, version). Version None = latest."""
+    kind, sep, rest = ref.partition(":")
+    if not sep:
+        kind, rest = None, ref
+    name, sep, version = rest.partition("@")
+    if kind is not None and kind not in KINDS:
+        raise NotFound(f"unknown artifact kind {kind!r} in {ref!r}; kinds are {', '.join(KINDS)}")
+    try:
+        check_name(name, "artifact name")
+        number = int(version.lstrip("v")) if sep else None
+    except ValueError as exc:
+        raise NotFound(f"bad artifact reference {ref!r}: expected kind:name@vN ({exc})") from None
+    return kind, name, number
+
+
+def content_key(kind: str, name: str, parents: Sequence[Artifact], code_version: str,
+                config: Any) -> str:
+    """Hash of what determines an artifact: parents' versions and keys, code version, resolved config."""
+    payload = {
+        "kind": kind, "name": name, "code": code_version, "config": config,
+        "parents": sorted((p.kind, p.name, p.version, p.content_key) for p in parents),
+    }
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
+
+
+def _process_started(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
+
+
+class Registry:
+    """The registry over one database. ``home`` is where artifact folders are created."""
+
+    def __init__(self, url: str, home: Home):
+        self.url = url
+        self.home = home
+        connect_args: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            connect_args = {"timeout": 120}
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.engine = sa.create_engine(url, connect_args=connect_args, future=True)
+        if url.startswith("sqlite"):
+            self._serialise_sqlite_writes()
+        with self._tx() as conn:
+            metadata.create_all(conn)
+
+    @classmethod
+    def open(cls, cfg: Any) -> "Registry":
+        """The registry a resolved ``PipelineConfig`` points at."""
+        home = Home.from_config(cfg.home).ensure()
+        return cls(home.registry_url(cfg.registry_url), home)
+
+    def _serialise_sqlite_writes(self) -> None:
+        # pysqlite's default deferred transactions let two writers read the same max(version) and then
+        # collide; BEGIN IMMEDIATE takes the write lock up front so they queue (busy timeout above).
+        @sa.event.listens_for(self.engine, "connect")
+        def _connect(dbapi_conn, _record):  # pragma: no cover - exercised via engine use
+            dbapi_conn.isolation_level = None
+            dbapi_conn.execute("PRAGMA journal_mode=WAL")
+            dbapi_conn.execute("PRAGMA foreign_keys=ON")
+
+        @sa.event.listens_for(self.engine, "begin")
+        def _begin(conn):  # pragma: no cover
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sa.Connection]:
+        for attempt in range(20):
+            try:
+                with self.engine.begin() as conn:
+                    yield conn
+                return
+            except OperationalError as exc:  # "database is locked" past the busy timeout
+                if "locked" not in str(exc) or attempt == 19:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
+
+    # ---------------------------------------------------------------- queries
+    def get(self, ref: str | int) -> Artifact:
+        """An artifact by id or reference; ``kind:name`` means the latest succeeded version."""
+        with self.engine.connect() as conn:
+            t = artifacts_table
+            if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+                row = conn.execute(sa.select(t).where(t.c.id == int(ref))).first()
+                if row is None:
+                    raise NotFound(f"no artifact with id {ref}")
+                return Artifact._from_row(row)
+            kind, name, version = parse_ref(ref)
+            query = sa.select(t).where(t.c.name == name)
+            if kind:
+                query = query.where(t.c.kind == kind)
+            if version is None:
+                query = query.where(t.c.state == "succeeded")
+            else:
+                query = query.where(t.c.version == version)
+            rows = conn.execute(query.order_by(t.c.version.desc())).all()
+        if not rows:
+            what = "succeeded version of" if version is None else "artifact"
+            raise NotFound(f"no {what} {ref!r} in the registry ({self.url})")
+        if kind is None and len({r._mapping["kind"] for r in rows}) > 1:
+            raise NotFound(f"{ref!r} is ambiguous: name it with its kind, e.g. dataset:{name}")
+        return Artifact._from_row(rows[0])
+
+    def list(self, kind: str | None = None, name: str | None = None,
+             state: str | None = None) -> list[Artifact]:
+        t = artifacts_table
+        query = sa.select(t)
+        if kind:
+            query = query.where(t.c.kind == kind)
+        if name:
+            query = query.where(t.c.name == name)
+        if state:
+            query = query.where(t.c.state == state)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(t.c.kind, t.c.name, t.c.version)).all()
+        return [Artifact._from_row(r) for r in rows]
+
+    def parents(self, artifact_id: int) -> list[Artifact]:
+        return self._neighbours(artifact_id, upstream=True)
+
+    def children(self, artifact_id: int) -> list[Artifact]:
+        return self._neighbours(artifact_id, upstream=False)
+
+    def _neighbours(self, artifact_id: int, upstream: bool) -> list[Artifact]:
+        e, t = edges_table, artifacts_table
+        mine, other = (e.c.child_id, e.c.parent_id) if upstream else (e.c.parent_id, e.c.child_id)
+        query = sa.select(t).join(e, other == t.c.id).where(mine == artifact_id).order_by(t.c.id)
+        with self.engine.connect() as conn:
+            return [Artifact._from_row(r) for r in conn.execute(query).all()]
+
+    def lineage(self, ref: str | int, direction: str = "up") -> list[tuple[int, Artifact]]:
+        """Everything upstream (``up``) or downstream (``down``) of an artifact, breadth first, with depth."""
+        if direction not in ("up", "down"):
+            raise ValueError("direction must be 'up' or 'down'")
+        start = self.get(ref)
+        seen, out, frontier = {start.id}, [], [start]
+        depth = 0
+        while frontier:
+            depth += 1
+            nxt = []
+            for art in frontier:
+                for n in self._neighbours(art.id, upstream=direction == "up"):
+                    if n.id not in seen:
+                        seen.add(n.id)
+                        out.append((depth, n))
+                        nxt.append(n)
+            frontier = nxt
+        return out
+
+    def events(self, artifact_id: int) -> list[dict[str, Any]]:
+        ev = events_table
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(ev).where(ev.c.artifact_id == artifact_id).order_by(ev.c.id)).all()
+        return [dict(r._mapping) for r in rows]
+
+    # ---------------------------------------------------------------- lifecycle
+    def _set_state(self, conn: sa.Connection, art_id: int, to_state: str, reason: str = "",
+                   **values: Any) -> None:
+        t = artifacts_table
+        row = conn.execute(sa.select(t.c.state, t.c.kind, t.c.name, t.c.version).where(t.c.id == art_id)).first()
+        if row is None:
+            raise NotFound(f"no artifact with id {art_id}")
+        current = row.state
+        if to_state not in TRANSITIONS.get(current, set()):
+            allowed = ", ".join(sorted(TRANSITIONS[current])) or "none (final state)"
+            raise IllegalTransition(
+                f"{row.kind}:{row.name}@v{row.version} is {current}; it cannot become {to_state} "
+                f"(allowed from {current}: {allowed})"
+            )
+        conn.execute(t.update().where(t.c.id == art_id).values(
+            state=to_state, updated_at=_now(), **({"reason": reason} if reason else {}), **values))
+        conn.execute(events_table.insert().values(
+            artifact_id=art_id, from_state=current, to_state=to_state, at=_now(), by=provenance.user(),
+            reason=reason))
+
+    def transition(self, ref: str | int, to_state: str, reason: str = "") -> Artifact:
+        """Move an artifact along its lifecycle; an illegal move raises ``IllegalTransition``."""
+        if to_state not in STATES:
+            raise IllegalTransition(f"unknown state {to_state!r}; states are {', '.join(STATES)}")
+        art = self.get(ref)
+        with self._tx() as conn:
+            self._set_state(conn, art.id, to_state, reason)
+        return self.get(art.id)
+
+    def deprecate(self, ref: str | int, reason: str = "") -> Artifact:
+        return self.transition(ref, "deprecated", reason)
+
+    def end_of_life(self, ref: str | int, reason: str = "") -> Artifact:
+        return self.transition(ref, "end_of_life", reason)
+
+    def update_meta(self, ref: str | int, **meta: Any) -> Artifact:
+        art = self.get(ref)
+        with self._tx() as conn:
+            t = artifacts_table
+            current = json.loads(conn.execute(sa.select(t.c.meta).where(t.c.id == art.id)).scalar_one())
+            current.update(meta)
+            conn.execute(t.update().where(t.c.id == art.id).values(meta=canonical_json(current),
+                                                                     updated_at=_now()))
+        return self.get(art.id)
+
+    def set_blessing(self, ref: str | int, blessed: bool, reasons: Iterable[str] = ()) -> Artifact:
+        """Record the evaluation verdict on a model (only a blessed model may be promoted)."""
+        art = self.get(ref)
+        if art.state != "succeeded":
+            raise IllegalTransition(f"{art.ref} is {art.state}; only a succeeded artifact can be blessed")
+        with self._tx() as conn:
+            t = artifacts_table
+            conn.execute(t.update().where(t.c.id == art.id).values(blessed=bool(blessed), updated_at=_now()))
+            conn.execute(events_table.insert().values(
+                artifact_id=art.id, from_state=art.state, to_state=art.state, at=_now(), by=provenance.user(),
+                reason=("blessed" if blessed else "not blessed") + (": " + "; ".join(reasons) if reasons else "")))
+        return self.update_meta(art.id, blessing_reasons=list(reasons))
+
+    # ---------------------------------------------------------------- registering and building
+    def register(self, kind: str, name: str, *, content_key: str, entry_point: str,
+                 config: Any = None, parents: Sequence[Artifact] = (), meta: dict | None = None) -> Artifact:
+        """Create a new ``registered`` version (the next integer for kind/name)."""
+        if kind not in KINDS:
+            raise RegistryError(f"unknown artifact kind {kind!r}; kinds are {', '.join(KINDS)}")
+        check_name(name, "artifact name")
+        snap = provenance.snapshot()
+        pid = os.getpid()
+        for attempt in range(50):
+            try:
+                with self._tx() as conn:
+                    t = artifacts_table
+                    latest = conn.execute(sa.select(sa.func.max(t.c.version)).where(
+                        t.c.kind == kind, t.c.name == name)).scalar()
+                    now = _now()
+                    art_id = conn.execute(t.insert().values(
+                        kind=kind, name=name, version=(latest or 0) + 1, content_key=content_key,
+                        state="registered", git_sha=snap["git_sha"], diff_hash=snap["diff_hash"],
+                        entry_point=entry_point, config=canonical_json(config or {}), locations="[]",
+                        meta=canonical_json(meta or {}), blessed=None, reason="", created_by=snap["user"],
+                        created_at=now, updated_at=now, host=snap["host"], pid=pid,
+                        pid_started=_process_started(pid), dag_id=snap.get("airflow_dag_id"),
+                        dag_run_id=snap.get("airflow_run_id"),
+                    )).inserted_primary_key[0]
+                    for p in parents:
+                        conn.execute(edges_table.insert().values(child_id=art_id, parent_id=p.id))
+                    conn.execute(events_table.insert().values(
+                        artifact_id=art_id, from_state=None, to_state="registered", at=now, by=snap["user"],
+                        reason=""))
+                return self.get(art_id)
+            except IntegrityError:  # another writer took this version number (non-SQLite databases)
+                time.sleep(0.01 * (attempt + 1))
+        raise RegistryError(f"could not allocate a version for {kind}:{name} after 50 attempts")
+
+    def find_succeeded(self, kind: str, name: str, key: str) -> Artifact | None:
+        t = artifacts_table
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(t).where(
+                t.c.kind == kind, t.c.name == name, t.c.content_key == key, t.c.state == "succeeded",
+            ).order_by(t.c.version.desc())).first()
+        return Artifact._from_row(row) if row else None
+
+    def recover_stale(self) -> list[Artifact]:
+        """Mark ``building``/``registered`` records whose process is gone as ``aborted``, removing their files."""
+        t = artifacts_table
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(t).where(t.c.state.in_(("building", "registered")))).all()
+        host = socket.gethostname()
+        recovered = []
+        for row in rows:
+            art = Artifact._from_row(row)
+            started = row._mapping["pid_started"]
+            if art.host == host:
+                alive = _process_started(art.pid) == started and started > 0
+            else:
+                alive = (_now() - art.updated_at).total_seconds() < STALE_AFTER_S
+            if alive:
+                continue
+            with self._tx() as conn:
+                state = conn.execute(sa.select(t.c.state).where(t.c.id == art.id)).scalar_one()
+                if state not in ("building", "registered"):
+                    continue
+                self._set_state(conn, art.id, "aborted",
+                                reason=f"recovered: process {art.pid} on {art.host} ended during the build")
+            for path in [*art.locations, *art.meta.get("_staging", [])]:
+                _remove(self.home, path)
+            recovered.append(self.get(art.id))
+        return recovered
+
+    def build(self, kind: str, name: str, *, entry_point: str, config: Any,
+              builder: Callable[[str, Artifact], dict | None], parents: Sequence[Artifact] = (),
+              code_packages: Sequence[str] = ("pipeline",), force: bool = False,
+              say: Callable[[str], None] = lambda _msg: None) -> Artifact:
+        """Build (or reuse) an artifact atomically.
+
+        ``builder(staging_dir, record)`` writes the artifact's files into ``staging_dir`` and may return
+        metadata to store. The folder is renamed to its final place and the record marked succeeded
+        only after the builder returns; any exception marks it failed (aborted for an interrupt).
+        """
+        for p in parents:
+            if p.state != "succeeded":
+                raise RegistryError(f"parent {p.ref} is {p.state}; only succeeded artifacts can be built on")
+        code = provenance.code_version(*code_packages)
+        key = content_key(kind, name, parents, code, config)
+        self.recover_stale()
+        if not force:
+            hit = self.find_succeeded(kind, name, key)
+            if hit is not None:
+                say(f"cache hit: {hit.ref} has the same content key ({key[:12]}); reusing it (--force rebuilds)")
+                hit.cached = True
+                return hit
+        in_flight = [a for a in self.list(kind, name, "building") if a.content_key == key]
+        if in_flight and not force:
+            a = in_flight[0]
+            raise BuildInProgress(f"{a.ref} with the same content key is being built by pid {a.pid} on {a.host}")
+        art = self.register(kind, name, content_key=key, entry_point=entry_point, config=config,
+                            parents=parents, meta={"code_version": code})
+        final = self.home.artifact_dir(kind, name, art.version)
+        staging = self.home.join("artifacts", kind, name, f".staging-v{art.version}-{uuid.uuid4().hex[:8]}")
+        with self._tx() as conn:
+            self._set_state(conn, art.id, "building", locations=canonical_json([final]),
+                            meta=canonical_json({**art.meta, "_staging": [staging]}))
+        say(f"building {art.ref} (content key {key[:12]})")
+        fs = self.home.fs
+        try:
+            fs.makedirs(staging, exist_ok=True)
+            extra = builder(staging, self.get(art.id)) or {}
+            _rename(self.home, staging, final)
+        except BaseException as exc:
+            state = "aborted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
+            with contextlib.suppress(Exception):
+                with self._tx() as conn:
+                    self._set_state(conn, art.id, state, reason=f"{type(exc).__name__}: {exc}"[:2000])
+            _remove(self.home, staging)
+            _remove(self.home, final)
+            raise
+        meta = {k: v for k, v in self.get(art.id).meta.items() if k != "_staging"}
+        meta.update(extra)
+        with self._tx() as conn:
+            self._set_state(conn, art.id, "succeeded", meta=canonical_json(meta))
+        say(f"published {art.ref} at {final}")
+        return self.get(art.id)
+
+    # ---------------------------------------------------------------- promotion
+    def _is_blessed(self, art: Artifact) -> bool:
+        if art.blessed:
+            return True
+        # A package inherits the verdict of the model it was built from.
+        return art.kind == "package" and any(p.kind == "model" and p.blessed for p in self.parents(art.id))
+
+    def promote(self, ref: str | int, namespace: str, name: str, major: int = 1) -> Promotion:
+        """Make a blessed, succeeded model (or its package) production as ``namespace/name/major.minor``."""
+        check_name(namespace, "namespace")
+        check_name(name, "promotion name")
+        art = self.get(ref)
+        if art.kind not in ("model", "package"):
+            raise PromotionRefused(f"{art.ref} is a {art.kind}; only models and packages can be promoted")
+        if art.state != "succeeded":
+            raise PromotionRefused(f"{art.ref} is {art.state}; only a succeeded artifact can be promoted")
+        if not self._is_blessed(art):
+            raise PromotionRefused(f"{art.ref} is not blessed by evaluation; an unblessed model cannot be promoted")
+        p = promotions_table
+        for attempt in range(50):
+            try:
+                with self._tx() as conn:
+                    latest = conn.execute(sa.select(sa.func.max(p.c.minor)).where(
+                        p.c.namespace == namespace, p.c.name == name, p.c.major == major)).scalar()
+                    minor = 0 if latest is None else latest + 1
+                    conn.execute(p.update().where(p.c.namespace == namespace, p.c.name == name,
+                                                  p.c.status == "production").values(status="previous"))
+                    conn.execute(p.insert().values(
+                        namespace=namespace, name=name, major=major, minor=minor,
+                        artifact_id=art.id, status="production", promoted_at=_now(),
+                        promoted_by=provenance.user()))
+                    conn.execute(events_table.insert().values(
+                        artifact_id=art.id, from_state=art.state, to_state=art.state, at=_now(),
+                        by=provenance.user(), reason=f"promoted to {namespace}/{name}/{major}.{minor}"))
+                return self.production(namespace, name)
+            except IntegrityError:
+                time.sleep(0.01 * (attempt + 1))
+        raise RegistryError(f"could not promote {art.ref}: too many concurrent promotions")
+
+    def promotions(self, namespace: str | None = None, name: str | None = None) -> list[Promotion]:
+        p = promotions_table
+        query = sa.select(p)
+        if namespace:
+            query = query.where(p.c.namespace == namespace)
+        if name:
+            query = query.where(p.c.name == name)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(p.c.id)).all()
+        return [Promotion(**{k: v for k, v in r._mapping.items() if k != "id"}) for r in rows]
+
+    def production(self, namespace: str, name: str) -> Promotion | None:
+        current = [x for x in self.promotions(namespace, name) if x.status == "production"]
+        return current[-1] if current else None
+
+    def rollback(self, namespace: str, name: str) -> Promotion:
+        """Withdraw the production version and restore the one before it."""
+        p = promotions_table
+        with self._tx() as conn:
+            rows = conn.execute(sa.select(p).where(p.c.namespace == namespace, p.c.name == name).order_by(
+                p.c.id.desc())).all()
+            current = [r for r in rows if r.status == "production"]
+            previous = [r for r in rows if r.status == "previous"]
+            if not current:
+                raise PromotionRefused(f"{namespace}/{name} has no production version to roll back")
+            if not previous:
+                raise PromotionRefused(f"{namespace}/{name} has no previous version to roll back to")
+            conn.execute(p.update().where(p.c.id == current[0].id).values(status="rolled_back"))
+            conn.execute(p.update().where(p.c.id == previous[0].id).values(status="production"))
+        restored = self.production(namespace, name)
+        assert restored is not None
+        return restored
+
+
+def _rename(home: Home, src: str, dst: str) -> None:
+    if is_url(home.root):
+        home.fs.mv(src, dst, recursive=True)
+    else:
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.rename(src, dst)  # atomic on one filesystem; fails rather than merging into an existing folder
+
+
+def _remove(home: Home, path: str) -> None:
+    with contextlib.suppress(FileNotFoundError, OSError):
+        if is_url(home.root):
+            home.fs.rm(path, recursive=True)
+        elif os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
