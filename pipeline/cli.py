@@ -34,10 +34,32 @@ STAGE_FLAGS: dict[str, list[tuple[str, str, str]]] = {
         ("--name", "ingest.dataset_name", "dataset name in the registry"),
     ],
 }
+STAGE_FLAGS["validate"] = [
+    ("--warn-only", "validate.warn_only", "report failed expectations but do not stop (exploration)"),
+]
 STAGE_HELP = {
     "simulate": "write deterministic simulated fleet drive logs (MCAP) into the pipeline home",
     "ingest": "extract drive logs into Petastorm train/test/val datasets with Spark",
+    "validate": "check a dataset with Great Expectations (distributions, drift) and gate training",
 }
+# stage -> [(flag, input name, help)]: artifact references and switches passed to the entry function.
+STAGE_INPUTS: dict[str, list[tuple[str, str, str]]] = {
+    "validate": [("--dataset", "dataset", "dataset reference or version (default: the latest)")],
+}
+BOOLEAN_FLAGS = {"--warn-only"}
+STAGE_FLAGS["train"] = [
+    ("--backend", "train.backend", "horovod (horovodrun --gloo) or ddp (torchrun)"),
+    ("--np", "train.np", "number of training processes (ranks), each reading its own shard"),
+    ("--epochs", "train.epochs", "passes over the train split"),
+    ("--model", "train.model", "registered model name (see training/models)"),
+    ("--batch-size", "train.batch_size", "frames per rank per step"),
+]
+STAGE_HELP["train"] = "train a LiDAR segmentation model on a validated dataset (Horovod or DDP, N processes)"
+STAGE_INPUTS["train"] = [
+    ("--dataset", "dataset", "dataset reference or version (default: the latest)"),
+    ("--resume", "resume", "continue from the newest checkpoint of this training request"),
+]
+BOOLEAN_FLAGS.add("--resume")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,7 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, flags in STAGE_FLAGS.items():
         p = sub.add_parser(stage, help=STAGE_HELP[stage], parents=[common])
         for flag, _field, text in flags:
-            p.add_argument(flag, dest=_dest(flag), default=None, help=text)
+            if flag in BOOLEAN_FLAGS:
+                p.add_argument(flag, dest=_dest(flag), action="store_const", const="true", default=None, help=text)
+            else:
+                p.add_argument(flag, dest=_dest(flag), default=None, help=text)
+        for flag, name, text in STAGE_INPUTS.get(stage, []):
+            if flag in BOOLEAN_FLAGS:
+                p.add_argument(flag, dest="input_" + name, action="store_const", const=True, default=None, help=text)
+            else:
+                p.add_argument(flag, dest="input_" + name, default=None, help=text)
         p.add_argument("--force", action="store_true", help="rebuild even if a cached artifact matches")
         if stage == "ingest":
             p.add_argument("--source", nargs=2, metavar=("KIND", "PATH"), default=None,
@@ -134,7 +164,9 @@ def _run(args: argparse.Namespace) -> int:
         return ui.registry_command(cfg, args)
     from pipeline import stages
 
-    result = stages.invoke(args.command, cfg, say=ui.say)
+    inputs = {name: getattr(args, "input_" + name) for _flag, name, _text in STAGE_INPUTS.get(args.command, [])
+              if getattr(args, "input_" + name) is not None}
+    result = stages.invoke(args.command, cfg, say=ui.say, **inputs)
     ui.print_result(args.command, result)
     return 0
 

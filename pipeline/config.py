@@ -69,6 +69,11 @@ class ValidateConfig:
     min_class_share: float = 0.0
     max_linf_drift: float = 0.10
     max_kl_drift: float = 0.10
+    required_classes: str = "all"  # comma-separated class names that must have points; all = every class but ignore
+    min_class_points: int = 1  # a required class with fewer points (over all splits) is missing
+    finite_columns: str = "points,boxes,ego,sample_weight"  # must hold no NaN/inf (gps/route may be NaN: no fix)
+    drift_by_city: bool = True  # drift checks per city as well as over the whole dataset
+    kl_tail_weight_holdout: float = 0.001  # prior weight for a class the previous version did not have
 
 
 @dataclass
@@ -86,6 +91,10 @@ class TrainConfig:
     max_points: int = 40_000  # points sampled per frame for training
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    model_options: str = ""  # JSON object of model config overrides, e.g. '{"cell_size_m": 0.8}'
+    shuffle_buffer: int = 32  # frames mixed across row groups by each rank's per-epoch shuffle
+    keep_checkpoints: int = 3  # newest checkpoints kept in <home>/checkpoints/<model>-<key>/
+    prefetch_batches: int = 4  # batches each rank's background reader decodes ahead
 
 
 @dataclass

@@ -137,6 +137,16 @@ promotions_table = sa.Table(
 )
 
 
+# Sticky assignments (a log's split, a GeoSplit cell's split): decided once, never changed afterwards.
+assignments_table = sa.Table(
+    "assignments", metadata,
+    sa.Column("ledger", sa.String(256), primary_key=True),
+    sa.Column("key", sa.String(256), primary_key=True),
+    sa.Column("value", sa.String(64), nullable=False),
+    sa.Column("assigned_at", sa.DateTime, nullable=False),
+)
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
@@ -546,6 +556,40 @@ class Registry:
             self._set_state(conn, art.id, "succeeded", meta=canonical_json(meta))
         say(f"published {art.ref} at {final}")
         return self.get(art.id)
+
+    def record(self, kind: str, name: str, *, content_key: str, location: str, entry_point: str,
+               meta: dict | None = None) -> Artifact:
+        """Register something that already exists (a source drive log) as a succeeded artifact.
+
+        Returns the existing record when one with the same content key is already succeeded.
+        """
+        hit = self.find_succeeded(kind, name, content_key)
+        if hit is not None:
+            return hit
+        art = self.register(kind, name, content_key=content_key, entry_point=entry_point, meta=meta)
+        with self._tx() as conn:
+            self._set_state(conn, art.id, "building", locations=canonical_json([location]))
+            self._set_state(conn, art.id, "succeeded")
+        return self.get(art.id)
+
+    def sticky_assign(self, ledger: str, keys: Sequence[str],
+                      decide: Callable[[dict[str, str], list[str]], dict[str, str]]) -> dict[str, str]:
+        """Values for ``keys`` from ``ledger``; keys seen for the first time get ``decide(existing, new)``.
+
+        The read and the insert happen in one write transaction, so two concurrent runs cannot give one
+        key two values; a value, once written, never changes.
+        """
+        a = assignments_table
+        with self._tx() as conn:
+            existing = {r.key: r.value for r in conn.execute(sa.select(a.c.key, a.c.value).where(a.c.ledger == ledger))}
+            new = [k for k in dict.fromkeys(keys) if k not in existing]
+            if new:
+                decided = decide(dict(existing), new)
+                now = _now()
+                for key in new:
+                    conn.execute(a.insert().values(ledger=ledger, key=key, value=decided[key], assigned_at=now))
+                existing.update({k: decided[k] for k in new})
+        return {k: existing[k] for k in keys}
 
     # ---------------------------------------------------------------- promotion
     def _is_blessed(self, art: Artifact) -> bool:

@@ -1,0 +1,139 @@
+"""Ingest benchmark: frames/s extracted with Spark local[1] and local[2] vs a plain single-process pyarrow
+writer of the same rows, in the same run; the Petastorm read rate of the result; memory peaks.
+
+    .venv/bin/python -m bench.ingest_bench [--logs 20 --frames 50]
+
+The plain writer runs the very same per-log extraction and per-row-group writer functions as the Spark
+job, in one process, so the ratio isolates what Spark adds (scheduling, pickling, the shuffle into row
+groups). Spark is timed from a warm session (its ~9 s start-up is reported separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+from pipeline import config, stages
+from pipeline.registry import Registry
+
+
+def _cfg(home: str, logs: int, frames: int, master: str = "local[2]"):
+    return config.load({"home": home, "simulate.logs": logs, "simulate.frames": frames, "simulate.days": 2,
+                        "ingest.spark_master": master}, env={})
+
+
+def plain_writer(cfg) -> dict:
+    """The baseline: the same extraction and row-group layout, one process, no Spark."""
+    from spark_jobs import ingest, split as splitting
+
+    registry = Registry.open(cfg)
+    selected, _bad = ingest.select_logs(cfg, registry.home, lambda m: None)
+    splits = ingest.assign_splits(cfg, registry, selected)
+    tasks = [ingest.LogTask("mcap", s["handle"], s["meta"].log_id, s["meta"].city, splits[s["meta"].log_id], 1.0,
+                            s["sha256"]) for s in selected]
+    out = tempfile.mkdtemp(prefix="plain-", dir=registry.home.scratch)
+    started = time.perf_counter()
+    rows, logs = {}, []
+    for task in tasks:
+        for item in ingest.extract_log(task, cfg.ingest.max_points):
+            if item[0] == "row":
+                rows[(item[1][1], item[1][2])] = item[1]
+            elif item[0] == "log":
+                logs.append(item[1])
+    for split in splitting.SPLITS:
+        os.makedirs(os.path.join(out, split), exist_ok=True)
+        frames = [(s["log_id"], i) for s in sorted(logs, key=lambda s: s["log_id"]) if s["split"] == split
+                  for i in s["frame_indexes"]]
+        for g, group in enumerate(ingest.plan_row_groups(frames, cfg.ingest.rows_per_group, cfg.ingest.reader_ranks)):
+            ingest.write_row_group(os.path.join(out, split, f"part-{g:05d}.parquet"), [rows[k][3] for k in group])
+    elapsed = time.perf_counter() - started
+    return {"frames": len(rows), "seconds": elapsed}
+
+
+def spark_writer(cfg) -> dict:
+    """The Spark job on a warm session (the session start is timed separately)."""
+    from spark_jobs.spark import get_session
+
+    t0 = time.perf_counter()
+    get_session(cfg.ingest.spark_master, Registry.open(cfg).home)
+    startup = time.perf_counter() - t0
+    cfg.force = True
+    started = time.perf_counter()
+    result = stages.invoke("ingest", cfg, say=lambda m: None)
+    elapsed = time.perf_counter() - started
+    art = Registry.open(cfg).get(result["ref"])
+    frames = sum(v["frames"] for v in art.meta["splits"].values())
+    return {"frames": frames, "seconds": elapsed, "startup": startup, "location": art.location}
+
+
+def petastorm_read(location: str) -> dict:
+    from petastorm import make_reader
+
+    started, n = time.perf_counter(), 0
+    with make_reader(f"file://{location}/train", num_epochs=1, workers_count=2) as reader:
+        for row in reader:
+            n += int(row.points.shape[0] > 0)
+    return {"samples": n, "seconds": time.perf_counter() - started}
+
+
+def _child(args) -> None:
+    cfg = _cfg(args.home, args.logs, args.frames, args.master)
+    out = plain_writer(cfg) if args.mode == "plain" else spark_writer(cfg)
+    if args.mode == "spark" and args.read:
+        out["read"] = petastorm_read(out["location"])
+    out["driver_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["children_maxrss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print("RESULT " + json.dumps(out))
+
+
+def _run_child(home, logs, frames, mode, master="", read=False) -> dict:
+    cmd = [sys.executable, "-m", "bench.ingest_bench", "--child", mode, "--home", home, "--logs", str(logs),
+           "--frames", str(frames), "--master", master] + (["--read"] if read else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--logs", type=int, default=20)
+    parser.add_argument("--frames", type=int, default=50)
+    parser.add_argument("--home", default="")
+    parser.add_argument("--child", dest="mode", default="")
+    parser.add_argument("--master", default="")
+    parser.add_argument("--read", action="store_true")
+    args = parser.parse_args()
+    if args.mode:
+        _child(args)
+        return
+    home = args.home or tempfile.mkdtemp(prefix="avp-bench-ingest-")
+    cfg = _cfg(home, args.logs, args.frames)
+    t0 = time.perf_counter()
+    stages.invoke("simulate", cfg, say=lambda m: None)
+    simulate_s = time.perf_counter() - t0
+    plain = _run_child(home, args.logs, args.frames, "plain")
+    one = _run_child(home, args.logs, args.frames, "spark", "local[1]")
+    two = _run_child(home, args.logs, args.frames, "spark", "local[2]", read=True)
+    fps = {name: r["frames"] / r["seconds"] for name, r in (("plain", plain), ("local[1]", one), ("local[2]", two))}
+    print(f"simulate {args.logs} logs x {args.frames} frames: {simulate_s:.1f} s")
+    print("| writer | frames | seconds | frames/s | vs plain | Spark start-up s | peak RSS driver / children MB |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in (("plain pyarrow, 1 process", plain), ("Spark local[1]", one), ("Spark local[2]", two)):
+        key = "plain" if name.startswith("plain") else name.split()[-1]
+        print(f"| {name} | {r['frames']} | {r['seconds']:.2f} | {fps[key]:.1f} | {fps[key] / fps['plain']:.2f}x "
+              f"| {r.get('startup', 0):.1f} | {r['driver_maxrss_mb']:.0f} / {r['children_maxrss_mb']:.0f} |")
+    print(f"Spark per core (local[1]) vs plain: {fps['local[1]'] / fps['plain']:.2f}x (target >= 0.8x)")
+    print(f"local[2] vs local[1]: {fps['local[2]'] / fps['local[1]']:.2f}x (target >= 1.7x)")
+    read = two["read"]
+    print(f"Petastorm read (train, 2 workers): {read['samples']} samples in {read['seconds']:.2f} s = "
+          f"{read['samples'] / read['seconds']:.1f} samples/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training: registered models (``training.models``), the Horovod/DDP trainer and checkpoints."""

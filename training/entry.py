@@ -1,0 +1,290 @@
+"""The ``train`` stage: a validated dataset -> a distributed training job -> a registered model.
+
+``run`` is what ``avp train`` and the Airflow task call:
+
+1. Resolve the dataset (a reference, a bare version of ``ingest.dataset_name``, or its latest succeeded
+   version) and refuse one whose validation has not passed.
+2. Check the request before starting any process (model name and options, backend, enough rows for
+   one batch per rank).
+3. ``registry.build("model", ...)``: content-keyed on the dataset, the code of ``training`` and
+   ``pipeline`` and the training config, so an unchanged request reuses the model. The builder writes
+   a job file, launches the ranks (``training.launch``), and copies the final weights, TorchScript
+   model, metrics, TensorBoard events and per-rank logs into the staging folder.
+
+Checkpoints live in ``<home>/checkpoints/<model>-<content key prefix>/``, outside the registry's staging
+folder (which is deleted when a build fails), so ``avp train --resume`` after a killed, stopped or failed
+run continues from the newest one and ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import os
+import re
+import shutil
+import uuid
+from typing import Any, Callable
+
+from pipeline import config as config_mod
+from pipeline import provenance
+from pipeline.config import PipelineConfig
+from pipeline.errors import StageFailed, UserError
+from pipeline.registry import Artifact, NotFound, Registry
+
+# TrainConfig fields that change how the job runs but not the weights it produces: left out of the
+# content key. (np and backend stay in: averaging over a different number of ranks changes the sums,
+# and the Horovod == DDP equality is only shown for the same np on CPU.)
+EXECUTION_ONLY = ("checkpoint_every", "keep_checkpoints", "prefetch_batches")
+OUTPUT_FILES = ("model.pt", "model.json", "model.ts", "metrics.json")
+
+
+# ----------------------------------------------------------------------------------------- inputs
+def resolve_dataset(cfg: PipelineConfig, registry: Registry, dataset: str | None) -> Artifact:
+    """The dataset artifact named by ``dataset``: ``dataset:name@vN``, ``name@vN``, ``N``/``vN`` (a version
+    of ``ingest.dataset_name``) or None for the latest succeeded version of ``ingest.dataset_name``."""
+    name = cfg.ingest.dataset_name
+    if dataset is None or str(dataset).strip() == "":
+        ref = f"dataset:{name}"
+    elif re.fullmatch(r"v?\d+", str(dataset).strip()):
+        ref = f"dataset:{name}@v{str(dataset).strip().lstrip('v')}"
+    elif ":" not in str(dataset):
+        ref = f"dataset:{dataset}"
+    else:
+        ref = str(dataset)
+    try:
+        art = registry.get(ref)
+    except NotFound as exc:
+        raise UserError(f"{exc}; run `avp ingest` first or pass --dataset REF") from None
+    if art.kind != "dataset":
+        raise UserError(f"{art.ref} is a {art.kind}, not a dataset")
+    if art.state != "succeeded":
+        raise UserError(f"{art.ref} is {art.state}; only a succeeded dataset can be trained on")
+    return art
+
+
+def require_validated(art: Artifact) -> None:
+    """Training consumes only datasets the validate stage passed (its verdict is in the record's meta)."""
+    verdict = art.meta.get("validation")
+    if verdict != "passed":
+        state = "has not been validated" if verdict is None else f"failed validation ({verdict})"
+        raise UserError(f"dataset {art.ref} {state}; training only uses validated data: run "
+                        f"`avp validate --dataset {art.ref}` and fix what it reports")
+
+
+def model_options(cfg: PipelineConfig) -> dict[str, Any]:
+    """``train.model_options`` (a JSON object) checked against the model's config."""
+    from training.models import config_to_dict, list_models, make_config
+
+    text = cfg.train.model_options.strip()
+    try:
+        options = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise UserError(f"config field train.model_options: not JSON ({exc}); e.g. '{{\"cell_size_m\": 0.8}}'") from None
+    if not isinstance(options, dict):
+        raise UserError("config field train.model_options must be a JSON object")
+    if cfg.train.model not in list_models():
+        raise UserError(f"unknown model {cfg.train.model!r}; registered models: {', '.join(list_models())}")
+    try:
+        return config_to_dict(make_config(cfg.train.model, options)) if options else {}
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def resolve_device(cfg: PipelineConfig) -> str:
+    """``cpu`` or ``cuda``. ``auto`` takes the GPU when there is one and the backend can use it."""
+    import torch
+
+    wanted = cfg.train.device
+    has_cuda = torch.cuda.is_available()
+    if wanted == "cuda" and not has_cuda:
+        raise UserError("train.device is cuda but no CUDA device is available; use --set train.device=cpu")
+    horovod_gpu = True
+    if cfg.train.backend == "horovod" and has_cuda:
+        import horovod.torch as hvd
+
+        horovod_gpu = bool(hvd.cuda_built())
+    if wanted == "cuda" and not horovod_gpu:
+        raise UserError("this Horovod build has no CUDA support (built with gloo CPU operations); "
+                        "use --backend ddp for GPUs")
+    if wanted == "auto":
+        return "cuda" if has_cuda and horovod_gpu else "cpu"
+    return wanted
+
+
+def check_request(cfg: PipelineConfig, manifest: dict[str, Any], dataset: Artifact) -> int:
+    """Refuse what cannot run before any process starts; returns the steps per epoch."""
+    from training.data import rows_per_rank, steps_per_epoch
+
+    t = cfg.train
+    for path, value in (("train.checkpoint_every", t.checkpoint_every), ("train.max_points", t.max_points),
+                        ("train.shuffle_buffer", t.shuffle_buffer), ("train.keep_checkpoints", t.keep_checkpoints),
+                        ("train.prefetch_batches", t.prefetch_batches)):
+        if value < 1:
+            raise UserError(f"config field {path}: {value} must be at least 1")
+    if not (t.lr > 0):
+        raise UserError(f"config field train.lr: {t.lr} must be > 0")
+    if t.backend == "horovod" and importlib.util.find_spec("horovod") is None:
+        raise UserError("Horovod is not installed in this environment; use --backend ddp")
+    groups = manifest["splits"]["train"]["row_groups"]
+    steps = steps_per_epoch(groups, t.np, t.batch_size) if groups else 0
+    if steps < 1:
+        rows = rows_per_rank(groups, t.np) if groups else [0] * t.np
+        raise UserError(f"dataset {dataset.ref} has {sum(groups)} train rows in {len(groups)} row groups; with "
+                        f"--np {t.np} the smallest shard has {min(rows)} rows, fewer than one batch of "
+                        f"{t.batch_size}: lower --np or train.batch_size, or ingest more logs")
+    return steps
+
+
+def key_config(cfg: PipelineConfig, device: str, options: dict[str, Any]) -> dict[str, Any]:
+    """What determines the weights: the training config (minus execution-only fields) with the device
+    resolved and the model options expanded to the model's full config."""
+    train = {k: v for k, v in config_mod.resolved(cfg.train).items() if k not in EXECUTION_ONLY}
+    train.update(device=device, model_options=options)
+    return train
+
+
+def checkpoint_dir(registry: Registry, model: str, content_key: str) -> str:
+    """Where the checkpoints of one training request live: outside the staging folder, keyed by the
+    model's content key so ``--resume`` finds exactly the run it continues."""
+    return registry.home.join("checkpoints", f"{model}-{content_key[:16]}")
+
+
+# ----------------------------------------------------------------------------------------- the stage
+def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = print, run_id: str = "",
+        dataset: str | None = None, resume: bool = False, **_: Any) -> dict[str, Any]:
+    """The train stage; returns the model reference, a per-epoch summary table and the output paths."""
+    from training.data import load_manifest
+
+    data = resolve_dataset(cfg, registry, dataset)
+    require_validated(data)
+    manifest = load_manifest(data.location)
+    steps = check_request(cfg, manifest, data)
+    options = model_options(cfg)
+    device = resolve_device(cfg)
+    run_id = run_id or f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}-train-{uuid.uuid4().hex[:6]}"
+    resume = str(resume).strip().lower() in ("1", "true", "yes", "on")
+    say(f"training {cfg.train.model} on {data.ref} with {cfg.train.backend} x {cfg.train.np} on {device} "
+        f"({steps} steps per epoch, {cfg.train.epochs} epochs)")
+
+    def build(staging: str, record: Artifact) -> dict[str, Any]:
+        return _train_into(staging, record, cfg, registry, data, manifest, options, device, run_id, resume, say)
+
+    art = registry.build("model", cfg.train.model, entry_point="training.entry:run",
+                         config=key_config(cfg, device, options), builder=build, parents=[data],
+                         code_packages=("training", "pipeline"), force=cfg.force, say=say)
+    with open(os.path.join(art.location, "metrics.json")) as fh:
+        metrics = json.load(fh)
+    return summarize(art, metrics, checkpoints=checkpoint_dir(registry, art.name, art.content_key))
+
+
+def _train_into(staging: str, record: Artifact, cfg: PipelineConfig, registry: Registry, data: Artifact,
+                manifest: dict[str, Any], options: dict[str, Any], device: str, run_id: str, resume: bool,
+                say: Callable[[str], None]) -> dict[str, Any]:
+    """The registry builder: run the distributed job, then copy its outputs into ``staging``."""
+    from training.checkpoint import atomic_write_json, list_checkpoints
+    from training.launch import launch
+
+    state_dir = checkpoint_dir(registry, cfg.train.model, record.content_key)
+    earlier = list_checkpoints(state_dir)
+    if resume and earlier:
+        say(f"resuming from {earlier[-1][1]}")
+    elif resume:
+        say(f"no checkpoint in {state_dir}: starting from the beginning")
+    elif earlier:
+        say(f"discarding {len(earlier)} checkpoint(s) of an earlier, unfinished run in {state_dir} "
+            "(`avp train --resume` continues one instead)")
+    if not resume:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    final_dir = os.path.join(state_dir, "final")
+    shutil.rmtree(final_dir, ignore_errors=True)  # written again by this job; never reuse a stale one
+    os.makedirs(state_dir, exist_ok=True)
+    logs_dir = registry.home.join("runs", run_id, "train")
+    shutil.rmtree(logs_dir, ignore_errors=True)
+    os.makedirs(logs_dir, exist_ok=True)
+
+    snap = provenance.snapshot()
+    job = {
+        "run_id": run_id, "backend": cfg.train.backend, "world": cfg.train.np, "device": device,
+        "train": config_mod.resolved(cfg.train), "model_options": options,
+        "dataset": {"ref": data.ref, "location": data.location, "content_key": data.content_key,
+                    "manifest": manifest},
+        "state_dir": state_dir, "final_dir": final_dir, "logs_dir": logs_dir,
+        "progress_file": os.path.join(logs_dir, "progress.jsonl"), "resume": resume,
+        "provenance": {"git_sha": snap["git_sha"], "diff_hash": snap["diff_hash"], "user": snap["user"],
+                       "host": snap["host"], "model_ref": record.ref},
+        "config": config_mod.resolved(cfg),
+    }
+    job_path = os.path.join(logs_dir, "job.json")
+    atomic_write_json(job_path, job)
+    result = launch(job_path, cfg.train.backend, cfg.train.np, logs_dir, job["progress_file"], say=say)
+    if result.returncode != 0:
+        raise _failure(result, logs_dir, state_dir)
+    missing = [f for f in OUTPUT_FILES if not os.path.exists(os.path.join(final_dir, f))]
+    if missing:
+        raise StageFailed(f"training ended without writing {', '.join(missing)} in {final_dir}; see {logs_dir}")
+
+    for name in OUTPUT_FILES:
+        shutil.copy2(os.path.join(final_dir, name), os.path.join(staging, name))
+    if os.path.isdir(os.path.join(state_dir, "tensorboard")):
+        shutil.copytree(os.path.join(state_dir, "tensorboard"), os.path.join(staging, "tensorboard"))
+    shutil.copytree(logs_dir, os.path.join(staging, "logs"))
+    with open(os.path.join(final_dir, "metrics.json")) as fh:
+        metrics = json.load(fh)
+    baseline = metrics.get("majority_baseline") or {}
+    return {"dataset": data.ref, "run_id": run_id, "backend": cfg.train.backend, "np": cfg.train.np,
+            "device": device, "epochs": len(metrics["epochs"]), "first_epoch_loss": metrics["first_epoch_loss"],
+            "final_loss": metrics["final"]["loss"], "val_miou": metrics["final"]["val_miou"],
+            "baseline_miou": baseline.get("miou"), "parameters_sha256": metrics["parameters_sha256"],
+            "checkpoints": state_dir, "logs": logs_dir, "train_seconds": round(result.elapsed_s, 1)}
+
+
+def _failure(result: Any, logs_dir: str, state_dir: str) -> StageFailed:
+    """A clear error for a job that did not finish: divergence, a stop, or a crash (with the log tail)."""
+    from training.checkpoint import list_checkpoints
+
+    saved = list_checkpoints(state_dir)
+    last = (f"the last good checkpoint is {saved[-1][1]} (global step {saved[-1][0]})" if saved
+            else "no checkpoint was written")
+    kinds = {e["kind"] for e in result.errors}
+    if "diverged" in kinds:
+        message = next(e["message"] for e in result.errors if e["kind"] == "diverged")
+        return StageFailed(f"training diverged: {message}; {last}; nothing was published. Lower train.lr or "
+                           f"check the dataset. Per-rank logs: {logs_dir}")
+    if "error" in kinds:
+        error = next(e for e in result.errors if e["kind"] == "error")
+        tail = _tail(os.path.join(logs_dir, f"rank-{error['rank']}.log"))
+        return StageFailed(f"training failed on rank {error['rank']}: {error['message']}; {last}. "
+                           f"Per-rank logs: {logs_dir}\n{tail}")
+    if "terminated" in kinds:
+        return StageFailed(f"training was stopped by a signal; {last}. Continue with `avp train --resume`.")
+    tail = _tail(os.path.join(logs_dir, "launcher.log"))
+    return StageFailed(f"the training job exited with code {result.returncode}; {last}. Logs: {logs_dir}\n{tail}")
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        with open(path, errors="replace") as fh:
+            return "".join(fh.readlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def summarize(art: Artifact, metrics: dict[str, Any], checkpoints: str = "") -> dict[str, Any]:
+    """The stage result: reference, per-epoch table, baseline comparison and where everything is."""
+    rows = [[e["epoch"], f"{e['loss']:.4f}", "n/a" if e["val_miou"] is None else f"{e['val_miou']:.3f}",
+             f"{e['samples_per_s']:.1f}", f"{100 * e['data_wait_fraction']:.1f}%"] for e in metrics["epochs"]]
+    title = art.ref + (" (cache hit)" if art.cached else "")
+    tables = [(title, ["epoch", "loss", "val mIoU", "samples/s", "data wait"], rows)]
+    baseline = metrics.get("majority_baseline")
+    if baseline:
+        final = metrics["final"]["val_miou"]
+        tables.append(("validation mIoU against the majority-class baseline", ["predictor", "val mIoU"], [
+            [f"{metrics['model']} (last epoch)", "n/a" if final is None else f"{final:.3f}"],
+            [f"always '{baseline['class']}'", "n/a" if baseline["miou"] is None else f"{baseline['miou']:.3f}"]]))
+    loc = art.location
+    return {"ref": art.ref, "cached": art.cached, "location": loc, "model": os.path.join(loc, "model.pt"),
+            "torchscript": os.path.join(loc, "model.ts"), "metrics": os.path.join(loc, "metrics.json"),
+            "tensorboard": os.path.join(loc, "tensorboard"), "logs": os.path.join(loc, "logs"),
+            "checkpoints": checkpoints, "tables": tables}

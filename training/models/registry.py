@@ -1,0 +1,234 @@
+"""The model registry: every model is a named ``ModelSpec`` (a config dataclass plus a builder).
+
+Modelled on torchtitan's model specs: a model module describes itself once, at import time::
+
+    @dataclass
+    class MyNetConfig:
+        channels: int = 32
+
+    register_model("my_net", MyNetConfig, lambda config: MyNet(config), description="...")
+
+and everything else (trainer, evaluator, serving package, tests) only ever says
+``build_model("my_net", {"channels": 64})``. ``training/models/__init__.py`` imports every module in the
+package, so adding a model means adding exactly one file.
+
+Overrides are coerced into the config dataclass's field types (so strings from ``--set`` flags or
+environment variables and lists from a JSON checkpoint both work); an unknown model name or config key
+is a ``ValueError`` that names what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping
+
+from torch import nn
+
+__all__ = [
+    "ModelSpec",
+    "register_model",
+    "get_model_spec",
+    "list_models",
+    "make_config",
+    "build_model",
+    "config_to_dict",
+    "count_parameters",
+    "model_info",
+]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the registry knows about one model: its name, config dataclass, builder and a one-liner."""
+
+    name: str
+    config_cls: type
+    build: Callable[[Any], nn.Module]
+    description: str = ""
+
+    def default_config(self) -> Any:
+        """A config instance with every field at its default."""
+        return self.config_cls()
+
+
+_MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(
+    name: str, config_cls: type, builder: Callable[[Any], nn.Module], description: str = ""
+) -> ModelSpec:
+    """Register ``builder(config) -> nn.Module`` under ``name``; returns the spec.
+
+    ``config_cls`` must be a dataclass whose fields all have defaults (``build_model(name)`` with no
+    overrides must work). Registering a second, different model under a taken name is an error;
+    re-registering the same builder (a module imported twice, e.g. under importlib.reload) replaces it.
+    """
+    if not name or not isinstance(name, str):
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    if not (isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls)):
+        raise ValueError(f"model {name!r}: config_cls must be a dataclass, got {config_cls!r}")
+    try:
+        config_cls()
+    except TypeError as exc:
+        raise ValueError(
+            f"model {name!r}: every field of {config_cls.__name__} needs a default ({exc})"
+        ) from None
+    existing = _MODELS.get(name)
+    if existing is not None and _qualified(existing.build) != _qualified(builder):
+        raise ValueError(
+            f"model {name!r} is already registered by {_qualified(existing.build)}; pick another name"
+        )
+    spec = ModelSpec(name=name, config_cls=config_cls, build=builder, description=description)
+    _MODELS[name] = spec
+    return spec
+
+
+def _qualified(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, sorted."""
+    return sorted(_MODELS)
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The spec registered under ``name``; ``ValueError`` listing the registered names otherwise."""
+    try:
+        return _MODELS[name]
+    except (KeyError, TypeError):
+        known = ", ".join(list_models()) or "(none registered)"
+        raise ValueError(f"unknown model {name!r}; registered models: {known}") from None
+
+
+def make_config(name: str, overrides: Mapping[str, Any] | None = None) -> Any:
+    """The config of model ``name``: its defaults with ``overrides`` coerced into the field types."""
+    spec = get_model_spec(name)
+    config = spec.default_config()
+    if not overrides:
+        return config
+    hints = typing.get_type_hints(spec.config_cls)
+    allowed = [f.name for f in dataclasses.fields(config)]
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key not in allowed:
+            raise ValueError(
+                f"unknown config key {key!r} for model {name!r}; allowed keys: {', '.join(allowed)}"
+            )
+        changes[key] = _coerce(f"{name}.{key}", value, hints[key])
+    config = dataclasses.replace(config, **changes)
+    # Let the config check cross-field invariants (e.g. range bounds in order) if it wants to.
+    validate = getattr(config, "validate", None)
+    if callable(validate):
+        validate()
+    return config
+
+
+def build_model(name: str, overrides: Mapping[str, Any] | None = None) -> nn.Module:
+    """Build model ``name`` from its default config updated by ``overrides``.
+
+    The returned module carries ``model_name`` and ``config`` attributes so checkpoints and serving
+    packages can record how to rebuild it: ``build_model(m.model_name, config_to_dict(m.config))``.
+    Parameter initialisation uses torch's global RNG, so ``torch.manual_seed`` makes builds repeatable.
+    """
+    spec = get_model_spec(name)
+    config = make_config(name, overrides)
+    model = spec.build(config)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"builder of model {name!r} returned {type(model).__name__}, not an nn.Module")
+    model.model_name = name
+    model.config = config
+    return model
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A JSON-friendly dict of a model config (tuples become lists); ``make_config`` accepts it back."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalar parameters in ``model`` (only those with ``requires_grad`` if asked)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def model_info(model: nn.Module) -> dict[str, Any]:
+    """A small summary for logs and run records: name, parameter counts, size and config."""
+    params = count_parameters(model)
+    buffers = sum(b.numel() for b in model.buffers())
+    config = getattr(model, "config", None)
+    return {
+        "model": getattr(model, "model_name", type(model).__name__),
+        "parameters": params,
+        "trainable_parameters": count_parameters(model, trainable_only=True),
+        "buffers": buffers,
+        "size_mb": round(
+            sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20, 3
+        ),
+        "per_stage_parameters": {
+            child_name: count_parameters(child) for child_name, child in model.named_children()
+        },
+        "config": config_to_dict(config) if dataclasses.is_dataclass(config) else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Coercion of override values into a config field's annotated type.
+# ---------------------------------------------------------------------------------------------------
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    """Turn ``value`` into ``annotation`` (bool, int, float, str, Literal, tuple[...]); ValueError if not."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(map(str, args))
+            raise ValueError(f"config {path}: {value!r} is not allowed; allowed values: {allowed}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            text = value.strip()
+            # Accept "[-51.2, 51.2]" (JSON) and "-51.2,51.2" (a CLI flag).
+            items = json.loads(text) if text.startswith("[") else [t for t in text.split(",") if t.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise ValueError(f"config {path}: {value!r} is not a sequence")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(f"{path}[{i}]", item, args[0]) for i, item in enumerate(items))
+        if len(items) != len(args):
+            raise ValueError(f"config {path}: expected {len(args)} values, got {len(items)} ({value!r})")
+        return tuple(_coerce(f"{path}[{i}]", item, arg) for i, (item, arg) in enumerate(zip(items, args)))
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError
+        if annotation is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if annotation is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if annotation is str:
+            if not isinstance(value, (str, int, float)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+        raise ValueError(f"config {path}: {value!r} is not {kinds[annotation]}") from None
+    raise ValueError(f"config {path}: unsupported field type {annotation!r}")
+

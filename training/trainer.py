@@ -1,0 +1,716 @@
+"""The per-rank training loop: one code path for 1..N processes, under Horovod or DDP.
+
+``training.launch`` starts N copies of ``python -m training.trainer JOB.json`` with ``horovodrun`` or
+``torchrun``; each copy is one rank and runs ``train`` below, which reads top to bottom:
+
+1. **Determinism.** ``torch.use_deterministic_algorithms(True)`` and one CPU thread per rank, so the
+   same dataset, config and seed give bitwise-identical weights - under Horovod and DDP alike (both
+   average gradients with gloo's ring allreduce; with 2 ranks ``a/2 + b/2 == (a + b) / 2`` exactly).
+2. **Model, optimizer, schedule**, built identically on every rank from the seed; the backend wraps
+   them (``hvd.DistributedOptimizer`` or ``DistributedDataParallel``).
+3. **Resume** from the newest checkpoint when asked: weights, optimizer, schedule, data position
+   (epoch, step) and every rank's RNG state, then broadcast from rank 0.
+4. **Epochs.** Each rank reads its own Petastorm shard (``training.data``); every rank runs the same
+   number of steps. After each backward pass one small allreduce carries the mean loss, a "not finite"
+   flag and a "stop" flag, so all ranks take the same decision at the same step: a NaN/inf loss stops
+   the run before the optimizer applies it (the last good checkpoint is kept), and SIGTERM saves a
+   checkpoint at the step boundary and exits non-zero.
+5. **Checkpoints** every ``checkpoint_every`` steps and at each epoch end (rank 0, atomic), each with
+   a TorchScript ``model.ts`` checked against eager and carrying provenance.
+6. **Validation** after every epoch: each rank scores its shard of the val split, the confusion
+   matrices are summed, and mIoU (ignore class excluded) is logged with per-class IoU.
+7. **Outputs.** Rank 0 writes ``model.pt`` (state dict), ``model.json`` (how to rebuild it),
+   ``model.ts`` and ``metrics.json``; every rank writes a summary (steps run, parameter digest) and its
+   log into the run's log folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spark_jobs.taxonomy import CLASSES, IGNORE, NUM_CLASSES
+from training import checkpoint as ckpt
+from training.data import Prefetcher, ShardPlan, class_points, class_weights, train_stream, val_batches
+
+EXIT_DIVERGED = 3
+EXIT_TERMINATED = 143
+log = logging.getLogger("avp.train")
+
+
+class Diverged(RuntimeError):
+    """The loss stopped being finite."""
+
+
+class Terminated(RuntimeError):
+    """A SIGTERM (preemption, Airflow killing the task) stopped the run after a checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------- backends
+class Backend:
+    """What the loop needs from a data-parallel backend; ranks call every method in the same order."""
+
+    name = "base"
+    rank = 0
+    world = 1
+    local_rank = 0
+    device = torch.device("cpu")
+
+    def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def allgather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` (equal shapes), in rank order."""
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        self.allreduce_sum(torch.zeros(1, device=self.device))
+
+    def distribute_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """The optimizer the loop steps (Horovod wraps it so ``step`` averages gradients first)."""
+        return optimizer
+
+    def synchronize(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
+        """Make every rank start from rank 0's state; returns the module to call in training."""
+        return model
+
+    def broadcast_buffers(self, model: nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm statistics) to every rank, so all ranks validate one model."""
+
+    def close(self) -> None:
+        pass
+
+
+class HorovodBackend(Backend):
+    """Horovod over gloo (``horovodrun -np N --gloo``): ``DistributedOptimizer`` + broadcasts."""
+
+    name = "horovod"
+
+    def __init__(self, device_kind: str):
+        import horovod.torch as hvd
+
+        hvd.init()
+        self.hvd = hvd
+        self.rank, self.world, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
+        if device_kind == "cuda":
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+
+    def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.hvd.allreduce(tensor, op=self.hvd.Sum)
+
+    def allgather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        gathered = self.hvd.allgather(tensor.unsqueeze(0))
+        return [gathered[i] for i in range(self.world)]
+
+    def barrier(self) -> None:
+        self.hvd.barrier()
+
+    def distribute_optimizer(self, model, optimizer):
+        return self.hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+
+    def synchronize(self, model, optimizer):
+        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        # Horovod initialises an empty optimizer state by taking a zero-gradient step, which moves the
+        # weights under AdamW's weight decay (and would make Horovod's weights differ from DDP's). A
+        # fresh optimizer is identical on every rank anyway; only a restored state needs broadcasting.
+        if optimizer.state_dict()["state"]:
+            self.hvd.broadcast_optimizer_state(optimizer, root_rank=0)
+        return model
+
+    def broadcast_buffers(self, model):
+        buffers = dict(model.named_buffers())
+        if buffers:
+            self.hvd.broadcast_parameters(buffers, root_rank=0)
+
+    def close(self):
+        self.hvd.shutdown()
+
+
+class DdpBackend(Backend):
+    """``torch.distributed`` (started by ``torchrun``): gloo on CPU, NCCL on GPU, DistributedDataParallel."""
+
+    name = "ddp"
+
+    def __init__(self, device_kind: str):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_kind == "cuda":
+            torch.cuda.set_device(self.local_rank)
+            self.device = torch.device("cuda", self.local_rank)
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.clone()
+        self.dist.all_reduce(tensor, op=self.dist.ReduceOp.SUM)
+        return tensor
+
+    def allgather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        out = [torch.empty_like(tensor) for _ in range(self.world)]
+        self.dist.all_gather(out, tensor.contiguous())
+        return out
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def synchronize(self, model, optimizer):
+        from torch.nn.parallel import DistributedDataParallel
+
+        if optimizer.state_dict()["state"]:  # every rank loaded the same checkpoint; make sure of it
+            state = [optimizer.state_dict() if self.rank == 0 else None]
+            self.dist.broadcast_object_list(state, src=0)
+            optimizer.load_state_dict(state[0])
+        # broadcast_buffers=False: like Horovod, buffers are synchronised once per epoch (below)
+        # rather than before every forward, so both backends compute exactly the same thing.
+        return DistributedDataParallel(model, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
+                                       broadcast_buffers=False)
+
+    def broadcast_buffers(self, model):
+        for buffer in model.buffers():
+            self.dist.broadcast(buffer.data, src=0)
+
+    def close(self):
+        self.dist.destroy_process_group()
+
+
+def make_backend(name: str, device_kind: str) -> Backend:
+    """The backend the job asked for; ``device_kind`` is ``cpu`` or ``cuda`` (resolved by the launcher)."""
+    if name == "horovod":
+        return HorovodBackend(device_kind)
+    if name == "ddp":
+        return DdpBackend(device_kind)
+    raise ValueError(f"unknown backend {name!r}; use horovod or ddp")
+
+
+# ----------------------------------------------------------------------------------------- pieces
+def configure_determinism(device: torch.device) -> None:
+    """Same inputs, same bits: deterministic kernels and a fixed (single) CPU thread per rank.
+
+    One thread because intra-op parallel reductions split sums by thread count, which changes the
+    rounding; with two ranks on two cores nothing is lost.
+    """
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable before the first parallel op; harmless if already set
+        pass
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+class PointLoss(nn.Module):
+    """Per-point cross-entropy with class-balanced weights and per-frame sample weights.
+
+    ``sum(w_frame * w_class[y] * ce) / sum(w_frame * w_class[y])`` over the non-ignored points of the
+    batch: a weighted mean, so the loss scale does not depend on how many points a batch has.
+    """
+
+    def __init__(self, weights: np.ndarray):
+        super().__init__()
+        self.register_buffer("class_weights", torch.as_tensor(weights, dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, sample_weight: torch.Tensor) -> torch.Tensor:
+        classes = logits.shape[-1]
+        per_point = F.cross_entropy(logits.reshape(-1, classes), labels.reshape(-1), weight=self.class_weights,
+                                    ignore_index=IGNORE, reduction="none").reshape(labels.shape)
+        point_weight = self.class_weights[labels] * (labels != IGNORE)
+        frame_weight = sample_weight.unsqueeze(1)
+        return (per_point * frame_weight).sum() / (point_weight * frame_weight).sum().clamp_min(1e-12)
+
+
+def warmup_cosine(total_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up over the first 10% of steps (at most 100), then cosine
+    decay to 5% of the peak."""
+    warmup = max(1, min(100, total_steps // 10))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def confusion_to_iou(confusion: np.ndarray) -> tuple[list[float | None], float | None]:
+    """Per-class IoU (None for classes absent from the ground truth, and for ``ignore``) and their mean."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    true_positive = np.diag(confusion)
+    ground_truth = confusion.sum(axis=1)
+    predicted = confusion.sum(axis=0)
+    ious: list[float | None] = []
+    for c in range(confusion.shape[0]):
+        if c == IGNORE or ground_truth[c] == 0:
+            ious.append(None)
+        else:
+            ious.append(float(true_positive[c] / (ground_truth[c] + predicted[c] - true_positive[c])))
+    present = [v for v in ious if v is not None]
+    return ious, (float(np.mean(present)) if present else None)
+
+
+def majority_baseline(confusion: np.ndarray, train_counts: np.ndarray) -> dict[str, Any]:
+    """mIoU of predicting the most common training class everywhere, on the same validation points."""
+    counts = np.asarray(train_counts, dtype=np.float64).copy()
+    counts[IGNORE] = 0
+    majority = int(counts.argmax())
+    ground_truth = np.asarray(confusion, dtype=np.float64).sum(axis=1)
+    baseline = np.zeros_like(np.asarray(confusion, dtype=np.float64))
+    baseline[:, majority] = ground_truth
+    ious, miou = confusion_to_iou(baseline)
+    return {"class": CLASSES[majority], "miou": miou, "iou": dict(zip(CLASSES, ious))}
+
+
+def parameter_digest(module: nn.Module) -> str:
+    """sha256 over every parameter's and buffer's bytes, in state-dict order: equal digests, equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def parameters_digest(module: nn.Module) -> str:
+    """sha256 over the trainable parameters only (buffers such as BatchNorm statistics excluded)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.named_parameters():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT; the loop checks it at every step boundary (together with the other ranks)."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        if not self.event.is_set():
+            log.warning("received %s: saving a checkpoint at the next step boundary", signal.Signals(signum).name)
+        self.event.set()
+
+
+@dataclass
+class Position:
+    """Where training is, and the running totals of the epoch in progress (all in the checkpoint)."""
+
+    epoch: int = 0
+    step: int = 0  # steps of ``epoch`` already done
+    global_step: int = 0
+    loss_sum: float = 0.0
+    steps_done: int = 0
+    samples: int = 0
+    step_s: float = 0.0
+    wait_s: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.step = epoch, 0
+        self.loss_sum, self.steps_done, self.samples, self.step_s, self.wait_s = 0.0, 0, 0, 0.0, 0.0
+
+
+# ----------------------------------------------------------------------------------------- the job
+class Job:
+    """The launcher's ``job.json``: what to train on, where to write, and the provenance to record."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = spec
+        self.train: dict[str, Any] = spec["train"]
+        self.model_options: dict[str, Any] = spec.get("model_options") or {}
+        self.dataset: dict[str, Any] = spec["dataset"]
+        self.state_dir: str = spec["state_dir"]
+        self.final_dir: str = spec["final_dir"]
+        self.logs_dir: str = spec["logs_dir"]
+        self.progress_file: str = spec["progress_file"]
+        self.resume: bool = bool(spec.get("resume"))
+
+    @classmethod
+    def load(cls, path: str) -> "Job":
+        with open(path) as fh:
+            return cls(json.load(fh))
+
+
+class Reporter:
+    """Rank 0's outward view of training: TensorBoard scalars and progress events for the launcher."""
+
+    def __init__(self, job: Job, rank: int, purge_step: int | None):
+        self.enabled = rank == 0
+        self.writer = None
+        self.events = None
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(os.path.join(job.state_dir, "tensorboard"), purge_step=purge_step)
+        self.events = open(job.progress_file, "a", buffering=1)
+
+    def event(self, kind: str, **values: Any) -> None:
+        if self.events:
+            self.events.write(json.dumps({"event": kind, "time": time.time(), **values}, default=str) + "\n")
+
+    def scalars(self, step: int, **values: float | None) -> None:
+        if self.writer:
+            for tag, value in values.items():
+                if value is not None and math.isfinite(value):
+                    self.writer.add_scalar(tag.replace("__", "/"), value, step)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        if self.events:
+            self.events.close()
+
+
+def _gather_rng(backend: Backend) -> list[dict[str, Any]]:
+    """Every rank's RNG state (collective: all ranks call it), for rank 0 to put in the checkpoint."""
+    mine = ckpt.capture_rng()
+    ranks: list[dict[str, Any]] = [{} for _ in range(backend.world)]
+    for key in sorted(mine):
+        value = mine[key]
+        if key == "cuda":
+            per_device = [backend.allgather(s.to(torch.int64).to(backend.device)) for s in value]
+            for r in range(backend.world):
+                ranks[r][key] = [d[r].cpu().to(torch.uint8) for d in per_device]
+        elif isinstance(value, torch.Tensor):
+            gathered = backend.allgather(value.to(torch.int64).to(backend.device))
+            for r in range(backend.world):
+                ranks[r][key] = gathered[r].cpu().to(value.dtype)
+        else:
+            gathered = backend.allgather(torch.tensor([value], dtype=torch.int64, device=backend.device))
+            for r in range(backend.world):
+                ranks[r][key] = int(gathered[r].item())
+    return ranks
+
+
+def train(job: Job, backend: Backend) -> dict[str, Any]:
+    """Train on this rank; returns this rank's summary. See the module docstring for the outline."""
+    from training.models import build_model, config_to_dict
+
+    cfg = job.train
+    rank, world, device = backend.rank, backend.world, backend.device
+    is_chief = rank == 0
+
+    # 1. Determinism.
+    configure_determinism(device)
+
+    # The data plan: this rank's shard, and the steps every rank runs per epoch.
+    manifest = job.dataset["manifest"]
+    plan = ShardPlan(location=job.dataset["location"], manifest=manifest, rank=rank, world=world,
+                     batch_size=cfg["batch_size"], max_points=cfg["max_points"], seed=cfg["seed"],
+                     shuffle_buffer=cfg["shuffle_buffer"])
+    steps = plan.steps_per_epoch()
+    epochs = cfg["epochs"]
+    total_steps = steps * epochs
+    log.info("rank %d/%d on %s: %d train rows in my shard, %d steps per epoch, %d epochs",
+             rank, world, device, plan.rows("train"), steps, epochs)
+    if steps < 1:
+        raise ValueError(f"rank {rank} has {plan.rows('train')} train rows, fewer than one batch of {cfg['batch_size']}")
+
+    # 2. Model, optimizer, schedule and loss: identical on every rank (same seed, same order).
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg["model"], job.model_options).to(device)
+    model_config = config_to_dict(model.config)
+    train_counts = class_points(manifest, "train")
+    loss_fn = PointLoss(class_weights(train_counts)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    optimizer = backend.distribute_optimizer(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps))
+    # Per-rank randomness (nothing in bev_segnet draws any, but a model with dropout would).
+    torch.manual_seed(cfg["seed"] * 1000 + 1 + rank)
+    position = Position()
+
+    # 3. Resume: the newest readable checkpoint, on every rank (then broadcast from rank 0 below).
+    resumed_from = None
+    if job.resume:
+        found = ckpt.load_latest(job.state_dir, map_location=device, warn=log.warning)
+        if found is not None:
+            resumed_from, state = found
+            if state["world"] != world:
+                raise ValueError(f"{resumed_from} was written by {state['world']} ranks, this job has {world}")
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            ckpt.restore_rng(state["rng"][rank])
+            position = Position(**state["position"])
+            log.info("resumed from %s at epoch %d step %d (global step %d)", resumed_from,
+                     position.epoch, position.step, position.global_step)
+    train_model = backend.synchronize(model, optimizer)
+
+    reporter = Reporter(job, rank, purge_step=position.global_step if resumed_from else None)
+    reporter.event("start", rank=rank, world=world, steps_per_epoch=steps, epochs=epochs, total_steps=total_steps,
+                   global_step=position.global_step, resumed_from=resumed_from)
+    stop = StopRequest()
+    provenance = {**job.spec.get("provenance", {}), "run_id": job.spec.get("run_id", ""),
+                  "dataset": job.dataset["ref"], "dataset_content_key": job.dataset.get("content_key", ""),
+                  "model": cfg["model"], "model_options": model_config, "config": job.spec.get("config", {}),
+                  "classes": list(CLASSES), "backend": backend.name, "world": world,
+                  "input": "points float32 [B, N, 4] (x, y, z, intensity), valid bool [B, N]",
+                  "output": f"logits float32 [B, N, {NUM_CLASSES}]"}
+
+    def save_checkpoint(example: tuple[torch.Tensor, torch.Tensor] | None, torchscript: bool = True) -> None:
+        """All ranks: gather RNG states; rank 0: write the checkpoint, then ``model.ts`` beside it."""
+        rng = _gather_rng(backend)
+        if not is_chief:
+            return
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "position": position.as_dict(), "rng": rng, "world": world, "backend": backend.name,
+                 "model_name": cfg["model"], "model_options": model_config, "run_id": job.spec.get("run_id", "")}
+        path = ckpt.save(job.state_dir, state, position.global_step, keep=cfg["keep_checkpoints"])
+        check = {}
+        if torchscript and example is not None:
+            meta = {**provenance, "epoch": position.epoch, "step": position.step, "global_step": position.global_step,
+                    "checkpoint": os.path.basename(path), "created_at": time.time()}
+            check = ckpt.save_torchscript(model, os.path.join(job.state_dir, "model.ts"), meta, example)
+        reporter.event("checkpoint", path=path, global_step=position.global_step, **check)
+        log.info("checkpoint %s (epoch %d, step %d)%s", path, position.epoch, position.step,
+                 "" if not check else f", TorchScript max |diff| {check['torchscript_max_abs_diff']:.2e}")
+
+    # 4. Epochs.
+    stream = Prefetcher(train_stream(plan, position.epoch, epochs, skip=position.step), depth=cfg["prefetch_batches"],
+                        name=f"prefetch-rank{rank}")
+    steps_run: list[int] = []
+    example = None
+    try:
+        for epoch in range(position.epoch, epochs):
+            if position.step == 0:
+                position.start_epoch(epoch)
+            train_model.train()
+            ran = 0
+            for step in range(position.step, steps):
+                started, waited = time.perf_counter(), stream.wait_s
+                got_epoch, got_step, batch = next(stream)
+                assert (got_epoch, got_step) == (epoch, step), f"data stream at {(got_epoch, got_step)}, loop at {(epoch, step)}"
+                batch = batch.to(device)
+                example = (batch.points[:1].cpu(), batch.valid[:1].cpu())
+
+                optimizer.zero_grad()  # set_to_none by default; Horovod's wrapper takes no arguments
+                logits = train_model(batch.points, batch.valid)
+                loss = loss_fn(logits, batch.labels, batch.sample_weight)
+                loss.backward()
+                # One small allreduce per step: every rank learns the mean loss, whether any rank's loss
+                # is not finite, and whether any rank was asked to stop - and so decides the same way.
+                local_loss = float(loss.detach())
+                finite = math.isfinite(local_loss)
+                flags = backend.allreduce_sum(torch.tensor(
+                    [local_loss if finite else 0.0, 0.0 if finite else 1.0, 1.0 if stop.event.is_set() else 0.0],
+                    dtype=torch.float64, device=device)).cpu().tolist()
+                if flags[1] > 0:
+                    raise Diverged(f"the training loss is not finite at epoch {epoch + 1} step {step + 1} "
+                                   f"(global step {position.global_step + 1}) on {int(flags[1])} of {world} ranks")
+                optimizer.step()
+                scheduler.step()
+
+                mean_loss = flags[0] / world
+                step_s = time.perf_counter() - started
+                wait_s = stream.wait_s - waited
+                position.step, position.global_step = step + 1, position.global_step + 1
+                position.loss_sum += mean_loss
+                position.steps_done += 1
+                position.samples += len(batch) * world
+                position.step_s += step_s
+                position.wait_s += wait_s
+                ran += 1
+                reporter.scalars(position.global_step, train__loss=mean_loss, train__lr=scheduler.get_last_lr()[0],
+                                 train__samples_per_s=len(batch) * world / max(step_s, 1e-9),
+                                 train__data_wait_fraction=wait_s / max(step_s, 1e-9))
+                reporter.event("step", epoch=epoch, step=step + 1, steps=steps, global_step=position.global_step,
+                               total_steps=total_steps, loss=mean_loss)
+
+                if flags[2] > 0:
+                    save_checkpoint(example, torchscript=False)  # quick: the launcher's grace period is short
+                    backend.barrier()  # no rank exits (and gets its peers killed) before the checkpoint is on disk
+                    raise Terminated(f"stopped by a signal at epoch {epoch + 1} step {step + 1}; "
+                                     f"checkpoint at global step {position.global_step}")
+                if position.global_step % cfg["checkpoint_every"] == 0 and step + 1 < steps:
+                    save_checkpoint(example)
+            steps_run.append(ran)
+
+            # 6. Validation, on rank 0's weights and statistics.
+            backend.broadcast_buffers(model)
+            val = validate(model, plan, backend, device)
+            epoch_record = {
+                "epoch": epoch + 1, "steps": steps, "global_step": position.global_step,
+                "loss": position.loss_sum / max(1, position.steps_done),
+                "val_miou": val["miou"], "val_iou": val["iou"], "val_points": val["points"],
+                "val_label_points": val["label_points"],
+                "samples_per_s": position.samples / max(position.step_s, 1e-9),
+                "data_wait_fraction": position.wait_s / max(position.step_s, 1e-9),
+                "lr": scheduler.get_last_lr()[0],
+            }
+            position.history.append(epoch_record)
+            reporter.scalars(position.global_step, epoch__loss=epoch_record["loss"], val__miou=val["miou"],
+                             epoch__samples_per_s=epoch_record["samples_per_s"],
+                             epoch__data_wait_fraction=epoch_record["data_wait_fraction"],
+                             **{f"val__iou__{name}": iou for name, iou in val["iou"].items()})
+            reporter.event("epoch", **{k: v for k, v in epoch_record.items() if k != "val_iou"}, epochs=epochs)
+            log.info("epoch %d/%d: loss %.4f, val mIoU %s, %.1f samples/s, data wait %.1f%%", epoch + 1, epochs,
+                     epoch_record["loss"], "n/a" if val["miou"] is None else f"{val['miou']:.3f}",
+                     epoch_record["samples_per_s"], 100 * epoch_record["data_wait_fraction"])
+            position.start_epoch(epoch + 1)
+            save_checkpoint(example if example is not None else _val_example(plan))
+    finally:
+        stream.close()
+
+    # 7. Outputs.
+    summary = {"rank": rank, "world": world, "backend": backend.name, "steps_per_epoch": steps,
+               "steps_run": steps_run, "train_rows": plan.rows("train"), "global_step": position.global_step,
+               "parameters_sha256": parameters_digest(model), "state_sha256": parameter_digest(model),
+               "resumed_from": resumed_from}
+    if is_chief:
+        write_outputs(job, model, model_config, position, train_counts, provenance, example or _val_example(plan))
+        reporter.event("done", global_step=position.global_step)
+    reporter.close()
+    backend.barrier()
+    return summary
+
+
+def validate(model: nn.Module, plan: ShardPlan, backend: Backend, device: torch.device) -> dict[str, Any]:
+    """mIoU of ``model`` on the val split: every rank scores its shard, confusion matrices are summed."""
+    model.eval()
+    confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.int64, device=device)
+    batches = Prefetcher(val_batches(plan), depth=2, name=f"val-rank{plan.rank}")
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                batch = batch.to(device)
+                predicted = model(batch.points, batch.valid).argmax(dim=-1)
+                scored = batch.valid & (batch.labels != IGNORE)
+                index = batch.labels[scored] * NUM_CLASSES + predicted[scored]
+                confusion += torch.bincount(index, minlength=NUM_CLASSES * NUM_CLASSES)
+    finally:
+        batches.close()
+    model.train()
+    total = backend.allreduce_sum(confusion).cpu().numpy().reshape(NUM_CLASSES, NUM_CLASSES)
+    ious, miou = confusion_to_iou(total)
+    return {"miou": miou, "iou": dict(zip(CLASSES, ious)), "label_points": total.sum(axis=1).tolist(),
+            "points": int(total.sum())}
+
+
+def _val_example(plan: ShardPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A one-frame batch for the TorchScript check when this process ran no training step."""
+    from training.data import train_batches
+
+    for batch in train_batches(plan, 0):
+        return batch.points[:1], batch.valid[:1]
+    return None
+
+
+def write_outputs(job: Job, model: nn.Module, model_config: dict, position: Position, train_counts: np.ndarray,
+                  provenance: dict[str, Any], example: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Rank 0: the final weights, how to rebuild them, the TorchScript model and the metrics."""
+    os.makedirs(job.final_dir, exist_ok=True)
+    state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ckpt.atomic_torch_save(state_dict, os.path.join(job.final_dir, "model.pt"))
+    ckpt.atomic_write_json(os.path.join(job.final_dir, "model.json"), {
+        "model": job.train["model"], "options": model_config, "num_classes": NUM_CLASSES, "classes": list(CLASSES),
+        "input": provenance["input"], "output": provenance["output"]})
+    meta = {**provenance, "epoch": position.epoch, "global_step": position.global_step, "final": True,
+            "created_at": time.time()}
+    check = ckpt.save_torchscript(model, os.path.join(job.final_dir, "model.ts"), meta, example) if example else {}
+    history = position.history
+    last = history[-1] if history else {}
+    # The baseline is scored on the same val points as the model (the last epoch's confusion totals).
+    val_confusion = validate_confusion_from_history(history)
+    metrics = {
+        "model": job.train["model"], "dataset": job.dataset["ref"], "epochs": history,
+        "final": {"loss": last.get("loss"), "val_miou": last.get("val_miou"), "val_iou": last.get("val_iou"),
+                  "global_step": position.global_step},
+        "first_epoch_loss": history[0]["loss"] if history else None,
+        "majority_baseline": majority_baseline(val_confusion, train_counts) if val_confusion is not None else None,
+        "class_weights": dict(zip(CLASSES, class_weights(train_counts).tolist())),
+        "train_class_points": dict(zip(CLASSES, train_counts.tolist())),
+        "samples_per_s": last.get("samples_per_s"), "data_wait_fraction": last.get("data_wait_fraction"),
+        "parameters_sha256": parameters_digest(model), "state_sha256": parameter_digest(model),
+        "backend": provenance["backend"], "world": provenance["world"], **check,
+    }
+    ckpt.atomic_write_json(os.path.join(job.final_dir, "metrics.json"), metrics)
+
+
+def validate_confusion_from_history(history: list[dict[str, Any]]) -> np.ndarray | None:
+    """The last validation's ground-truth points per class as a diagonal confusion matrix: all that
+    scoring a constant predictor on the same points needs."""
+    if not history or "val_label_points" not in history[-1]:
+        return None
+    counts = np.asarray(history[-1]["val_label_points"], dtype=np.float64)
+    return np.diag(counts)
+
+
+# ----------------------------------------------------------------------------------------- entry
+def _redirect_output(logs_dir: str, rank: int) -> None:
+    """Send this process's stdout and stderr (C++ libraries' too) to ``<logs>/rank-<r>.log``."""
+    os.makedirs(logs_dir, exist_ok=True)
+    fd = os.open(os.path.join(logs_dir, f"rank-{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.trainer JOB.json``: one rank. Exit 0 done, 3 diverged, 143 stopped, 1 error."""
+    argv = sys.argv[1:] if argv is None else argv
+    job = Job.load(argv[0])
+    # The rank is known from the launcher's environment before the backend starts, so even the
+    # backend's start-up messages land in this rank's log.
+    env_rank = int(os.environ.get("HOROVOD_RANK", os.environ.get("RANK", "0")))
+    _redirect_output(job.logs_dir, env_rank)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s rank {env_rank} %(levelname)s %(message)s", force=True)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    code, error = 0, None
+    backend = None
+    try:
+        backend = make_backend(job.spec["backend"], job.spec["device"])
+        summary = train(job, backend)
+        ckpt.atomic_write_json(os.path.join(job.logs_dir, f"rank-{backend.rank}.json"), summary)
+    except Diverged as exc:
+        code, error = EXIT_DIVERGED, {"kind": "diverged", "message": str(exc)}
+    except Terminated as exc:
+        code, error = EXIT_TERMINATED, {"kind": "terminated", "message": str(exc)}
+    except BaseException as exc:  # everything else: the traceback goes to this rank's log
+        traceback.print_exc()
+        code, error = 1, {"kind": "error", "message": f"{type(exc).__name__}: {exc}"}
+    if error is not None:
+        log.error("%s", error["message"])
+        ckpt.atomic_write_json(os.path.join(job.logs_dir, f"error-rank-{env_rank}.json"), {**error, "rank": env_rank})
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Peers may be gone or stuck in a collective: do not wait for the backend's orderly shutdown.
+        os._exit(code)
+    backend.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
