@@ -73,6 +73,7 @@ class ValidateConfig:
     min_class_points: int = 1  # a required class with fewer points (over all splits) is missing
     finite_columns: str = "points,boxes,ego,sample_weight"  # must hold no NaN/inf (gps/route may be NaN: no fix)
     drift_by_city: bool = True  # drift checks per city as well as over the whole dataset
+    drift_min_city_logs: int = 5  # a city is compared on its own only with this many logs in both versions
     kl_tail_weight_holdout: float = 0.001  # prior weight for a class the previous version did not have
 
 

@@ -24,9 +24,9 @@ log_in_one_split            logs             no log appears in two splits (no le
 manifest_logs_present       logs             every log the manifest lists has frames in the files
 class_share_drift           class_drift      L-infinity: no class share moved more than
                                              ``max_linf_drift`` against the previous version
-                                             (whole dataset, and per city)
-class_kl_drift              class_samples    KL(current || previous) of the class distribution below
-                                             ``max_kl_drift`` (whole dataset, and per city)
+                                             (whole dataset, and per city: see ``city_drift_plan``)
+class_kl_drift              class_samples    KL(current || previous) of the class distribution at
+                                             most ``max_kl_drift`` (whole dataset, and per city)
 ==========================  ===============  ==========================================================
 
 The two drift checks need the previous validated version of the dataset; without one they are skipped
@@ -142,13 +142,34 @@ def apportion(weights: dict[str, float], rows: int) -> dict[str, int]:
     return counts
 
 
-def drift_scopes(current: dict, previous: dict, by_city: bool) -> dict[str, tuple[dict[int, float], dict[int, float]]]:
-    """``{scope: (previous shares, current shares)}`` for the whole dataset and each city in both versions."""
+def city_drift_plan(current: dict, previous: dict, vcfg) -> tuple[list[str], dict[str, str]]:
+    """(cities compared on their own, {city: why not}) for the per-city drift checks.
+
+    A city is compared only when it has ``drift_min_city_logs`` logs in both versions: the log (one street
+    scene) is the unit of variation, and with two or three scenes a city's class shares move by several
+    points between clean versions by chance alone.
+    """
+    if not vcfg.drift_by_city:
+        return [], {}
+    now, before = stats_mod.logs_per_city(current), stats_mod.logs_per_city(previous)
+    compared, skipped = [], {}
+    for city in sorted(set(now) | set(before)):
+        if city not in now or city not in before:
+            skipped[city] = "not in both versions"
+        elif min(now[city], before[city]) < vcfg.drift_min_city_logs:
+            skipped[city] = (f"{before[city]} -> {now[city]} logs, fewer than "
+                             f"validate.drift_min_city_logs={vcfg.drift_min_city_logs}")
+        else:
+            compared.append(city)
+    return compared, skipped
+
+
+def drift_scopes(current: dict, previous: dict, vcfg) -> dict[str, tuple[dict[int, float], dict[int, float]]]:
+    """``{scope: (previous shares, current shares)}`` for the whole dataset and each compared city."""
     scopes = {SCOPE_ALL: (stats_mod.total_class_points(previous), stats_mod.total_class_points(current))}
-    if by_city:
-        for city in sorted(set(stats_mod.cities(current)) & set(stats_mod.cities(previous))):
-            scopes[f"city:{city}"] = (stats_mod.total_class_points(previous, city),
-                                      stats_mod.total_class_points(current, city))
+    for city in city_drift_plan(current, previous, vcfg)[0]:
+        scopes[f"city:{city}"] = (stats_mod.total_class_points(previous, city),
+                                  stats_mod.total_class_points(current, city))
     out = {}
     for scope, (before, after) in scopes.items():
         if sum(v for c, v in before.items() if 0 <= c < NUM_CLASSES) and \
@@ -209,7 +230,7 @@ def build_tables(statistics: dict, manifest: dict, previous: dict | None, vcfg) 
     }
     if previous is not None:
         drift, samples = [], []
-        for scope, (before, after) in drift_scopes(statistics, previous, vcfg.drift_by_city).items():
+        for scope, (before, after) in drift_scopes(statistics, previous, vcfg).items():
             for c in range(NUM_CLASSES):
                 drift.append({"key": f"{scope}/{class_name(c)}", "scope": scope, "class_name": class_name(c),
                               "previous_share": before[c], "current_share": after[c],
@@ -296,7 +317,7 @@ def build_checks(statistics: dict, manifest: dict, previous: dict | None, vcfg,
             gxe.ExpectColumnValuesToBeBetween(column="abs_change", min_value=0, max_value=vcfg.max_linf_drift),
             lambda r: f"{r['class_name']} share {_moved(r)} in {scope_words(r['scope'])} "
                       f"(moved {100 * r['abs_change']:.1f} points, more than {100 * vcfg.max_linf_drift:.1f})"))
-        for scope, (before, _after) in drift_scopes(statistics, previous, vcfg.drift_by_city).items():
+        for scope, (before, _after) in drift_scopes(statistics, previous, vcfg).items():
             partition = {class_name(c): w for c, w in before.items() if w > 0}
             norm = sum(partition.values())
             checks.append(Check(

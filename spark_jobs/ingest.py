@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
@@ -250,8 +251,10 @@ def materialize(spark, split_dir: str) -> None:
 
     from spark_jobs.schema import FrameSchema
 
-    with materialize_dataset(spark, f"file://{split_dir}", FrameSchema):
-        pass
+    with warnings.catch_warnings():  # petastorm's legacy pyarrow calls warn on every step
+        warnings.simplefilter("ignore", FutureWarning)
+        with materialize_dataset(spark, f"file://{split_dir}", FrameSchema):
+            pass
 
 
 # ----------------------------------------------------------------------------------------- entry point

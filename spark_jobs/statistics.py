@@ -198,6 +198,15 @@ def total_class_points(statistics: dict[str, Any], city: str | None = None) -> d
     return total
 
 
+def logs_per_city(statistics: dict[str, Any]) -> dict[str, int]:
+    """How many logs each city has, over all splits."""
+    out: dict[str, int] = {}
+    for stats in statistics["splits"].values():
+        for log in stats["logs"].values():
+            out[str(log["city"])] = out.get(str(log["city"]), 0) + 1
+    return out
+
+
 def cities(statistics: dict[str, Any]) -> list[str]:
     """Every city with frames in any split."""
     return sorted({c for stats in statistics["splits"].values() for c in stats["cities"]})

@@ -64,6 +64,11 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
         previous_stats_art = statistics_artifact(cfg, registry, previous, say)
         previous_statistics = read_json(os.path.join(previous_stats_art.location, stats_mod.STATISTICS_FILE),
                                         previous_stats_art.ref)
+        compared, skipped = suite_mod.city_drift_plan(statistics, previous_statistics, vcfg)
+        if compared:
+            say(f"per-city drift checks for {', '.join(compared)}")
+        for city, why in skipped.items():
+            say(f"no per-city drift check for {city}: {why} (it still counts in the whole-dataset check)")
 
     # 4 + 5. suite and report, inside the validation artifact (content-keyed like everything else)
     target_shares = manifest.get("shares") or {"train": cfg.ingest.train_share, "test": cfg.ingest.test_share,
@@ -75,7 +80,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
         results = suite_mod.run_suite(tables, checks, os.path.join(staging, report_mod.DATA_DOCS), data.ref)
         summary = report_mod.write(staging, record=record, dataset=data, previous=previous,
                                    statistics=statistics, previous_statistics=previous_statistics,
-                                   results=results, tables=tables, thresholds=resolved(vcfg))
+                                   results=results, tables=tables, vcfg=vcfg)
         return {"verdict": summary["verdict"], "dataset": data.ref,
                 "previous": previous.ref if previous else None,
                 "failed_checks": sorted({r["name"] for r in summary["checks"] if not r["success"]})}
@@ -95,7 +100,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     registry.update_meta(data.id, validation=verdict, validation_ref=validation.ref)
     failures = [line for check in summary["checks"] if not check["success"] for line in [check["line"]]]
     for sentence in summary.get("movers", []):
-        say(f"drift: {sentence}")
+        say(f"moved most: {sentence}")
     result = {"ref": validation.ref, "dataset": data.ref, "verdict": verdict,
               "previous": previous.ref if previous else None, "statistics": stats_art.ref,
               "report": report, "tables": cli_tables(validation, data, summary, statistics)}
@@ -182,7 +187,8 @@ def cli_tables(validation: Artifact, data: Artifact, summary: dict, statistics: 
     check_rows = []
     for name, group in checks.items():
         failed = [c for c in group if not c["success"]]
-        detail = "; ".join(p for c in failed for p in c["problems"][:3]) if failed else group[0]["title"]
+        detail = ("; ".join(p for c in failed for p in c["problems"][:3]) if failed
+                  else group[0]["title"] + (f" (and {len(group) - 1} more like it)" if len(group) > 1 else ""))
         check_rows.append([name, "FAILED" if failed else "ok", detail])
     for name in summary.get("skipped", []):
         check_rows.append([name, "skipped", summary.get("skipped_reason", "")])

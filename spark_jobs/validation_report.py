@@ -19,6 +19,7 @@ Everything is written into the validation artifact's folder:
 from __future__ import annotations
 
 import ast
+import dataclasses
 import html
 import json
 import os
@@ -40,11 +41,14 @@ MIN_MOVE = 0.005  # smaller moves than half a percentage point are not worth a s
 
 
 def write(folder: str, *, record, dataset, previous, statistics: dict, previous_statistics: dict | None,
-          results: list, tables: dict, thresholds: dict) -> dict[str, Any]:
-    """Write every report file into ``folder`` and return the summary stored as ``validation.json``."""
+          results: list, tables: dict, vcfg) -> dict[str, Any]:
+    """Write every report file into ``folder`` and return the summary stored as ``validation.json``.
+    ``vcfg`` is the ``validate`` config section the checks ran with."""
     verdict = "passed" if all(r.success for r in results) else "failed"
     movers = moved_most(tables.get("class_drift"))
     distribution = class_distribution(statistics, previous_statistics)
+    compared, skipped = (suite_mod.city_drift_plan(statistics, previous_statistics, vcfg)
+                         if previous_statistics is not None else ([], {}))
     draw_chart(os.path.join(folder, CHART_FILE), dataset.ref, previous.ref if previous else None, statistics,
                previous_statistics, tables.get("class_drift"), movers)
     docs = os.path.join(folder, DATA_DOCS)
@@ -56,7 +60,8 @@ def write(folder: str, *, record, dataset, previous, statistics: dict, previous_
         "skipped": [] if previous_statistics is not None else list(DRIFT_CHECKS),
         "skipped_reason": "" if previous_statistics is not None else
         f"{dataset.ref} is the first validated version: nothing to compare with",
-        "distribution": distribution, "movers": movers, "thresholds": thresholds,
+        "distribution": distribution, "movers": movers, "thresholds": dataclasses.asdict(vcfg),
+        "city_drift": {"compared": compared, "skipped": skipped},
         "files": {"report": REPORT_FILE, "chart": CHART_FILE, "data_docs": f"{DATA_DOCS}/index.html",
                   "validation_pages": _validation_pages(docs)},
     }
@@ -163,6 +168,10 @@ def report_html(summary: dict) -> str:
         parts.append("<h2>Failed expectations</h2><ul>")
         parts += [f"<li><code>{e(c['name'])}</code>: {e('; '.join(c['problems']) or c['title'])}</li>" for c in failed]
         parts.append("</ul>")
+    skipped_cities = summary.get("city_drift", {}).get("skipped", {})
+    if skipped_cities:
+        parts.append("<p>Cities without a drift check of their own (they still count in the whole-dataset check): "
+                     + "; ".join(f"{e(c)} ({e(why)})" for c, why in skipped_cities.items()) + "</p>")
     if summary["movers"]:
         parts.append("<h2>What moved most</h2><ul>" + "".join(f"<li>{e(m)}</li>" for m in summary["movers"]) + "</ul>")
     parts.append(f"<h2>Class distribution</h2><img src='{CHART_FILE}' alt='class distribution chart'>")

@@ -13,19 +13,22 @@
 
 Checkpoints live in ``<home>/checkpoints/<model>-<content key prefix>/``, outside the registry's staging
 folder (which is deleted when a build fails), so ``avp train --resume`` after a killed, stopped or failed
-run continues from the newest one and ends with the same weights as an uninterrupted run.
+run continues from the newest one and ends with the same weights as an uninterrupted run. Once the model
+is published the folder is removed: everything worth keeping is in the artifact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import importlib.util
 import json
 import os
 import re
 import shutil
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pipeline import config as config_mod
 from pipeline import provenance
@@ -174,19 +177,46 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     art = registry.build("model", cfg.train.model, entry_point="training.entry:run",
                          config=key_config(cfg, device, options), builder=build, parents=[data],
                          code_packages=("training", "pipeline"), force=cfg.force, say=say)
+    state_dir = checkpoint_dir(registry, art.name, art.content_key)
+    if not art.cached:
+        # Published: the weights, TorchScript model, events and logs are in the artifact now, and the
+        # checkpoints have done their job (a failed or stopped build keeps them for --resume).
+        shutil.rmtree(state_dir, ignore_errors=True)
     with open(os.path.join(art.location, "metrics.json")) as fh:
         metrics = json.load(fh)
-    return summarize(art, metrics, checkpoints=checkpoint_dir(registry, art.name, art.content_key))
+    return summarize(art, metrics)
 
 
 def _train_into(staging: str, record: Artifact, cfg: PipelineConfig, registry: Registry, data: Artifact,
                 manifest: dict[str, Any], options: dict[str, Any], device: str, run_id: str, resume: bool,
                 say: Callable[[str], None]) -> dict[str, Any]:
     """The registry builder: run the distributed job, then copy its outputs into ``staging``."""
+    state_dir = checkpoint_dir(registry, cfg.train.model, record.content_key)
+    with _exclusive(state_dir):
+        return _run_job(staging, record, cfg, data, manifest, options, device, run_id, resume, say,
+                        state_dir, registry.home.join("runs", run_id, "train"))
+
+
+@contextlib.contextmanager
+def _exclusive(state_dir: str) -> Iterator[None]:
+    """Hold ``<state_dir>.lock`` for the job: ``--force`` skips the registry's in-flight check, and two
+    jobs writing one checkpoint folder would corrupt each other's resume."""
+    os.makedirs(os.path.dirname(state_dir), exist_ok=True)
+    with open(state_dir + ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another training run is writing {state_dir}; wait for it or stop it") from None
+        yield
+
+
+def _run_job(staging: str, record: Artifact, cfg: PipelineConfig, data: Artifact, manifest: dict[str, Any],
+             options: dict[str, Any], device: str, run_id: str, resume: bool, say: Callable[[str], None],
+             state_dir: str, logs_dir: str) -> dict[str, Any]:
+    """Prepare the checkpoint folder and the job file, launch the ranks, publish their outputs."""
     from training.checkpoint import atomic_write_json, list_checkpoints
     from training.launch import launch
 
-    state_dir = checkpoint_dir(registry, cfg.train.model, record.content_key)
     earlier = list_checkpoints(state_dir)
     if resume and earlier:
         say(f"resuming from {earlier[-1][1]}")
@@ -200,7 +230,6 @@ def _train_into(staging: str, record: Artifact, cfg: PipelineConfig, registry: R
     final_dir = os.path.join(state_dir, "final")
     shutil.rmtree(final_dir, ignore_errors=True)  # written again by this job; never reuse a stale one
     os.makedirs(state_dir, exist_ok=True)
-    logs_dir = registry.home.join("runs", run_id, "train")
     shutil.rmtree(logs_dir, ignore_errors=True)
     os.makedirs(logs_dir, exist_ok=True)
 
@@ -237,7 +266,7 @@ def _train_into(staging: str, record: Artifact, cfg: PipelineConfig, registry: R
             "device": device, "epochs": len(metrics["epochs"]), "first_epoch_loss": metrics["first_epoch_loss"],
             "final_loss": metrics["final"]["loss"], "val_miou": metrics["final"]["val_miou"],
             "baseline_miou": baseline.get("miou"), "parameters_sha256": metrics["parameters_sha256"],
-            "checkpoints": state_dir, "logs": logs_dir, "train_seconds": round(result.elapsed_s, 1)}
+            "logs": logs_dir, "train_seconds": round(result.elapsed_s, 1)}
 
 
 def _failure(result: Any, logs_dir: str, state_dir: str) -> StageFailed:
@@ -271,7 +300,7 @@ def _tail(path: str, lines: int = 15) -> str:
         return ""
 
 
-def summarize(art: Artifact, metrics: dict[str, Any], checkpoints: str = "") -> dict[str, Any]:
+def summarize(art: Artifact, metrics: dict[str, Any]) -> dict[str, Any]:
     """The stage result: reference, per-epoch table, baseline comparison and where everything is."""
     rows = [[e["epoch"], f"{e['loss']:.4f}", "n/a" if e["val_miou"] is None else f"{e['val_miou']:.3f}",
              f"{e['samples_per_s']:.1f}", f"{100 * e['data_wait_fraction']:.1f}%"] for e in metrics["epochs"]]
@@ -286,5 +315,4 @@ def summarize(art: Artifact, metrics: dict[str, Any], checkpoints: str = "") -> 
     loc = art.location
     return {"ref": art.ref, "cached": art.cached, "location": loc, "model": os.path.join(loc, "model.pt"),
             "torchscript": os.path.join(loc, "model.ts"), "metrics": os.path.join(loc, "metrics.json"),
-            "tensorboard": os.path.join(loc, "tensorboard"), "logs": os.path.join(loc, "logs"),
-            "checkpoints": checkpoints, "tables": tables}
+            "tensorboard": os.path.join(loc, "tensorboard"), "logs": os.path.join(loc, "logs"), "tables": tables}

@@ -298,6 +298,13 @@ def parameters_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def peak_memory_mb() -> float:
+    """This process's peak resident memory (Linux reports ``ru_maxrss`` in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class StopRequest:
     """Set by SIGTERM/SIGINT; the loop checks it at every step boundary (together with the other ranks)."""
 
@@ -559,6 +566,7 @@ def train(job: Job, backend: Backend) -> dict[str, Any]:
                 "val_miou": val["miou"], "val_iou": val["iou"], "val_points": val["points"],
                 "val_label_points": val["label_points"],
                 "samples_per_s": position.samples / max(position.step_s, 1e-9),
+                "step_s": position.step_s / max(1, position.steps_done),
                 "data_wait_fraction": position.wait_s / max(position.step_s, 1e-9),
                 "lr": scheduler.get_last_lr()[0],
             }
@@ -580,7 +588,8 @@ def train(job: Job, backend: Backend) -> dict[str, Any]:
     summary = {"rank": rank, "world": world, "backend": backend.name, "steps_per_epoch": steps,
                "steps_run": steps_run, "train_rows": plan.rows("train"), "global_step": position.global_step,
                "parameters_sha256": parameters_digest(model), "state_sha256": parameter_digest(model),
-               "resumed_from": resumed_from}
+               "resumed_from": resumed_from, "peak_rss_mb": peak_memory_mb(),
+               "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
     if is_chief:
         write_outputs(job, model, model_config, position, train_counts, provenance, example or _val_example(plan))
         reporter.event("done", global_step=position.global_step)

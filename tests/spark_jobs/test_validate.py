@@ -42,8 +42,9 @@ class LogSpec:
 
 
 def fleet(prefix: str = "log", cities=("boston", "pittsburgh")) -> list[LogSpec]:
-    """8 logs, 6/1/1 over train/test/val (75/12.5/12.5: within the default tolerance), two cities."""
-    splits = ["train"] * 6 + ["test", "val"]
+    """10 logs, 8/1/1 over train/test/val (within the default tolerance of 75/15/10), two cities with five
+    logs each (the default ``drift_min_city_logs``, so each city gets drift checks of its own)."""
+    splits = ["train"] * 8 + ["test", "val"]
     return [LogSpec(f"{prefix}-{i:02d}", split, cities[i % len(cities)]) for i, split in enumerate(splits)]
 
 
@@ -182,12 +183,12 @@ def test_clean_first_version_passes_skips_drift_and_records_the_verdict(cfg, reg
 
     stats = json.load(open(os.path.join(registry.get(result["statistics"]).location, "statistics.json")))
     train = stats["splits"]["train"]
-    assert train["frames"] == 18 and len(train["logs"]) == 6
+    assert train["frames"] == 24 and len(train["logs"]) == 8
     assert {log["frames"] for log in train["logs"].values()} == {3}
-    assert train["points"] == 18 * POINTS_PER_FRAME
-    assert int(train["class_points"][str(CLASS_ID["ground"])]) == 18 * 160  # 40% of 400, exactly apportioned
-    assert train["box_classes"] == {str(CLASS_ID["vehicle"]): 18, str(CLASS_ID["pedestrian"]): 18}
-    assert train["cities"]["boston"]["frames"] == 9
+    assert train["points"] == 24 * POINTS_PER_FRAME
+    assert int(train["class_points"][str(CLASS_ID["ground"])]) == 24 * 160  # 40% of 400, exactly apportioned
+    assert train["box_classes"] == {str(CLASS_ID["vehicle"]): 24, str(CLASS_ID["pedestrian"]): 24}
+    assert train["cities"]["boston"]["frames"] == 12
     assert set(train["missing"].values()) == {0} and set(train["non_finite"].values()) == {0}
 
     # Re-validating reuses the statistics and the validation (content keys), and gives the same verdict.
@@ -251,15 +252,20 @@ def test_missing_class_fails(cfg, registry, spark):
     assert "class cyclist is missing: 0 points" in str(failure.value)
 
 
+def off_ratio(logs):
+    """5/3/2 logs instead of 8/1/1: train and test are off by more than 10 points, val by exactly 10."""
+    return [replace(s, split=split) for s, split in zip(logs, ["train"] * 5 + ["test"] * 3 + ["val"] * 2)]
+
+
 def test_split_ratio_off_fails(cfg, registry, spark):
-    logs = [replace(s, split=split) for s, split in zip(fleet(), ["train"] * 4 + ["test"] * 2 + ["val"] * 2)]
-    build_dataset(registry, spark, logs)
+    build_dataset(registry, spark, off_ratio(fleet()))
     with pytest.raises(StageFailed) as failure:
         validate(cfg, registry)
     message = str(failure.value)
     assert failed_checks(message) == {"split_shares"}
-    assert "train has 4 of 8 logs (50.0%), target 75.0% +- 10.0%" in message
-    assert "val has 2 of 8 logs (25.0%), target 10.0% +- 10.0%" in message
+    assert "train has 5 of 10 logs (50.0%), target 75.0% +- 10.0%" in message
+    assert "test has 3 of 10 logs (30.0%), target 15.0% +- 10.0%" in message
+    assert "val has" not in message  # 20% is within 10 +- 10
 
 
 def test_nulls_and_non_finite_values_fail(cfg, registry, spark):
@@ -303,8 +309,7 @@ def test_thresholds_come_from_config(cfg, registry, spark):
 
 
 def test_warn_only_does_not_raise_but_marks_the_dataset_failed(cfg, registry, spark):
-    logs = [replace(s, split=split) for s, split in zip(fleet(), ["train"] * 4 + ["test"] * 2 + ["val"] * 2)]
-    data = build_dataset(registry, spark, logs)
+    data = build_dataset(registry, spark, off_ratio(fleet()))
     result = validate(cfg, registry, dataset="1", **{"validate.warn_only": True})
     assert result["verdict"] == "failed"
     assert any("split_shares" in m for m in result["messages"])
@@ -321,3 +326,28 @@ def test_dataset_references(cfg, registry, spark):
         validate(cfg, registry, dataset="7")
     with pytest.raises(UserError, match="not a dataset"):
         validate(cfg, registry, dataset="model:fleet-lidar@v1")
+
+
+def test_simulated_fleet_ingest_then_validate_passes_with_defaults(tmp_path, spark):
+    """End to end with the simulator: the first day's logs, then both days; clean data passes the default
+    suite, and the second version is compared with the first."""
+    from pipeline import stages
+
+    base = {"home": str(tmp_path / "home"), "simulate.logs": "12", "simulate.frames": "2", "simulate.days": "2",
+            "simulate.beams": "16", "simulate.azimuth_steps": "256"}
+    first_day = config.load({**base, "ingest.date_to": "2026-11-02"}, env={})
+    stages.invoke("simulate", first_day, say=lambda m: None)
+    stages.invoke("ingest", first_day, say=lambda m: None)
+    first = stages.invoke("validate", first_day, say=lambda m: None)
+    assert first["verdict"] == "passed" and first["previous"] is None, first["tables"][0]
+
+    both_days = config.load(base, env={})
+    stages.invoke("ingest", both_days, say=lambda m: None)
+    messages = []
+    second = stages.invoke("validate", both_days, say=messages.append)
+    # two logs per city on the first day: too few scenes for a per-city comparison, and it says so
+    assert any(m.startswith("no per-city drift check for") and "drift_min_city_logs=5" in m for m in messages)
+    assert second["verdict"] == "passed", second["tables"][0]
+    assert second["previous"] == first["dataset"] and second["dataset"].endswith("@v2")
+    registry = Registry.open(both_days)
+    assert registry.get(second["dataset"]).meta["validation"] == "passed"
