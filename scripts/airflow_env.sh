@@ -1,0 +1,14 @@
+# Source me: the Airflow environment for this repo (SQLite metadata DB in the pipeline home).
+#   source scripts/airflow_env.sh
+_avp_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export AVP_HOME=${AVP_HOME:-$_avp_root/.avp}
+export AIRFLOW_HOME=${AIRFLOW_HOME:-$AVP_HOME/airflow}
+export AIRFLOW__CORE__DAGS_FOLDER=$_avp_root/dags
+export AIRFLOW__CORE__LOAD_EXAMPLES=False
+export AIRFLOW__CORE__PARALLELISM=${AIRFLOW__CORE__PARALLELISM:-4}   # default 32 spawns 32 workers (5.6 GB)
+export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False
+export AIRFLOW__API__HOST=${AIRFLOW__API__HOST:-127.0.0.1}
+export AIRFLOW__API__PORT=${AIRFLOW__API__PORT:-8080}
+export PYSPARK_PYTHON=$_avp_root/.venv/bin/python SPARK_LOCAL_IP=127.0.0.1
+export PATH=$_avp_root/.venv/bin:$PATH
+mkdir -p "$AIRFLOW_HOME"
