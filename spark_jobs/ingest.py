@@ -7,12 +7,12 @@ The flow, top to bottom:
 2. **split**    give every log its split (sticky and balanced; see ``spark_jobs.split``).
 3. **extract**  Spark, one task per log: decode frames, run the quality checks, encode rows with the
                 Unischema. A log failing any check is quarantined with its reason; the rest go on.
-4. **lay out**  per split, cut the frames (ordered by log and frame index) into row groups whose sizes
-                differ by at most one row, in a number that is a multiple of ``reader_ranks``: Petastorm
-                gives row group ``i`` to rank ``i % ranks``, so every rank gets the same number of rows
-                (within one).
-5. **write**    Spark, one task per row group: one Parquet file with one row group, then Petastorm's
-                metadata; a ``manifest.json`` lists logs per split, counts, checksums and quarantined logs.
+                The same task cuts the log's frames into row groups (``log_group_sizes``) and writes each
+                as a Parquet file with one row group: rows never leave the Python worker.
+4. **lay out**  the driver orders each split's files (``order_row_groups``, by renaming) so that
+                Petastorm's sharding - row group ``i`` to rank ``i % reader_ranks`` - gives every rank the
+                same number of rows (within one), then adds Petastorm's metadata and a ``manifest.json``
+                (logs per split, counts, checksums, quarantined logs).
 
 All of it runs inside ``Registry.build``: the dataset is written to a staging folder and only marked
 succeeded once complete, and an unchanged selection (same logs, code and config) is a cache hit.
@@ -154,13 +154,19 @@ def assign_splits(cfg: PipelineConfig, registry: Registry, logs: list[dict]) -> 
 
 
 # ----------------------------------------------------------------------------------------- extract
-def extract_log(task: LogTask, max_points: int) -> list[tuple[str, Any]]:
-    """Decode, check and encode one log. Returns ``("row", ...)`` items and one ``("log", summary)``,
-    or a single ``("quarantine", {...})`` if anything about the log is wrong."""
+def extract_log(task: LogTask, max_points: int) -> tuple[dict, list[dict]]:
+    """Decode, check and encode one log: (summary, encoded rows in frame order).
+
+    If anything about the log is wrong the summary has a ``reason`` and there are no rows: the whole
+    log is quarantined (a truncated or corrupt file, a missing channel, a bad frame).
+    """
     from spark_jobs.quality import frame_problem, normalise
     from spark_jobs.schema import encode_frame
 
-    rows, points, class_points = [], 0, {}
+    def quarantine(reason: str) -> tuple[dict, list]:
+        return {"log_id": task.log_id, "handle": task.handle, "reason": reason}, []
+
+    rows, indexes, points, class_points = [], [], 0, {}
     try:
         _meta, frames = source_module(task.source).read_log(task.handle)
         for frame in frames:
@@ -169,23 +175,22 @@ def extract_log(task: LogTask, max_points: int) -> list[tuple[str, Any]]:
             if problem is None and frame.log_id != task.log_id:
                 problem = f"frame {frame.frame_index}: belongs to log {frame.log_id!r}"
             if problem is not None:
-                return [("quarantine", {"log_id": task.log_id, "handle": task.handle, "reason": problem})]
-            rows.append(("row", (task.split, task.log_id, int(frame.frame_index),
-                                 encode_frame(frame, task.city, task.sample_weight))))
+                return quarantine(problem)
+            rows.append(encode_frame(frame, task.city, task.sample_weight))
+            indexes.append(int(frame.frame_index))
             points += len(frame.points)
             for label, count in zip(*_unique(frame.labels)):
                 class_points[int(label)] = class_points.get(int(label), 0) + int(count)
     except Exception as exc:  # truncated/corrupt file, missing channel: the log's fault, not the job's
-        return [("quarantine", {"log_id": task.log_id, "handle": task.handle,
-                                "reason": f"{type(exc).__name__}: {exc}"})]
+        return quarantine(f"{type(exc).__name__}: {exc}")
     if not rows:
-        return [("quarantine", {"log_id": task.log_id, "handle": task.handle, "reason": "log has no frames"})]
-    indexes = sorted(r[1][2] for r in rows)
+        return quarantine("log has no frames")
     if len(set(indexes)) != len(indexes):
-        return [("quarantine", {"log_id": task.log_id, "handle": task.handle, "reason": "duplicate frame indexes"})]
+        return quarantine("duplicate frame indexes")
+    order = sorted(range(len(rows)), key=indexes.__getitem__)
     summary = {"log_id": task.log_id, "split": task.split, "city": task.city, "frames": len(rows),
-               "points": points, "class_points": class_points, "frame_indexes": indexes}
-    return [*rows, ("log", summary)]
+               "points": points, "class_points": class_points}
+    return summary, [rows[i] for i in order]
 
 
 def _unique(labels):
@@ -195,26 +200,50 @@ def _unique(labels):
 
 
 # ----------------------------------------------------------------------------------------- lay out
-def plan_row_groups(frames: list[tuple[str, int]], rows_per_group: int, ranks: int) -> list[list[tuple[str, int]]]:
-    """Cut ordered frames into row groups for ``ranks`` data-parallel readers.
+def log_group_sizes(frames: int, ranks: int, rows_per_group: int) -> list[int]:
+    """How one log's frames are cut into row groups: about ``rows_per_group`` rows each, sizes differing
+    by at most one (larger first), and - when the log has at least ``ranks`` frames - a multiple of
+    ``ranks`` groups, so the log spreads evenly over the data-parallel readers."""
+    if frames < ranks:
+        return [1] * frames
+    groups = math.ceil(frames / (ranks * max(1, rows_per_group))) * ranks
+    groups = min(groups, frames - frames % ranks)  # never an empty group
+    base, extra = divmod(frames, groups)
+    return [base + 1] * extra + [base] * (groups - extra)
 
-    The group count is a multiple of ``ranks`` (when there are enough rows) and sizes differ by at most
-    one; the larger groups come first, so with ``group % ranks`` sharding the rank totals differ by at
-    most one row.
+
+def order_row_groups(logs: list[list[tuple[str, int]]], ranks: int) -> list[str]:
+    """File order for one split so that Petastorm's sharding (row group ``i`` -> rank ``i % ranks``) gives
+    every rank the same number of rows and of row groups, each within one.
+
+    ``logs`` holds each log's (name, rows) groups from ``log_group_sizes``. A log with at least ``ranks``
+    frames has ``k * ranks`` groups: every rank gets ``k`` of them, so only the groups one row larger
+    than the rest can unbalance the ranks. Those, and the one-frame groups of logs shorter than
+    ``ranks``, are dealt round-robin from one shared pointer (the short logs' groups first, so the ranks
+    with an extra group are the lowest-numbered ones, as the interleaving below needs).
     """
-    n = len(frames)
-    if n == 0:
-        return []
-    groups = math.ceil(math.ceil(n / max(1, rows_per_group)) / ranks) * ranks
-    # every group needs a row: at most the largest multiple of ranks <= n (or n itself when n < ranks)
-    groups = min(groups, n - n % ranks) if n >= ranks else n
-    base, extra = divmod(n, groups)
-    out, start = [], 0
-    for g in range(groups):
-        size = base + (1 if g < extra else 0)
-        out.append(frames[start:start + size])
-        start += size
-    return out
+    per_rank: list[list[str]] = [[] for _ in range(ranks)]
+    short = [name for groups in logs if len(groups) < ranks for name, _ in groups]
+    for c, name in enumerate(short):
+        per_rank[c % ranks].append(name)
+    pointer = len(short)
+    for groups in logs:
+        if len(groups) < ranks:
+            continue
+        k = len(groups) // ranks
+        sizes = {size for _, size in groups}
+        larger = [name for name, size in groups if len(sizes) > 1 and size == max(sizes)]
+        larger_names = set(larger)
+        smaller = iter(name for name, _size in groups if name not in larger_names)
+        room = [k] * ranks
+        for name in larger:
+            per_rank[pointer % ranks].append(name)
+            room[pointer % ranks] -= 1
+            pointer += 1
+        for r in range(ranks):
+            per_rank[r].extend(next(smaller) for _ in range(room[r]))
+    total = sum(len(groups) for groups in logs)
+    return [per_rank[i % ranks][i // ranks] for i in range(total)]
 
 
 # ----------------------------------------------------------------------------------------- write
@@ -236,13 +265,31 @@ def write_row_group(path: str, rows: list[dict]) -> int:
     return len(rows)
 
 
-def _write_partition(index: int, items: Iterable[tuple[int, tuple]], out_dir: str,
-                     group_names: dict[int, str]) -> list[tuple[str, int]]:
-    rows = sorted((r for _key, r in items), key=lambda r: (r[1], r[2]))
-    if not rows:
-        return []
-    path = os.path.join(out_dir, group_names[index])
-    return [(group_names[index], write_row_group(path, [r[3] for r in rows]))]
+def process_log(task: LogTask, out_dir: str, max_points: int, ranks: int, rows_per_group: int) -> dict:
+    """The per-log unit of work (a Spark task, or a loop iteration in the plain benchmark): extract the
+    log and write its row groups as ``<split>/log-<log id>-<g>.parquet``. Only the small summary comes
+    back to the driver; the rows never leave this process."""
+    summary, rows = extract_log(task, max_points)
+    if "reason" in summary:
+        return summary
+    groups, start = [], 0
+    os.makedirs(os.path.join(out_dir, task.split), exist_ok=True)
+    for g, size in enumerate(log_group_sizes(len(rows), ranks, rows_per_group)):
+        name = f"{task.split}/log-{task.log_id}-{g:04d}.parquet"
+        write_row_group(os.path.join(out_dir, name), rows[start:start + size])
+        groups.append((name, size))
+        start += size
+    return {**summary, "groups": groups}
+
+
+def arrange_split(out_dir: str, logs: list[dict], split: str, ranks: int) -> list[int]:
+    """Rename one split's row-group files to ``part-00000.parquet``... in reader order; returns the sizes."""
+    per_log = [[tuple(g) for g in s["groups"]] for s in sorted(logs, key=lambda s: s["log_id"]) if s["split"] == split]
+    sizes = {name: size for groups in per_log for name, size in groups}
+    ordered = order_row_groups(per_log, ranks)
+    for index, name in enumerate(ordered):
+        os.rename(os.path.join(out_dir, name), os.path.join(out_dir, split, f"part-{index:05d}.parquet"))
+    return [sizes[name] for name in ordered]
 
 
 def materialize(spark, split_dir: str) -> None:
@@ -304,70 +351,45 @@ def _sample_weights(home: Home, log_ids: list[str]) -> dict[str, float]:
 
 def _extract_and_write(cfg: PipelineConfig, staging: str, tasks: list[LogTask], unreadable: list[dict],
                        record: Artifact, say: Callable[[str], None]) -> dict:
-    from pyspark import StorageLevel
-
     from spark_jobs.spark import get_session
 
     ing = cfg.ingest
     started = time.time()
     spark = get_session(ing.spark_master, Home.from_config(cfg.home), app_name=f"avp-ingest-{record.ref}")
-    sc = spark.sparkContext
-    max_points = ing.max_points
-    results = sc.parallelize(tasks, max(1, len(tasks))).flatMap(lambda t: extract_log(t, max_points))
-    results.persist(StorageLevel.MEMORY_AND_DISK)
-    try:
-        say(f"extracting {len(tasks)} logs with Spark ({ing.spark_master or 'spark-submit master'})")
-        summaries = results.filter(lambda item: item[0] != "row").map(lambda item: item[1:]).collect()
-        quarantined = [s[0] for s in summaries if "reason" in s[0]] + [
-            {k: u[k] for k in ("log_id", "handle", "reason")} for u in unreadable]
-        logs = sorted((s[0] for s in summaries if "reason" not in s[0]), key=lambda s: s["log_id"])
-        for q in sorted(quarantined, key=lambda q: q["log_id"]):
-            say(f"quarantined {q['log_id']}: {q['reason']}")
-
-        # Lay out row groups: global partition index -> file name, frame key -> partition index.
-        layout: dict[tuple[str, int], int] = {}
-        names: dict[int, str] = {}
-        groups_per_split: dict[str, list[int]] = {}
-        for split in splitting.SPLITS:
-            frames = [(s["log_id"], i) for s in logs if s["split"] == split for i in s["frame_indexes"]]
-            groups_per_split[split] = []
-            for g, group in enumerate(plan_row_groups(frames, ing.rows_per_group, ing.reader_ranks)):
-                part = len(names)
-                names[part] = f"{split}/part-{g:05d}.parquet"
-                groups_per_split[split].append(len(group))
-                layout.update({frame: part for frame in group})
-        for split in splitting.SPLITS:
-            os.makedirs(os.path.join(staging, split), exist_ok=True)
-        bc_target, bc_names = sc.broadcast(layout), sc.broadcast(names)
-        written = []
-        if names:
-            written = (results.filter(lambda item: item[0] == "row")
-                       .map(lambda item: (bc_target.value[(item[1][1], item[1][2])], item[1]))
-                       .partitionBy(len(names), lambda part: part)
-                       .mapPartitionsWithIndex(lambda i, items: _write_partition(i, items, staging, bc_names.value))
-                       .collect())
-        for split in splitting.SPLITS:
-            if groups_per_split[split]:
-                materialize(spark, os.path.join(staging, split))
-    finally:
-        results.unpersist()
+    say(f"extracting {len(tasks)} logs with Spark ({ing.spark_master or 'spark-submit master'})")
+    max_points, ranks, rows_per_group = ing.max_points, ing.reader_ranks, ing.rows_per_group
+    # One task per log; each writes its own row groups into the staging folder (a shared filesystem on a
+    # cluster) and returns a summary of a few hundred bytes. Rows never travel through the JVM.
+    summaries = (spark.sparkContext.parallelize(tasks, max(1, len(tasks)))
+                 .map(lambda task: process_log(task, staging, max_points, ranks, rows_per_group))
+                 .collect())
+    quarantined = [s for s in summaries if "reason" in s] + [
+        {k: u[k] for k in ("log_id", "handle", "reason")} for u in unreadable]
+    logs = sorted((s for s in summaries if "reason" not in s), key=lambda s: s["log_id"])
+    for q in sorted(quarantined, key=lambda q: q["log_id"]):
+        say(f"quarantined {q['log_id']}: {q['reason']}")
+    row_groups = {}
+    for split in splitting.SPLITS:
+        os.makedirs(os.path.join(staging, split), exist_ok=True)
+        row_groups[split] = arrange_split(staging, logs, split, ranks)
+        if row_groups[split]:
+            materialize(spark, os.path.join(staging, split))
     checksums = {t.log_id: t.sha256 for t in tasks}
     manifest = {
         "dataset": record.ref, "source": ing.source, "split_mode": ing.split,
         "date_from": ing.date_from, "date_to": ing.date_to,
         "shares": {"train": ing.train_share, "test": ing.test_share, "val": ing.val_share},
-        "reader_ranks": ing.reader_ranks,
+        "reader_ranks": ranks,
         "splits": {split: {
             "logs": [s["log_id"] for s in logs if s["split"] == split],
             "frames": sum(s["frames"] for s in logs if s["split"] == split),
             "points": sum(s["points"] for s in logs if s["split"] == split),
-            "row_groups": groups_per_split[split],
+            "row_groups": row_groups[split],
             "path": split,
         } for split in splitting.SPLITS},
-        "logs": {s["log_id"]: {**{k: v for k, v in s.items() if k != "frame_indexes"},
-                               "sha256": checksums[s["log_id"]]} for s in logs},
+        "logs": {s["log_id"]: {**{k: v for k, v in s.items() if k != "groups"}, "sha256": checksums[s["log_id"]]}
+                 for s in logs},
         "quarantined": sorted(quarantined, key=lambda q: q["log_id"]),
-        "files": sorted(f for f, _n in written),
     }
     with open(os.path.join(staging, MANIFEST), "w") as fh:
         json.dump(manifest, fh, indent=2, sort_keys=True)

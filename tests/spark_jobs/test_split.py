@@ -1,7 +1,9 @@
 import pytest
 
 from spark_jobs import split as splitting
-from spark_jobs.ingest import plan_row_groups
+import random
+
+from spark_jobs.ingest import log_group_sizes, order_row_groups
 
 SHARES = {"train": 0.75, "test": 0.15, "val": 0.10}
 
@@ -50,14 +52,31 @@ def test_geo_cells_group_nearby_fixes():
     assert splitting.geo_cell(float("nan"), 0.0, 2000) == "cell-unknown"
 
 
-@pytest.mark.parametrize("n, ranks", [(20, 2), (21, 2), (101, 2), (37, 3), (5, 4), (3, 4), (64, 4)])
-def test_row_groups_give_every_rank_the_same_rows_within_one(n, ranks):
-    frames = [("log", i) for i in range(n)]
-    groups = plan_row_groups(frames, 8, ranks)
-    assert [f for g in groups for f in g] == frames  # order kept, nothing lost or duplicated
-    sizes = [len(g) for g in groups]
-    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
-    if n >= ranks:
-        assert len(groups) % ranks == 0
-        per_rank = [sum(sizes[r::ranks]) for r in range(ranks)]
-        assert max(per_rank) - min(per_rank) <= 1
+@pytest.mark.parametrize("frames, ranks, per_group", [(20, 2, 8), (21, 2, 8), (101, 2, 8), (37, 3, 8), (5, 4, 8),
+                                                     (3, 4, 8), (64, 4, 8), (3, 2, 1), (50, 2, 8)])
+def test_a_log_is_cut_into_near_equal_groups(frames, ranks, per_group):
+    sizes = log_group_sizes(frames, ranks, per_group)
+    assert sum(sizes) == frames and min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)
+    if frames >= ranks:
+        assert len(sizes) % ranks == 0
+        assert max(sizes) <= max(per_group, -(-frames // ranks))
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+def test_every_rank_gets_the_same_rows_and_groups_within_one(ranks):
+    rng = random.Random(ranks)
+    for trial in range(200):
+        logs = []
+        for log in range(rng.randint(1, 12)):
+            sizes = log_group_sizes(rng.choice([1, 2, 3, 5, 20, 50, 51, 97]), ranks, rng.choice([1, 4, 8]))
+            logs.append([(f"log{log}-{g}", s) for g, s in enumerate(sizes)])
+        groups = [g for log in logs for g in log]
+        ordered = order_row_groups(logs, ranks)
+        assert sorted(ordered) == sorted(name for name, _ in groups)  # a permutation
+        size = dict(groups)
+        # Petastorm's sharding: row group i is read by rank i % ranks
+        per_rank_rows = [sum(size[n] for n in ordered[r::ranks]) for r in range(ranks)]
+        per_rank_groups = [len(ordered[r::ranks]) for r in range(ranks)]
+        assert max(per_rank_groups) - min(per_rank_groups) <= 1
+        assert max(per_rank_rows) - min(per_rank_rows) <= 1, (trial, groups, per_rank_rows)
