@@ -1,0 +1,101 @@
+"""Evaluation's hardware benchmark: the latency table of the demo model - eager, TorchScript and the
+``torch.export`` program compiled by AOTInductor - on demo-sized frames, with the counted compute turned
+into achieved GFLOP/s and compared with a float32 matrix-multiply peak measured in the same run.
+
+    .venv/bin/python -m bench.evaluate_bench [--model bev_segnet --runs 20 --warmup 3 --frames 3 --no-aot]
+    .venv/bin/python -m bench.evaluate_bench --model-dir <home>/artifacts/model/bev_segnet/v1
+
+Frames come from the fleet simulator at the demo's sensor settings (32 beams x 1024 columns, ~30k points
+per frame): the first ``--frames`` frames of one simulated log, cycled, batch 1. The model is the
+registered ``--model`` with its default config and fresh weights (latency does not depend on the weights;
+``--model-dir`` times a trained model artifact instead). The TorchScript variant is scripted here exactly
+as the training stage scripts ``model.ts``. Everything goes through ``evaluation.hardware.measure``, the
+code ``avp evaluate`` uses. The peak is the best of five ``torch.mm`` of 2048 x 2048 float32 matrices.
+
+Prints markdown rows for docs/benchmarks.md (and docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import torch
+
+from evaluation import hardware
+
+
+def demo_frames(count: int) -> list:
+    """The first ``count`` frames (points only) of one simulated demo log."""
+    from pipeline.config import SimulateConfig
+    from spark_jobs.simulator import fleet_plan, simulate_log
+
+    sim = SimulateConfig(logs=1, frames=count)
+    meta = fleet_plan(sim)[0]
+    return [frame.points for frame in simulate_log(meta, sim)][:count]
+
+
+def load(args: argparse.Namespace, workdir: str) -> tuple[torch.nn.Module, str, str]:
+    """(eager model, TorchScript path, description) of the model to time."""
+    from training.checkpoint import script_model
+
+    if args.model_dir:
+        from evaluation.scoring import load_model
+
+        model, spec = load_model(args.model_dir)
+        return model, os.path.join(args.model_dir, "model.ts"), f"{spec['model']} from {args.model_dir}"
+    from training.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(args.model).eval()
+    path = os.path.join(workdir, "model.ts")
+    torch.jit.save(script_model(model), path)
+    return model, path, f"{args.model} (default config, fresh weights)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="bev_segnet")
+    parser.add_argument("--model-dir", default="", help="a model artifact folder (model.json, model.pt, model.ts)")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--frames", type=int, default=3)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--no-aot", action="store_true", help="time the torch.export program instead of AOTInductor")
+    args = parser.parse_args()
+
+    device = hardware.pick_device(args.device)
+    frames = demo_frames(args.frames)
+    with tempfile.TemporaryDirectory(prefix="avp-bench-evaluate-") as workdir:
+        model, script, what = load(args, workdir)
+        result = hardware.measure(model, script, frames, runs=args.runs, warmup=args.warmup, device=device,
+                                  aot_inductor=not args.no_aot, workdir=workdir, say=lambda m: None)
+    peak = hardware.matmul_peak_gflops(2048, device=device)
+
+    points = result["points_per_frame"]
+    print(f"model: {what}; {result['parameters']:,} parameters; {result['macs'] / 1e9:.3f} GMACs "
+          f"({result['flops'] / 1e9:.3f} GFLOP counted: {', '.join(result['counted_ops'])}) on a "
+          f"{result['flop_frame_points']:,}-point frame")
+    print(f"MACs per stage: " + ", ".join(f"{k} {v / 1e9:.3f} G" for k, v in result["macs_per_stage"].items()))
+    print(f"device: {result['device_name']} ({result['device']}, {result['threads']} threads), torch {result['torch']}; "
+          f"{len(points)} frames of {min(points):,}-{max(points):,} points, batch 1, {args.warmup} warm-up + "
+          f"{args.runs} timed calls per variant")
+    print(f"float32 torch.mm 2048x2048 peak: {peak:.1f} GFLOP/s")
+    print()
+    print("| variant | p50 ms | p90 ms | p99 ms | max ms | std ms | p99-p50 ms | frames/s | peak MB | GFLOP/s "
+          "| % of mm peak | vs eager | max abs diff vs eager | build s |")
+    print("| --- | " + " | ".join(["---:"] * 13) + " |")
+    for name, v in result["variants"].items():
+        print(f"| {name} | {v['p50_ms']:.1f} | {v['p90_ms']:.1f} | {v['p99_ms']:.1f} | {v['max_ms']:.1f} | "
+              f"{v['std_ms']:.1f} | {v['jitter_ms']:.1f} | {v['frames_per_s']:.2f} | {v['peak_memory_mb']:.0f} | "
+              f"{v['achieved_gflops']:.2f} | {100 * v['achieved_gflops'] / peak:.1f}% | "
+              f"{v['speedup_vs_eager']:.2f}x | {v['max_abs_diff_vs_eager']:.1e} | {v['build_s']:.1f} |")
+    for name, v in result["variants"].items():
+        print(f"- {name}: {v['note']}")
+    for note in result["notes"]:
+        print(f"- {note}")
+
+
+if __name__ == "__main__":
+    main()

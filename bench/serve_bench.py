@@ -1,0 +1,237 @@
+"""Serving benchmark, in one run on one package: in-process inference against the HTTP server (latency
+p50/p99 and requests/s with 1 and 4 concurrent clients, binary and JSON bodies), and the C++ LibTorch
+consumer against Python on the same model, runtime and cloud (TorchScript and AOTInductor).
+
+    .venv/bin/python -m bench.serve_bench [--requests 40] [--points 20000] [--small] [--threads 0]
+                                          [--package PATH] [--no-cpp]
+
+Without ``--package`` it registers the default ``bev_segnet`` (seeded weights: latency does not depend
+on training), blesses it and runs the real serve stage (AOTInductor included) in a temporary home.
+Everything runs on this host over loopback (127.0.0.1); the number of requests is bounded. Prints
+markdown table rows. The host is shared: the load average before and after is printed with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def build_package(home: str, points: int, small: bool) -> str:
+    """Register a seeded default model, bless it, run the serve stage; returns the package folder."""
+    import torch
+
+    from pipeline import config
+    from pipeline.registry import Registry
+    from serving.entry import run
+    from training.models import build_model, config_to_dict
+
+    cfg = config.load({"home": home, "serve.example_points": points, "serve.latency_runs": 5}, env={})
+    registry = Registry.open(cfg)
+    options = {"x_range_m": [-25.6, 25.6], "y_range_m": [-25.6, 25.6]} if small else None
+
+    def write_model(staging, _record):
+        torch.manual_seed(0)
+        model = build_model("bev_segnet", options).eval()
+        torch.save(model.state_dict(), os.path.join(staging, "model.pt"))
+        with open(os.path.join(staging, "model.json"), "w") as fh:
+            json.dump({"model": "bev_segnet", "options": config_to_dict(model.config)}, fh)
+
+    model = registry.build("model", "bev_segnet", entry_point="bench", config={"bench": True}, builder=write_model)
+    registry.set_blessing(model.id, True, ["benchmark"])
+    started = time.perf_counter()
+    result = run(cfg, registry, say=lambda m: None, run_id="serve-bench", model=model.ref)
+    print(f"<!-- packaged {result['ref']} ({result['pt2_format']}) in {time.perf_counter() - started:.0f} s -->")
+    return result["location"]
+
+
+def stats(latencies_ms: list[float], wall_s: float) -> tuple[float, float, float]:
+    """(p50 ms, p99 ms, requests/s)."""
+    return (float(np.percentile(latencies_ms, 50)), float(np.percentile(latencies_ms, 99)),
+            len(latencies_ms) / wall_s if wall_s > 0 else float("nan"))
+
+
+def timed(fn, count: int, clients: int) -> tuple[float, float, float]:
+    """Call ``fn()`` ``count`` times from ``clients`` threads; latency of each call and overall rate."""
+    latencies: list[float] = []
+
+    def one(_i: int) -> None:
+        started = time.perf_counter()
+        fn()
+        latencies.append((time.perf_counter() - started) * 1000.0)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        list(pool.map(one, range(count)))
+    return stats(latencies, time.perf_counter() - started)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(folder: str, home: str, threads: int) -> tuple[subprocess.Popen, str]:
+    """``avp serve-http`` on a free loopback port; waits (bounded) until /healthz answers."""
+    import httpx
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AVP_")}
+    env.update(AVP_HOME=home, AVP_SERVE__THREADS=str(threads))
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "avp"), "serve-http", "--package", folder,
+                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"avp serve-http exited with {proc.returncode}")
+        try:
+            httpx.get(base + "/healthz", timeout=2).raise_for_status()
+            return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("the server did not become healthy in 120 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def cpp_latency(folder: str, runs: int, threads: int) -> dict[str, dict[str, str]]:
+    """Build the consumer (incremental) and run it; {runtime: its key=value report}."""
+    build = subprocess.run(["bash", str(REPO / "serving" / "cpp" / "build.sh")], capture_output=True, text=True,
+                           env={**os.environ, "PYTHON": sys.executable}, timeout=900)
+    if build.returncode != 0:
+        raise RuntimeError("building the C++ consumer failed:\n" + build.stderr[-2000:])
+    binary = build.stdout.strip().splitlines()[-1]
+    args = [binary, folder, "--runs", str(runs), "--warmup", "5"] + (["--threads", str(threads)] if threads else [])
+    out = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"the C++ consumer failed ({out.returncode}):\n{out.stdout}{out.stderr}")
+    reports = {}
+    for line in out.stdout.splitlines():
+        found = dict(re.findall(r"(\w+)=(\S+)", line))
+        if line.startswith("runtime=") and "p50_ms" in found:
+            reports[found["runtime"]] = found
+    return reports
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every measurement and print markdown rows."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--package", help="an existing package folder (default: build one)")
+    parser.add_argument("--requests", type=int, default=40, help="requests per measurement (bounded)")
+    parser.add_argument("--points", type=int, default=20_000, help="points in the example cloud when building")
+    parser.add_argument("--small", action="store_true", help="a 128 x 128-cell grid instead of 256 x 256")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--no-cpp", action="store_true", help="skip the C++ consumer")
+    args = parser.parse_args(argv)
+
+    import httpx
+    import torch
+
+    from serving.runtime import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    home = tempfile.mkdtemp(prefix="avp-serve-bench-")
+    try:
+        folder = args.package or build_package(home, args.points, args.small)
+        load_before = os.getloadavg()[0]
+        ts_model, pt2_model = load(folder), load(folder, runtime="pt2")
+        points, expected = ts_model.example()
+        assert np.array_equal(ts_model.predict(points), expected)
+        n = len(points)
+        meta = ts_model.metadata
+        print(f"<!-- {meta['package']['ref']} of {meta['model']['ref']}: {n} points, {torch.get_num_threads()} "
+              f"torch threads, {os.cpu_count()} cores, load average {load_before:.1f} -->")
+        rows: list[tuple[str, int, int, float, float, float]] = []
+
+        # In-process: raw forward (what C++ times) and predict() (with input checks, as the server uses it).
+        tensor = torch.from_numpy(points).unsqueeze(0)
+        valid = torch.ones(tensor.shape[:2], dtype=torch.bool)
+        for name, model in (("Python forward, TorchScript", ts_model), ("Python forward, AOTInductor .pt2", pt2_model)):
+            forward = model._forward
+            with torch.inference_mode():
+                for _ in range(5):
+                    forward(tensor, valid)
+                rows.append((name, 1, args.requests, *timed(lambda: forward(tensor, valid), args.requests, 1)))
+        # C++ right after Python on the same cloud, so both see the same load on a shared host.
+        if not args.no_cpp:
+            for runtime, report in cpp_latency(folder, args.requests, args.threads).items():
+                assert report["match"] == "yes", report
+                label = "C++ forward, TorchScript" if runtime == "torchscript" else "C++ forward, AOTInductor .pt2"
+                rows.append((label, 1, int(report["runs"]), float(report["p50_ms"]), float(report["p99_ms"]),
+                             1000.0 / float(report["p50_ms"])))
+
+        for _ in range(3):
+            ts_model.predict(points)
+        rows.append(("Python predict(), TorchScript", 1, args.requests,
+                     *timed(lambda: ts_model.predict(points), args.requests, 1)))
+
+        # HTTP over loopback: one server process, binary and JSON bodies, 1 and 4 clients.
+        proc, base = start_server(folder, home, args.threads)
+        try:
+            binary, as_json = points.astype("<f4").tobytes(), json.dumps({"points": points.tolist()})
+            local = threading.local()
+
+            def client() -> httpx.Client:
+                if not hasattr(local, "client"):
+                    local.client = httpx.Client(base_url=base, timeout=120)
+                return local.client
+
+            def post_binary() -> None:
+                reply = client().post("/v1/segment", content=binary, params={"format": "binary"},
+                                      headers={"Content-Type": "application/octet-stream"})
+                assert reply.status_code == 200 and len(reply.content) == n
+
+            def post_json() -> None:
+                reply = client().post("/v1/segment", content=as_json, headers={"Content-Type": "application/json"})
+                assert reply.status_code == 200
+
+            for _ in range(3):
+                post_binary()
+            for clients in (1, 4):
+                rows.append(("HTTP binary in, binary out", clients, args.requests,
+                             *timed(post_binary, args.requests, clients)))
+            rows.append(("HTTP JSON in, JSON out", 1, max(4, args.requests // 4),
+                         *timed(post_json, max(4, args.requests // 4), 1)))
+        finally:
+            stop_server(proc)
+
+        print()
+        print(f"| path ({n} points) | clients | requests | p50 ms | p99 ms | requests/s |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for name, clients, count, p50, p99, rate in rows:
+            print(f"| {name} | {clients} | {count} | {p50:.2f} | {p99:.2f} | {rate:.1f} |")
+        print(f"\n<!-- load average before {load_before:.1f}, after {os.getloadavg()[0]:.1f}; C++ requests/s is "
+              "1000 / p50 (one caller) -->")
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
