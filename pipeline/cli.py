@@ -60,6 +60,21 @@ STAGE_INPUTS["train"] = [
     ("--resume", "resume", "continue from the newest checkpoint of this training request"),
 ]
 BOOLEAN_FLAGS.add("--resume")
+STAGE_FLAGS["evaluate"] = [
+    ("--latency-runs", "evaluate.latency_runs", "timed calls per variant (eager, TorchScript, exported)"),
+    ("--min-miou", "evaluate.min_miou", "blessing: the lowest acceptable test mIoU"),
+    ("--max-regression", "evaluate.max_regression", "blessing: the most a class or scene may lose against production"),
+    ("--device", "evaluate.device", "auto, cpu or cuda (where the model is scored and timed)"),
+]
+STAGE_HELP["evaluate"] = "model, system and hardware metrics on the test split, a report, and the blessing verdict"
+STAGE_INPUTS["evaluate"] = [("--model", "model", "model reference or version (default: the latest)")]
+STAGE_FLAGS["serve"] = [
+    ("--example-points", "serve.example_points", "points in the packaged example cloud (latency is measured on it)"),
+    ("--max-points", "serve.max_points", "largest cloud the exported model.pt2 and the server accept"),
+]
+STAGE_HELP["serve"] = ("package a blessed model (TorchScript + AOTInductor .pt2 + metadata + manifest) for the C++ "
+                       "consumer and the HTTP server")
+STAGE_INPUTS["serve"] = [("--model", "model", "model reference or version (default: the latest)")]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("ref")
         p.add_argument("--reason", default="")
     rsub.add_parser("promotions", help="list promotions", parents=[common])
+
+    p = sub.add_parser("serve-http", help="serve a package over HTTP (POST /v1/segment, /healthz, /metadata)",
+                       parents=[common])
+    p.add_argument("--package", required=True,
+                   help="package folder or .tar.gz, package:NAME@vN, or NAMESPACE/NAME (its production package)")
+    p.add_argument("--host", default=None, help="address to bind (default: serve.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="port (default: serve.port)")
 
     for stage, flags in STAGE_FLAGS.items():
         p = sub.add_parser(stage, help=STAGE_HELP[stage], parents=[common])
@@ -162,6 +184,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "registry":
         return ui.registry_command(cfg, args)
+    if args.command == "serve-http":
+        from serving.http import serve
+
+        return serve(cfg, args.package, host=args.host, port=args.port, say=ui.say)
     from pipeline import stages
 
     inputs = {name: getattr(args, "input_" + name) for _flag, name, _text in STAGE_INPUTS.get(args.command, [])

@@ -100,13 +100,36 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    """Evaluation and the blessing gate."""
+    """Evaluation (model, system and hardware metrics on the test split) and the blessing gate."""
 
+    # blessing: absolute thresholds, and the largest loss allowed against the production model
     min_miou: float = 0.30
-    min_class_recall: float = 0.0
-    latency_p99_budget_ms: float = 500.0
-    max_regression: float = 0.05  # no class or scene may lose more than this against production
-    latency_runs: int = 20
+    min_class_recall: float = 0.0  # every class with test points must reach this point recall
+    latency_p99_budget_ms: float = 500.0  # TorchScript p99 on this host (model.ts is what ships)
+    max_regression: float = 0.05  # no class IoU, scene mIoU or missed-brake rate may lose more than this
+    max_missed_brake_rate: float = 1.0  # share of needed brakes the planner may miss (1.0: not gated)
+    # hardware metrics
+    latency_runs: int = 20  # timed calls per variant (eager, TorchScript, exported)
+    latency_warmup: int = 3  # untimed calls first (allocator, TorchScript profiling runs)
+    latency_frames: int = 8  # distinct logged test frames the timed calls cycle through
+    aot_inductor: bool = True  # compile the torch.export program with AOTInductor (else time the program)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # objects: predicted points of a class grouped in bird's-eye view, matched to ground-truth boxes
+    cluster_radius_m: float = 0.75  # points closer than this (x, y) belong to one object
+    min_object_points: int = 5  # fewer points: noise (prediction) or not seen by the sensor (ground truth)
+    match_min_share: float = 0.5  # a cluster matches a box holding at least this share of its points
+    box_margin_m: float = 0.2  # boxes are grown by this much for matching (points on a face, noise)
+    distance_bands_m: str = "20,40"  # band edges: 0-20, 20-40, 40+ m
+    pr_thresholds: int = 50  # score thresholds of the precision-recall curves
+    # system metrics: the longitudinal planner (see docs/evaluation.md)
+    lane_width_m: float = 3.5  # the ego corridor is |y| < lane_width_m / 2
+    planner_horizon_m: float = 40.0  # and 0 < x < planner_horizon_m
+    ttc_threshold_s: float = 2.0  # brake when distance / ego speed falls below this
+    min_speed_mps: float = 0.5  # slower than this the ego is standing: no brake decision
+    # feedback to ingest: the worst test scenes and the train logs most like them are up-weighted
+    worst_scenes: int = 3
+    hard_scene_weight: float = 2.0
+    similar_train_logs: int = 2  # per worst scene: train logs of its city with the closest class mix
 
 
 @dataclass
@@ -116,7 +139,13 @@ class ServeConfig:
     namespace: str = "perception"
     host: str = "127.0.0.1"
     port: int = 8765
-    max_points: int = 300_000
+    max_points: int = 300_000  # largest cloud the server accepts and the .pt2 is exported for
+    example_points: int = 20_000  # points in the package's example cloud (latency is measured on it)
+    example_seed: int = 0
+    latency_runs: int = 20  # timed calls per runtime when packaging
+    aot_inductor: bool = True  # compile model.pt2 with AOTInductor (else save the ExportedProgram)
+    runtime: Literal["torchscript", "pt2"] = "torchscript"  # what serving.load / avp serve-http run
+    threads: int = 0  # intra-op threads of avp serve-http (0: torch's default, one per core)
 
 
 @dataclass

@@ -92,7 +92,8 @@ fi
 
 if [ -z "${AVP_SETUP_DEPS_ONLY:-}" ]; then  # Docker images install the project in a later layer
   say "installing the project (editable)"
-  "${PIP[@]}" install -q --no-deps --no-build-isolation -e . 2>/dev/null
+  # compat mode: a .pth with the repo root, so packages added later need no reinstall
+  "${PIP[@]}" install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=compat 2>/dev/null
 fi
 "${PIP[@]}" check
 echo "$want" > "$VENV/.avp-setup-stamp"

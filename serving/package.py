@@ -1,0 +1,532 @@
+"""The serving package: what a blessed model becomes before anything outside Python runs it.
+
+A package is one folder (and a reproducible ``.tar.gz`` of it) holding::
+
+    model.ts               TorchScript, provenance in _extra_files["metadata.json"] (C++ LibTorch, Python)
+    model.pt2              torch.export -> AOTInductor package (C++ AOTIModelPackageLoader, Python);
+                           an ExportedProgram saved with torch.export.save where AOTInductor cannot compile
+    metadata.json          model/dataset versions, git SHA, diff hash, run id, user, evaluation summary and
+                           verdict, latency and MACs, class map, input spec and pre-processing parameters
+    example_input.bin      float32 [N, 4] little-endian raw (x, y, z, intensity)
+    expected_output.bin    int64 [N] little-endian raw: the class of every example point
+    expected_logits.bin    float32 [N, K] little-endian raw: the eager model's logits on the example
+    MANIFEST.sha256        ``sha256sum`` format, one line per file above (``sha256sum -c`` checks it)
+
+``build_package`` writes all of it from a model artifact folder and checks that eager, TorchScript and
+the ``.pt2`` agree on the example. ``verify_package`` is the gate every consumer passes first: every
+listed file has its checksum, no file is missing or unlisted, no name leaves the folder, nothing is a
+link. It guards against corruption and accidental edits; authenticity comes from comparing the
+manifest's own digest with the one the registry recorded (``manifest_sha256`` in the package record).
+
+``python -m serving.package verify PATH`` runs the check from a shell.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import gzip
+import hashlib
+import json
+import os
+import re
+import stat
+import sys
+import tarfile
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+FORMAT = "avp-serving-package"
+FORMAT_VERSION = 1
+MANIFEST = "MANIFEST.sha256"
+METADATA = "metadata.json"
+TORCHSCRIPT = "model.ts"
+PT2 = "model.pt2"
+EXAMPLE_INPUT = "example_input.bin"
+EXPECTED_CLASSES = "expected_output.bin"
+EXPECTED_LOGITS = "expected_logits.bin"
+REQUIRED_FILES = (METADATA, TORCHSCRIPT, PT2, EXAMPLE_INPUT, EXPECTED_CLASSES, EXPECTED_LOGITS)
+# Key under which model.ts carries its provenance (the training stage uses the same name).
+TORCHSCRIPT_METADATA = "metadata.json"
+# A manifest longer than this is not one of ours; refuse it before parsing megabytes of text.
+MAX_MANIFEST_BYTES = 1 << 20
+# One manifest line, as ``sha256sum`` writes it: 64 hex digits, two spaces (or " *" for binary mode), name.
+_MANIFEST_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
+# Agreement tolerance between runtimes, relative to the logits' scale: float reassociation (fused
+# kernels, other thread counts) moves logits by ~1e-6; a real export bug moves them by far more.
+RELATIVE_TOLERANCE = 1e-4
+
+
+class PackageError(UserError):
+    """A package is malformed, incomplete or was modified; the message names the file."""
+
+
+# ----------------------------------------------------------------------------------------- manifest
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_member_name(name: str) -> str:
+    """``name`` if it is a plain relative POSIX path that stays inside the package, else ``PackageError``."""
+    parts = name.split("/")
+    if (not name or name.startswith("/") or "\\" in name or "\x00" in name
+            or any(p in ("", ".", "..") for p in parts) or re.match(r"^[A-Za-z]:", name)):
+        raise PackageError(f"manifest entry {name!r} is not a plain relative path inside the package "
+                           "(absolute paths, '..', '.', backslashes and empty segments are refused)")
+    return name
+
+
+def write_manifest(folder: str) -> str:
+    """Write ``MANIFEST.sha256`` over every file in ``folder``; returns the manifest's own SHA-256."""
+    lines = [f"{sha256_file(os.path.join(folder, name))}  {name}" for name in _list_files(folder)]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(folder, MANIFEST), "w", encoding="utf-8", newline="\n") as fh:
+        fh.write(text)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _list_files(folder: str) -> list[str]:
+    """Every entry under ``folder`` except the manifest, as sorted POSIX paths; refuses links and
+    anything that is not a regular file or a folder."""
+    names = []
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for entry in sorted(dirs) + sorted(files):
+            full = os.path.join(root, entry)
+            rel = os.path.relpath(full, folder).replace(os.sep, "/")
+            mode = os.lstat(full).st_mode
+            if stat.S_ISLNK(mode):
+                raise PackageError(f"{rel}: is a symbolic link; a package holds only regular files")
+            if stat.S_ISDIR(mode):
+                continue
+            if not stat.S_ISREG(mode):
+                raise PackageError(f"{rel}: is not a regular file")
+            if rel != MANIFEST:
+                names.append(rel)
+    return sorted(names)
+
+
+def read_manifest(folder: str) -> tuple[dict[str, str], str]:
+    """Parse ``MANIFEST.sha256`` into {name: sha256} and the manifest's own digest, checking every name."""
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path) or os.path.islink(path):
+        raise PackageError(f"{MANIFEST}: missing from {folder}; it is not a serving package (or was truncated)")
+    with open(path, "rb") as fh:
+        raw = fh.read(MAX_MANIFEST_BYTES + 1)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise PackageError(f"{MANIFEST}: larger than {MAX_MANIFEST_BYTES} bytes; not a package manifest")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PackageError(f"{MANIFEST}: not UTF-8 text") from None
+    entries: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        match = _MANIFEST_LINE.match(line)
+        if not match:
+            raise PackageError(f"{MANIFEST}: line {number} is not '<sha256>  <name>': {line[:120]!r}")
+        digest, name = match.groups()
+        check_member_name(name)
+        if name == MANIFEST:
+            raise PackageError(f"{MANIFEST}: line {number} lists the manifest itself")
+        if name in entries:
+            raise PackageError(f"{MANIFEST}: {name!r} is listed twice")
+        entries[name] = digest
+    return entries, hashlib.sha256(raw).hexdigest()
+
+
+def verify_package(folder: str, expected_manifest_sha256: str | None = None) -> dict[str, Any]:
+    """Check a package folder; returns ``{"files": {name: sha256}, "manifest_sha256": ...}``.
+
+    Refuses (``PackageError`` naming the file): a missing manifest, a manifest entry that is not a plain
+    relative path, a listed file that is missing, a link or not a regular file, a file that is present but
+    not listed, a checksum mismatch, a required file absent from the manifest, and - when
+    ``expected_manifest_sha256`` is given (the registry's record) - a manifest that is not that one.
+    """
+    if not os.path.isdir(folder):
+        raise PackageError(f"{folder}: not a folder; pass the package folder or its .tar.gz")
+    entries, manifest_digest = read_manifest(folder)
+    if expected_manifest_sha256 and manifest_digest != expected_manifest_sha256:
+        raise PackageError(f"{MANIFEST}: digest {manifest_digest[:16]}... differs from the registry's record "
+                           f"{expected_manifest_sha256[:16]}...; the package was rewritten after it was published")
+    root = os.path.realpath(folder)
+    for name in entries:
+        full = os.path.join(folder, *name.split("/"))
+        # Belt and braces beside check_member_name: the resolved path must stay under the folder.
+        if os.path.commonpath([root, os.path.realpath(full)]) != root:
+            raise PackageError(f"{name}: resolves outside the package folder")
+        try:
+            mode = os.lstat(full).st_mode
+        except FileNotFoundError:
+            raise PackageError(f"{name}: listed in {MANIFEST} but missing from the package") from None
+        if not stat.S_ISREG(mode):
+            raise PackageError(f"{name}: is a link or not a regular file; a package holds only regular files")
+    unexpected = sorted(set(_list_files(folder)) - set(entries))
+    if unexpected:
+        raise PackageError(f"{unexpected[0]}: present in the package but not listed in {MANIFEST}"
+                           + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for name in REQUIRED_FILES:
+        if name not in entries:
+            raise PackageError(f"{name}: required, but not listed in {MANIFEST}")
+    for name, digest in entries.items():
+        actual = sha256_file(os.path.join(folder, *name.split("/")))
+        if actual != digest:
+            raise PackageError(f"{name}: checksum mismatch (manifest {digest[:16]}..., file {actual[:16]}...): "
+                               "the file was modified or corrupted")
+    return {"files": entries, "manifest_sha256": manifest_digest}
+
+
+def read_verified(folder: str, name: str, files: dict[str, str]) -> bytes:
+    """The bytes of one package file, checked against its manifest digest *as read*, so what is used is
+    exactly what was verified (no window between checking a file and loading it)."""
+    with open(os.path.join(folder, *check_member_name(name).split("/")), "rb") as fh:
+        data = fh.read()
+    if hashlib.sha256(data).hexdigest() != files.get(name):
+        raise PackageError(f"{name}: changed while being loaded (checksum mismatch)")
+    return data
+
+
+# ----------------------------------------------------------------------------------------- tarball
+def make_tarball(folder: str, tar_path: str) -> str:
+    """A reproducible ``.tar.gz`` of ``folder`` (sorted names, zero mtimes and owners) under one top-level
+    folder named like it; returns its SHA-256. Same files, same bytes."""
+    top = os.path.basename(os.path.normpath(folder))
+    tmp = tar_path + ".tmp"
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in [*_list_files(folder), MANIFEST]:
+            info = tar.gettarinfo(os.path.join(folder, *name.split("/")), arcname=f"{top}/{name}")
+            info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
+            with open(os.path.join(folder, *name.split("/")), "rb") as fh:
+                tar.addfile(info, fh)
+    os.replace(tmp, tar_path)
+    return sha256_file(tar_path)
+
+
+def extract_tarball(tar_path: str, into: str) -> str:
+    """Extract a package tarball safely into ``into``; returns the package folder inside it.
+
+    Only regular files and folders are accepted; names are checked like manifest entries before anything
+    is written (tarfile's ``data`` filter then refuses anything that slipped through)."""
+    try:
+        with tarfile.open(tar_path, "r:gz") as tar:
+            members = tar.getmembers()
+            tops = set()
+            for member in members:
+                check_member_name(member.name.rstrip("/"))
+                if not (member.isfile() or member.isdir()):
+                    raise PackageError(f"{member.name}: a link or special file in {os.path.basename(tar_path)}")
+                tops.add(member.name.split("/")[0])
+            if len(tops) != 1:
+                raise PackageError(f"{tar_path}: expected one top-level package folder, found {sorted(tops)}")
+            tar.extractall(into, members=members, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise PackageError(f"{tar_path}: not a readable .tar.gz ({exc})") from None
+    return os.path.join(into, tops.pop())
+
+
+# ----------------------------------------------------------------------------------------- building
+def load_eager_model(model_dir: str):
+    """The trained model from a model artifact folder: ``model.json`` says how to rebuild it and
+    ``model.pt`` holds the state dict (read with ``weights_only=True``: tensors, never arbitrary objects)."""
+    import torch
+
+    from training.models import build_model
+
+    with open(os.path.join(model_dir, "model.json")) as fh:
+        spec = json.load(fh)
+    model = build_model(spec["model"], spec.get("options") or None)
+    state = torch.load(os.path.join(model_dir, "model.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), spec
+
+
+def synthetic_scan(num_points: int, seed: int, x_range: tuple[float, float],
+                   y_range: tuple[float, float]) -> np.ndarray:
+    """A deterministic, LiDAR-like example cloud [N, 4] float32 in the sensor frame.
+
+    Mostly ground (denser near the sensor, like a spinning LiDAR), some box-shaped objects, some walls
+    and poles, and a few points beyond the grid, so the example exercises every path of the model
+    (in-grid scatter/gather and the out-of-grid branch). Intensity is in [0, 1] like ingested data.
+    """
+    rng = np.random.default_rng(seed)
+    reach = 0.95 * min(abs(x_range[0]), abs(x_range[1]), abs(y_range[0]), abs(y_range[1]))
+    counts = np.round(np.array([0.62, 0.2, 0.12, 0.02]) * num_points).astype(int)
+    counts[0] += num_points - counts.sum()
+    ground_n, objects_n, walls_n, outside_n = counts
+    # Ground: ranges skewed towards the sensor (beam spacing grows with range).
+    radius = 2.0 + (reach - 2.0) * rng.random(ground_n) ** 1.7
+    angle = rng.uniform(-np.pi, np.pi, ground_n)
+    ground = np.stack([radius * np.cos(angle), radius * np.sin(angle),
+                       -1.7 + rng.normal(0, 0.03, ground_n), rng.uniform(0.05, 0.35, ground_n)], axis=1)
+    # Objects: a few boxes (vehicles, pedestrians) with points on their volume.
+    centres = rng.uniform(-0.6 * reach, 0.6 * reach, (8, 2))
+    sizes = rng.choice([[4.5, 1.9, 1.6], [0.6, 0.6, 1.8], [1.8, 0.6, 1.7]], 8)
+    which = rng.integers(0, 8, objects_n)
+    local = (rng.random((objects_n, 3)) - 0.5) * sizes[which]
+    objects = np.stack([centres[which, 0] + local[:, 0], centres[which, 1] + local[:, 1],
+                        -1.7 + sizes[which, 2] / 2 + local[:, 2], rng.uniform(0.3, 0.95, objects_n)], axis=1)
+    # Walls and poles: vertical structure near the edge of the grid.
+    wall_angle = rng.uniform(-np.pi, np.pi, walls_n)
+    wall_radius = rng.uniform(0.7 * reach, reach, walls_n)
+    walls = np.stack([wall_radius * np.cos(wall_angle), wall_radius * np.sin(wall_angle),
+                      rng.uniform(-1.7, 6.0, walls_n), rng.uniform(0.1, 0.7, walls_n)], axis=1)
+    # Beyond the grid: the model must still classify these (its out-of-grid branch).
+    far = rng.uniform(1.1, 1.5, outside_n) * max(abs(v) for v in (*x_range, *y_range))
+    far_angle = rng.uniform(-np.pi, np.pi, outside_n)
+    outside = np.stack([far * np.cos(far_angle), far * np.sin(far_angle),
+                        rng.uniform(-1.7, 3.0, outside_n), rng.uniform(0.0, 0.5, outside_n)], axis=1)
+    cloud = np.concatenate([ground, objects, walls, outside]).astype(np.float32)
+    return cloud[rng.permutation(len(cloud))]
+
+
+def latency_ms(fn: Callable[[], Any], runs: int, warmup: int = 2) -> dict[str, float]:
+    """p50/p99/mean wall time of ``fn()`` in milliseconds over ``runs`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, runs)):
+        started = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - started) * 1000.0)
+    return {"p50": round(float(np.percentile(times, 50)), 3), "p99": round(float(np.percentile(times, 99)), 3),
+            "mean": round(float(np.mean(times)), 3), "runs": len(times)}
+
+
+def count_macs(model, points, valid) -> int:
+    """Multiply-accumulates of one forward pass (matmuls and convolutions, via FlopCounterMode; the
+    scatter/gather/index ops do no multiply-adds and are not counted)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(points, valid)
+    return int(counter.get_total_flops() // 2)
+
+
+def compare_logits(reference: np.ndarray, actual: np.ndarray) -> dict[str, Any]:
+    """How far ``actual`` logits are from ``reference``: max abs diff, class match rate, and the points
+    whose class differs although the reference's top-2 margin is above the tolerance (real mismatches,
+    as opposed to near-ties that any float reordering may flip)."""
+    tolerance = tolerance_for(reference)
+    diff = float(np.abs(reference - actual).max()) if reference.size else 0.0
+    ref_classes, act_classes = reference.argmax(-1), actual.argmax(-1)
+    top2 = np.sort(reference, axis=-1)[..., -2:] if reference.size else np.zeros((0, 2))
+    margin = top2[..., 1] - top2[..., 0]
+    differs = ref_classes != act_classes
+    return {"max_abs_diff": diff, "tolerance": tolerance,
+            "class_match_rate": float(1.0 - differs.mean()) if differs.size else 1.0,
+            "real_mismatches": int((differs & (margin > 2 * tolerance)).sum()),
+            "agrees": bool(diff <= tolerance and not (differs & (margin > 2 * tolerance)).any())}
+
+
+def tolerance_for(logits: np.ndarray) -> float:
+    """The allowed max abs logit difference between runtimes for these reference logits."""
+    scale = float(np.abs(logits).max()) if logits.size else 1.0
+    return RELATIVE_TOLERANCE * max(1.0, scale)
+
+
+def export_program(model, points, valid, max_points: int):
+    """``torch.export`` with a dynamic point count (1..max_points) and a batch of one frame."""
+    import torch
+
+    num_points = torch.export.Dim("num_points", min=1, max=max_points)
+    return torch.export.export(copy.deepcopy(model), (points, valid),
+                               dynamic_shapes={"points": {1: num_points}, "valid": {1: num_points}})
+
+
+def write_pt2(exported, path: str, use_aot_inductor: bool, provenance: dict[str, str],
+              say: Callable[[str], None]) -> dict[str, Any]:
+    """Write ``model.pt2``: AOTInductor first; if it cannot compile here, ``torch.export.save`` of the
+    ExportedProgram, with the reason recorded. Returns {format, compile_seconds, aoti_error}."""
+    import torch
+
+    info: dict[str, Any] = {"format": "exported_program", "aoti_error": None}
+    if use_aot_inductor:
+        started = time.perf_counter()
+        try:
+            torch._inductor.aoti_compile_and_package(
+                exported, package_path=path,
+                inductor_configs={"aot_inductor.metadata": {k: str(v) for k, v in provenance.items()}})
+            info.update(format="aoti", compile_seconds=round(time.perf_counter() - started, 1))
+            return info
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: fall back and say why
+            first_line = (str(exc).strip().splitlines() or [""])[0][:500]
+            info["aoti_error"] = f"{type(exc).__name__}: {first_line}"
+            say(f"AOTInductor could not compile the model ({info['aoti_error']}); "
+                "saving the ExportedProgram with torch.export.save instead")
+            if os.path.exists(path):
+                os.remove(path)
+    else:
+        info["aoti_error"] = "skipped: serve.aot_inductor is false"
+    torch.export.save(exported, path)
+    return info
+
+
+def load_pt2(path: str, pt2_format: str):
+    """A callable ``(points, valid) -> logits`` from ``model.pt2`` (only after ``verify_package``: an AOTI
+    package contains a shared library that is loaded and run)."""
+    import torch
+
+    if pt2_format == "aoti":
+        return torch._inductor.aoti_load_package(path)
+    return torch.export.load(path).module()
+
+
+def _write_raw(path: str, array: np.ndarray, dtype: str) -> None:
+    """Little-endian raw bytes of ``array`` as ``dtype`` (e.g. ``<f4``), readable from C++ with fread."""
+    np.ascontiguousarray(array, dtype=np.dtype(dtype)).tofile(path)
+
+
+def build_package(folder: str, *, model_dir: str, facts: dict[str, Any], max_points: int, example_points: int,
+                  example_seed: int, latency_runs: int, aot_inductor: bool,
+                  say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """Write a complete package into ``folder`` (which must exist and be empty); returns its metadata.
+
+    ``facts`` carries what the registry knows (package/model/dataset/metrics references, provenance,
+    evaluation summary and verdict); everything measured on the model is added here.
+    """
+    import torch
+
+    from spark_jobs.taxonomy import CLASSES
+    from training.models import config_to_dict, count_parameters
+
+    model, spec = load_eager_model(model_dir)
+    model_config = config_to_dict(model.config)
+    x_range = tuple(model_config.get("x_range_m", (-50.0, 50.0)))
+    y_range = tuple(model_config.get("y_range_m", (-50.0, 50.0)))
+    cloud = synthetic_scan(example_points, example_seed, x_range, y_range)
+    points = torch.from_numpy(cloud).unsqueeze(0)
+    valid = torch.ones(points.shape[:2], dtype=torch.bool)
+    with torch.inference_mode():
+        eager_logits = model(points, valid)[0].numpy()
+    if not np.isfinite(eager_logits).all():
+        raise PackageError("the model's logits on the example are not finite; refusing to package it")
+
+    provenance = {"package": facts["package"]["ref"], "model": facts["model"]["ref"],
+                  "dataset": (facts.get("dataset") or {}).get("ref") or "", **facts["provenance"]}
+
+    # TorchScript: scripted from the eager model (no tracing, so no shape is baked in), saved with its
+    # provenance, then read back from the file so what is checked is what ships.
+    say("scripting the model (TorchScript)")
+    scripted = torch.jit.script(copy.deepcopy(model))
+    ts_path = os.path.join(folder, TORCHSCRIPT)
+    torch.jit.save(scripted, ts_path, _extra_files={TORCHSCRIPT_METADATA: json.dumps(provenance, sort_keys=True)})
+    scripted = torch.jit.load(ts_path, map_location="cpu")
+    with torch.inference_mode():
+        ts_logits = scripted(points, valid)[0].numpy()
+
+    say(f"exporting with torch.export (dynamic point count 1..{max_points}), then AOTInductor")
+    exported = export_program(model, points, valid, max_points)
+    pt2_path = os.path.join(folder, PT2)
+    pt2_info = write_pt2(exported, pt2_path, aot_inductor, provenance, say)
+    pt2_model = load_pt2(pt2_path, pt2_info["format"])
+    with torch.inference_mode():
+        pt2_logits = pt2_model(points, valid)[0].numpy()
+
+    agreement = {"torchscript_vs_eager": compare_logits(eager_logits, ts_logits),
+                 "pt2_vs_eager": compare_logits(eager_logits, pt2_logits),
+                 "pt2_vs_torchscript": compare_logits(ts_logits, pt2_logits)}
+    for pair, result in agreement.items():
+        if not result["agrees"]:
+            raise PackageError(f"{pair.replace('_', ' ')}: logits differ by {result['max_abs_diff']:.3g} "
+                               f"(tolerance {result['tolerance']:.3g}), {result['real_mismatches']} points change "
+                               "class; the exported model does not match the trained one")
+
+    say(f"measuring latency over {latency_runs} runs on the {example_points}-point example")
+    with torch.inference_mode():
+        performance = {
+            "threads": torch.get_num_threads(), "example_points": example_points,
+            "torchscript_latency_ms": latency_ms(lambda: scripted(points, valid), latency_runs),
+            "pt2_latency_ms": latency_ms(lambda: pt2_model(points, valid), latency_runs),
+            "eager_latency_ms": latency_ms(lambda: model(points, valid), latency_runs),
+        }
+    performance["macs"] = count_macs(model, points, valid)
+    performance["parameters"] = count_parameters(model)
+    performance["macs_per_point"] = round(performance["macs"] / max(1, example_points), 1)
+
+    classes = eager_logits.argmax(-1)
+    _write_raw(os.path.join(folder, EXAMPLE_INPUT), cloud, "<f4")
+    _write_raw(os.path.join(folder, EXPECTED_CLASSES), classes, "<i8")
+    _write_raw(os.path.join(folder, EXPECTED_LOGITS), eager_logits, "<f4")
+    num_classes = int(eager_logits.shape[-1])
+    metadata = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **facts,
+        "model": {**facts["model"], "config": model_config, "spec": spec},
+        "classes": list(CLASSES)[:num_classes], "class_map": {str(i): c for i, c in enumerate(CLASSES[:num_classes])},
+        "input": {
+            "points": {"dtype": "float32", "byte_order": "little", "shape": ["N", 4],
+                       "columns": ["x", "y", "z", "intensity"]},
+            "max_points": max_points,
+            "model_call": "forward(points [1, N, 4] float32, valid [1, N] bool) -> logits [1, N, K]; the runtime "
+                          "adds the batch axis and marks every point valid",
+        },
+        "output": {"classes": {"dtype": "int64", "shape": ["N"], "meaning": "argmax of the logits, see class_map"},
+                   "logits": {"dtype": "float32", "shape": ["N", num_classes]}},
+        "preprocessing": {
+            "coordinate_frame": "LiDAR sensor frame: x forward, y left, z up, metres (right-handed)",
+            "intensity": "return intensity normalised to [0, 1]",
+            "non_finite_points": "rejected (NaN or inf anywhere in a point)",
+            "bev_grid": {"x_range_m": model_config.get("x_range_m"), "y_range_m": model_config.get("y_range_m"),
+                         "cell_size_m": model_config.get("cell_size_m"),
+                         "height_scale_m": model_config.get("height_scale_m")},
+            "out_of_grid_points": "classified from their own point features (no BEV context)",
+            "normalisation": "done inside the model (x, y by the grid half-extent, z by height_scale_m)",
+        },
+        "example": {
+            "source": f"synthetic LiDAR-like scan, numpy seed {example_seed}",
+            "num_points": int(len(cloud)), "num_classes": num_classes,
+            "input": {"file": EXAMPLE_INPUT, "dtype": "float32", "byte_order": "little", "shape": [len(cloud), 4]},
+            "expected_classes": {"file": EXPECTED_CLASSES, "dtype": "int64", "byte_order": "little",
+                                 "shape": [len(cloud)]},
+            "expected_logits": {"file": EXPECTED_LOGITS, "dtype": "float32", "byte_order": "little",
+                                "shape": [len(cloud), num_classes]},
+            "logits_tolerance": tolerance_for(eager_logits),
+            "class_histogram": {CLASSES[i]: int(n) for i, n in enumerate(np.bincount(classes, minlength=num_classes))},
+        },
+        "runtimes": {
+            "torchscript": {"file": TORCHSCRIPT, "torch_version": torch.__version__,
+                            "provenance_extra_file": TORCHSCRIPT_METADATA},
+            "pt2": {"file": PT2, **pt2_info, "dynamic_shapes": {"num_points": [1, max_points]}, "batch": 1},
+        },
+        "agreement": agreement,
+        "performance": performance,
+    }
+    with open(os.path.join(folder, METADATA), "w") as fh:
+        json.dump(metadata, fh, indent=2, sort_keys=True, default=str)
+        fh.write("\n")
+    return metadata
+
+
+# ----------------------------------------------------------------------------------------- shell entry
+def main(argv: list[str] | None = None) -> int:
+    """``python -m serving.package verify PATH [--manifest-sha256 HEX]``: exit 0 if intact, 2 if not."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m serving.package")
+    parser.add_argument("action", choices=["verify"])
+    parser.add_argument("path", help="package folder")
+    parser.add_argument("--manifest-sha256", default=None, help="the digest the registry recorded")
+    args = parser.parse_args(argv)
+    try:
+        result = verify_package(args.path, args.manifest_sha256)
+    except PackageError as exc:
+        print(f"package refused: {exc}", file=sys.stderr)
+        return 2
+    print(f"ok: {len(result['files'])} files verified, manifest sha256 {result['manifest_sha256']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
