@@ -27,6 +27,7 @@ RUNS = (("horovod", 1), ("horovod", 2), ("ddp", 2))
 
 
 def _cfg(home: str, args: argparse.Namespace, **train: object):
+    """The benchmark's config: demo-sized simulation, the given training overrides."""
     values = {"home": home, "simulate.logs": args.logs, "simulate.frames": args.frames, "train.epochs": args.epochs,
               **{f"train.{k}": v for k, v in train.items()}}
     return config.load({k: str(v) for k, v in values.items()}, env={})
@@ -66,6 +67,7 @@ def train_once(home: str, args: argparse.Namespace, dataset: str, backend: str, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Prepare the dataset, run every requested training, print the markdown rows."""
     parser = argparse.ArgumentParser(prog="bench.train_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--logs", type=int, default=24)
     parser.add_argument("--frames", type=int, default=20)

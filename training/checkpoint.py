@@ -35,6 +35,7 @@ class CheckpointError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------- atomic files
 def _fsync_dir(folder: str) -> None:
+    """Make a rename in ``folder`` durable (best effort: some filesystems refuse a directory fsync)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -48,6 +49,7 @@ def _fsync_dir(folder: str) -> None:
 
 
 def _temporary_name(path: str) -> str:
+    """A hidden name beside ``path`` that ``list_checkpoints`` never matches, tagged with our pid."""
     folder, name = os.path.split(path)
     return os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
@@ -175,6 +177,7 @@ def remove_stale_temporaries(folder: str) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (so its temporary files may still be in use)."""
     if pid == os.getpid():
         return True
     try:

@@ -101,10 +101,12 @@ def _seed_state(*parts: int) -> int:
 
 
 def _generator(*parts: int) -> np.random.Generator:
+    """A NumPy generator seeded from integer parts (order matters)."""
     return np.random.default_rng(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]))
 
 
 def _log_key(log_id: str) -> int:
+    """A stable integer for a log id (Python's ``hash`` of a string changes between processes)."""
     return zlib.crc32(log_id.encode())
 
 
@@ -185,11 +187,7 @@ def _read_shard(url: str, rank: int, world: int, order_seed: int | None, row_gro
     with it. The ``dummy`` pool decodes in this thread, so nothing races.
     """
     from petastorm import make_reader
-    from petastorm.etl import legacy
 
-    # Petastorm unpickles the dataset's Unischema with an allow-list of packages; the schema's codec
-    # (spark_jobs.schema.ZlibNdarrayCodec) lives in this project, so allow exactly that package.
-    legacy.safe_modules.add("spark_jobs")
     # Petastorm refuses more shards than row groups even for the ranks that would get one; with
     # ``min(world, row_groups)`` shards rank r still gets row groups r, r+world, ... (the others get none).
     world = min(world, row_groups)
@@ -232,9 +230,11 @@ class ShardPlan:
     shuffle_buffer: int
 
     def url(self, split: str) -> str:
+        """The split's Petastorm URL."""
         return split_url(self.location, self.manifest, split)
 
     def steps_per_epoch(self) -> int:
+        """Steps every rank runs per epoch (the same on all ranks)."""
         return steps_per_epoch(self.manifest["splits"]["train"]["row_groups"], self.world, self.batch_size)
 
     def rows(self, split: str) -> int:
@@ -315,6 +315,7 @@ class Prefetcher:
         self._thread.start()
 
     def _put(self, item: Any) -> bool:
+        """Queue ``item`` unless asked to stop; False when stopped."""
         while not self._stop.is_set():
             try:
                 self._queue.put(item, timeout=0.1)
@@ -324,6 +325,7 @@ class Prefetcher:
         return False
 
     def _run(self, items: Iterator[Any]) -> None:
+        """The producer thread: items, then an end marker (or the exception that ended it)."""
         try:
             for item in items:
                 if not self._put(item):

@@ -172,6 +172,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
         f"({steps} steps per epoch, {cfg.train.epochs} epochs)")
 
     def build(staging: str, record: Artifact) -> dict[str, Any]:
+        """The registry builder for this request."""
         return _train_into(staging, record, cfg, registry, data, manifest, options, device, run_id, resume, say)
 
     art = registry.build("model", cfg.train.model, entry_point="training.entry:run",
@@ -293,6 +294,7 @@ def _failure(result: Any, logs_dir: str, state_dir: str) -> StageFailed:
 
 
 def _tail(path: str, lines: int = 15) -> str:
+    """The last ``lines`` lines of a log file (empty if it cannot be read)."""
     try:
         with open(path, errors="replace") as fh:
             return "".join(fh.readlines()[-lines:])

@@ -95,6 +95,7 @@ class ProgressWatcher:
         self.buffer = ""
 
     def poll(self) -> None:
+        """Read the events appended since the last call and show them."""
         try:
             with open(self.path) as fh:
                 fh.seek(self.offset)
@@ -109,6 +110,7 @@ class ProgressWatcher:
                 self._handle(json.loads(line))
 
     def _handle(self, event: dict[str, Any]) -> None:
+        """One event: start (create the bar), step (advance it), epoch (print a summary line)."""
         kind = event["event"]
         if kind == "start":
             where = f" from {os.path.basename(event['resumed_from'])}" if event.get("resumed_from") else ""
@@ -133,6 +135,7 @@ class ProgressWatcher:
                 self.say(line)
 
     def close(self) -> None:
+        """Show the last events and close the bar."""
         self.poll()
         if self.bar is not None:
             self.bar.close()

@@ -72,6 +72,7 @@ class Backend:
     device = torch.device("cpu")
 
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum of ``tensor`` over all ranks (a new tensor)."""
         raise NotImplementedError
 
     def allgather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
@@ -79,6 +80,7 @@ class Backend:
         raise NotImplementedError
 
     def barrier(self) -> None:
+        """Return only when every rank has got here."""
         self.allreduce_sum(torch.zeros(1, device=self.device))
 
     def distribute_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -93,6 +95,7 @@ class Backend:
         """Rank 0's buffers (BatchNorm statistics) to every rank, so all ranks validate one model."""
 
     def close(self) -> None:
+        """Leave the process group."""
         pass
 
 
@@ -174,10 +177,8 @@ class DdpBackend(Backend):
     def synchronize(self, model, optimizer):
         from torch.nn.parallel import DistributedDataParallel
 
-        if optimizer.state_dict()["state"]:  # every rank loaded the same checkpoint; make sure of it
-            state = [optimizer.state_dict() if self.rank == 0 else None]
-            self.dist.broadcast_object_list(state, src=0)
-            optimizer.load_state_dict(state[0])
+        # DDP broadcasts rank 0's parameters and buffers when it wraps the model; the optimizer state
+        # needs nothing: it is empty on a fresh start and read from the same checkpoint on a resume.
         # broadcast_buffers=False: like Horovod, buffers are synchronised once per epoch (below)
         # rather than before every forward, so both backends compute exactly the same thing.
         return DistributedDataParallel(model, device_ids=[self.local_rank] if self.device.type == "cuda" else None,
@@ -230,6 +231,7 @@ class PointLoss(nn.Module):
         self.register_buffer("class_weights", torch.as_tensor(weights, dtype=torch.float32))
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, sample_weight: torch.Tensor) -> torch.Tensor:
+        """``logits [B, N, C]``, ``labels [B, N]``, ``sample_weight [B]`` -> the scalar batch loss."""
         classes = logits.shape[-1]
         per_point = F.cross_entropy(logits.reshape(-1, classes), labels.reshape(-1), weight=self.class_weights,
                                     ignore_index=IGNORE, reduction="none").reshape(labels.shape)
@@ -314,6 +316,7 @@ class StopRequest:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, _frame):
+        """Signal handler: note the request; the loop acts on it at the next step boundary."""
         if not self.event.is_set():
             log.warning("received %s: saving a checkpoint at the next step boundary", signal.Signals(signum).name)
         self.event.set()
@@ -334,9 +337,11 @@ class Position:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
+        """Plain data for the checkpoint."""
         return dict(vars(self))
 
     def start_epoch(self, epoch: int) -> None:
+        """Move to the start of ``epoch`` with fresh running totals."""
         self.epoch, self.step = epoch, 0
         self.loss_sum, self.steps_done, self.samples, self.step_s, self.wait_s = 0.0, 0, 0, 0.0, 0.0
 
@@ -358,6 +363,7 @@ class Job:
 
     @classmethod
     def load(cls, path: str) -> "Job":
+        """Read ``job.json``."""
         with open(path) as fh:
             return cls(json.load(fh))
 
@@ -377,10 +383,12 @@ class Reporter:
         self.events = open(job.progress_file, "a", buffering=1)
 
     def event(self, kind: str, **values: Any) -> None:
+        """Append one progress event (rank 0 only) for the launcher to show."""
         if self.events:
             self.events.write(json.dumps({"event": kind, "time": time.time(), **values}, default=str) + "\n")
 
     def scalars(self, step: int, **values: float | None) -> None:
+        """TensorBoard scalars at ``step``; ``a__b`` names the tag ``a/b``; None and NaN are skipped."""
         if self.writer:
             for tag, value in values.items():
                 if value is not None and math.isfinite(value):

@@ -207,7 +207,7 @@ def checkpoint_folder(home, log_path):
     """The run's checkpoint folder, from the content key it prints when the build starts."""
     match = re.search(r"building model:\S+ \(content key ([0-9a-f]{12})\)", Path(log_path).read_text())
     if match:
-        found = glob.glob(str(home / "checkpoints" / f"bev_segnet-{match.group(1)}*"))
+        found = [p for p in glob.glob(str(home / "checkpoints" / f"bev_segnet-{match.group(1)}*")) if os.path.isdir(p)]
         return found[0] if found else None
     return None
 
