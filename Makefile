@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 AVP := $(VENV)/bin/avp
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench constraints clean
+.PHONY: setup demo test test-fast bench airflow constraints clean
 
 setup:
 	@bash scripts/setup.sh
@@ -13,14 +13,21 @@ setup:
 demo: setup
 	@bash scripts/demo.sh
 
+airflow: setup  ## the Airflow UI with the avp_daily DAG on http://127.0.0.1:8080 (Ctrl-C stops it)
+	@bash scripts/airflow_standalone.sh
+
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup  ## skip the slow (Spark / multi-process / Airflow) tests
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-bench: setup
-	$(PY) -m bench.run_all
+bench: setup  ## every benchmark, one after the other (results go into docs/benchmarks.md by hand)
+	$(PY) -m bench.ingest_bench
+	$(PY) -m bench.validate_bench
+	$(PY) -m bench.train_bench
+	$(PY) -m bench.evaluate_bench
+	$(PY) -m bench.serve_bench
 
 constraints:  ## refreeze constraints.txt from the current venv
 	@(echo "# Full freeze of the pipeline's environment (Python 3.11). Regenerate with: make constraints"; \

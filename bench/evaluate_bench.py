@@ -10,7 +10,9 @@ per frame): the first ``--frames`` frames of one simulated log, cycled, batch 1.
 registered ``--model`` with its default config and fresh weights (latency does not depend on the weights;
 ``--model-dir`` times a trained model artifact instead). The TorchScript variant is scripted here exactly
 as the training stage scripts ``model.ts``. Everything goes through ``evaluation.hardware.measure``, the
-code ``avp evaluate`` uses. The peak is the best of five ``torch.mm`` of 2048 x 2048 float32 matrices.
+code ``avp evaluate`` uses. The peak is the best of five ``torch.mm`` of 2048 x 2048 float32 matrices;
+"% of mm peak" compares the best model call with it (on a shared machine the best calls are the least
+disturbed by other load; p50-based GFLOP/s is printed too).
 
 Prints markdown rows for docs/benchmarks.md (and docs/evaluation.md).
 """
@@ -83,14 +85,18 @@ def main() -> None:
           f"{args.runs} timed calls per variant")
     print(f"float32 torch.mm 2048x2048 peak: {peak:.1f} GFLOP/s")
     print()
-    print("| variant | p50 ms | p90 ms | p99 ms | max ms | std ms | p99-p50 ms | frames/s | peak MB | GFLOP/s "
-          "| % of mm peak | vs eager | max abs diff vs eager | build s |")
-    print("| --- | " + " | ".join(["---:"] * 13) + " |")
+    # On a shared machine both the model and the peak are slowed by whatever else runs; the best call of
+    # each is the least disturbed, so "% of peak" compares best with best.
+    print("| variant | min ms | p50 ms | p90 ms | p99 ms | max ms | std ms | p99-p50 ms | frames/s | peak MB "
+          "| GFLOP/s at p50 | GFLOP/s at min | % of mm peak (min) | vs eager (p50) | max abs diff vs eager | build s |")
+    print("| --- | " + " | ".join(["---:"] * 15) + " |")
     for name, v in result["variants"].items():
-        print(f"| {name} | {v['p50_ms']:.1f} | {v['p90_ms']:.1f} | {v['p99_ms']:.1f} | {v['max_ms']:.1f} | "
-              f"{v['std_ms']:.1f} | {v['jitter_ms']:.1f} | {v['frames_per_s']:.2f} | {v['peak_memory_mb']:.0f} | "
-              f"{v['achieved_gflops']:.2f} | {100 * v['achieved_gflops'] / peak:.1f}% | "
-              f"{v['speedup_vs_eager']:.2f}x | {v['max_abs_diff_vs_eager']:.1e} | {v['build_s']:.1f} |")
+        best_gflops = result["flops"] / (v["min_ms"] / 1000.0) / 1e9
+        print(f"| {name} | {v['min_ms']:.1f} | {v['p50_ms']:.1f} | {v['p90_ms']:.1f} | {v['p99_ms']:.1f} | "
+              f"{v['max_ms']:.1f} | {v['std_ms']:.1f} | {v['jitter_ms']:.1f} | {v['frames_per_s']:.2f} | "
+              f"{v['peak_memory_mb']:.0f} | {v['achieved_gflops']:.2f} | {best_gflops:.2f} | "
+              f"{100 * best_gflops / peak:.1f}% | {v['speedup_vs_eager']:.2f}x | {v['max_abs_diff_vs_eager']:.1e} | "
+              f"{v['build_s']:.1f} |")
     for name, v in result["variants"].items():
         print(f"- {name}: {v['note']}")
     for note in result["notes"]:

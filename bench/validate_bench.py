@@ -79,7 +79,7 @@ def main() -> None:
     points = sum(s["points"] for s in statistics["splits"].values())
 
     from spark_jobs.spark import get_session
-    from spark_jobs.statistics import split_files
+    from spark_jobs.dataset_stats import split_files
 
     spark = get_session(full.ingest.spark_master, registry.home)
     files = [f"file://{p}" for paths in split_files(registry.get(result["dataset"]).location).values() for p in paths]

@@ -6,9 +6,10 @@
 same code. Tasks pass artifact references (`dataset:fleet-lidar@v7`) through XCom; data stays in the
 pipeline home (`AVP_HOME`).
 
-* **Data interval**: the run for day D builds the dataset from logs recorded before the end of D
-  (`window=cumulative`) or in the last `window_days` days (`window=rolling`). A manually triggered run
-  takes everything up to now.
+* **Data interval**: the daily run at midnight of day D (its logical date; Airflow 3's daily timetable
+  has zero-length intervals at the trigger time) builds the dataset from every log recorded before D
+  (`window=cumulative`) or in the `window_days` days before D (`window=rolling`). A manually triggered
+  run has no logical date and takes everything up to now.
 * **Gates**: a failed validation fails `validate`, so training never starts on a broken dataset; a model
   that is not blessed makes `serve` skip, with the reasons in its log.
 * **Retries are safe**: every stage is content-keyed in the registry, so a retried or re-run day reuses

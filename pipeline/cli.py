@@ -194,6 +194,9 @@ def _run(args: argparse.Namespace) -> int:
               if getattr(args, "input_" + name) is not None}
     result = stages.invoke(args.command, cfg, say=ui.say, **inputs)
     ui.print_result(args.command, result)
+    if result.get("blessed") is False:  # evaluate's verdict: printed above, and a non-zero exit for scripts
+        print(f"avp: {result.get('ref', 'model')} is not blessed", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -105,7 +105,9 @@ class EvaluateConfig:
     # blessing: absolute thresholds, and the largest loss allowed against the production model
     min_miou: float = 0.30
     min_class_recall: float = 0.0  # every class with test points must reach this point recall
-    latency_p99_budget_ms: float = 500.0  # TorchScript p99 on this host (model.ts is what ships)
+    # TorchScript p99 on the evaluating host (model.ts is what ships). The default suits the demo's shared
+    # 2-core CPU; set the target hardware's real budget in production.
+    latency_p99_budget_ms: float = 2000.0
     max_regression: float = 0.05  # no class IoU, scene mIoU or missed-brake rate may lose more than this
     max_missed_brake_rate: float = 1.0  # share of needed brakes the planner may miss (1.0: not gated)
     # hardware metrics

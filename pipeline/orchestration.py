@@ -33,8 +33,10 @@ def run_config(params: Mapping[str, Any] | None, interval_start: Any = None,
     """The resolved config of one DAG run.
 
     The data interval selects the logs: ``window="cumulative"`` builds the day's dataset from every log
-    recorded before the end of the interval, ``window="rolling"`` from the last ``window_days`` days.
-    A manually triggered run has no data interval: it takes everything up to now.
+    recorded before the end of the interval, ``window="rolling"`` from the ``window_days`` days before
+    it. (Airflow 3's daily timetable gives zero-length intervals at the trigger time, so the run at
+    midnight of day D takes the logs recorded before D.) A manually triggered run has no data interval:
+    it takes everything up to now.
     """
     params = dict(params or {})
     overrides = {field: params[name] for name, field in PARAM_FIELDS.items() if params.get(name) is not None}

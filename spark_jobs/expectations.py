@@ -1,6 +1,6 @@
 """The validation suite as code: Great Expectations (1.x) expectations over tables built from statistics.
 
-The dataset itself is far too big for pandas, so the Spark pass (``spark_jobs.statistics``) reduces it to
+The dataset itself is far too big for pandas, so the Spark pass (``spark_jobs.dataset_stats``) reduces it to
 counts, and this module turns those counts into a few small DataFrames (``build_tables``) and runs real
 GE validations over them (``run_suite``): GE does the checking and renders the Data Docs, we only
 prepare the tables and put the verdicts into words.
@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
-from spark_jobs import statistics as stats_mod
+from spark_jobs import dataset_stats as stats_mod
 from spark_jobs.split import SPLITS
 from spark_jobs.taxonomy import CLASSES, IGNORE, NUM_CLASSES
 

@@ -316,10 +316,6 @@ def write_petastorm_metadata(split_dir: str, files: list[str] | None = None) -> 
     os.replace(tmp, os.path.join(split_dir, "_common_metadata"))
 
 
-def materialize(_spark, split_dir: str) -> None:  # kept while tests move to write_petastorm_metadata
-    write_petastorm_metadata(split_dir)
-
-
 # ----------------------------------------------------------------------------------------- entry point
 def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = print, run_id: str = "",
         **_: Any) -> dict[str, Any]:

@@ -5,7 +5,7 @@ The flow, top to bottom:
 
 1. **resolve**     the dataset to check (a reference, a bare version number, or the latest succeeded
                    version of ``ingest.dataset_name``) and read its manifest.
-2. **statistics**  one Spark pass over its Petastorm files (``spark_jobs.statistics``), published as a
+2. **statistics**  one Spark pass over its Petastorm files (``spark_jobs.dataset_stats``), published as a
                    ``statistics`` artifact (parent: the dataset). Content-keyed: re-validating the same
                    dataset with the same code reuses it.
 3. **previous**    the newest lower version of the same dataset that passed validation, and its
@@ -32,7 +32,7 @@ from pipeline.errors import StageFailed, UserError
 from pipeline.home import Home
 from pipeline.registry import Artifact, NotFound, Registry, parse_ref
 from spark_jobs import expectations as suite_mod
-from spark_jobs import statistics as stats_mod
+from spark_jobs import dataset_stats as stats_mod
 from spark_jobs import validation_report as report_mod
 from spark_jobs.ingest import MANIFEST
 from spark_jobs.split import SPLITS
@@ -98,7 +98,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     # 6. gate
     verdict = summary["verdict"]
     registry.update_meta(data.id, validation=verdict, validation_ref=validation.ref)
-    failures = [line for check in summary["checks"] if not check["success"] for line in [check["line"]]]
+    failures = [check["line"] for check in summary["checks"] if not check["success"]]
     for sentence in summary.get("movers", []):
         say(f"moved most: {sentence}")
     result = {"ref": validation.ref, "dataset": data.ref, "verdict": verdict,
@@ -173,7 +173,7 @@ def statistics_artifact(cfg: PipelineConfig, registry: Registry, data: Artifact,
         return {"dataset": data.ref, "frames": frames}
 
     # spark_master does not change the numbers, so it is not part of the key
-    return registry.build("statistics", data.name, entry_point="spark_jobs.statistics:compute",
+    return registry.build("statistics", data.name, entry_point="spark_jobs.dataset_stats:compute",
                           config={"format": stats_mod.FORMAT, "dataset": data.ref}, builder=build,
                           parents=[data], code_packages=CODE_PACKAGES, force=cfg.force, say=say)
 

@@ -27,7 +27,7 @@ import re
 from typing import Any
 
 from spark_jobs import expectations as suite_mod
-from spark_jobs import statistics as stats_mod
+from spark_jobs import dataset_stats as stats_mod
 from spark_jobs.taxonomy import CLASSES, NUM_CLASSES
 
 FORMAT = 1  # bump when the report's layout changes (part of the validation artifact's content key)
@@ -124,7 +124,8 @@ def draw_chart(path: str, dataset_ref: str, previous_ref: str | None, statistics
     x = np.arange(NUM_CLASSES)
     for ax, (label, city) in zip(axes[0], panels):
         now = suite_mod.shares(stats_mod.total_class_points(statistics, city))
-        ax.bar(x + 0.2, [100 * now[c] for c in x], 0.4, label=dataset_ref, color="#1f77b4")
+        offset = 0.2 if previous_statistics is not None else 0.0  # side by side only when there are two
+        ax.bar(x + offset, [100 * now[c] for c in x], 0.4, label=dataset_ref, color="#1f77b4")
         if previous_statistics is not None:
             before = suite_mod.shares(stats_mod.total_class_points(previous_statistics, city))
             ax.bar(x - 0.2, [100 * before[c] for c in x], 0.4, label=previous_ref, color="#aaaaaa")
@@ -133,7 +134,7 @@ def draw_chart(path: str, dataset_ref: str, previous_ref: str | None, statistics
         ax.set_title(f"class distribution: {label}")
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
-    words = movers or ([f"first validated version: no previous version to compare with"]
+    words = movers or (["first validated version: no previous version to compare with"]
                        if previous_statistics is None else ["no class share moved by half a point or more"])
     fig.text(0.01, 0.01, "\n".join(words), fontsize=10, va="bottom", ha="left")
     fig.tight_layout(rect=(0, 0.05 + 0.035 * len(words), 1, 1))

@@ -1,9 +1,9 @@
 """The validate stage end to end on tiny datasets: real Spark pass, real Petastorm files, real GE validations.
 
 Every dataset is built from a spec (logs with a split, a city, a class distribution) with the ingest
-helpers (``encode_frame`` -> ``write_row_group`` -> ``materialize`` + a manifest) and registered with
-``registry.build("dataset", ...)``, so validate sees exactly what ingest would publish. One Spark session
-serves the whole module.
+helpers (``encode_frame`` -> ``write_row_group`` -> ``write_petastorm_metadata`` + a manifest) and
+registered with ``registry.build("dataset", ...)``, so validate sees exactly what ingest would publish.
+One Spark session (the ``spark`` fixture, which validate's ``get_session`` then reuses) serves the module.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from pipeline import config
 from pipeline.errors import StageFailed, UserError
 from pipeline.home import Home
-from pipeline.registry import Registry  # noqa: F401  (fixtures come from tests/conftest.py)
+from pipeline.registry import Registry
 from spark_jobs.frames import BOX_COLUMNS, Frame
 from spark_jobs.taxonomy import CLASS_ID
 
@@ -71,12 +71,12 @@ def make_frame(spec: LogSpec, index: int, rng: np.random.Generator) -> Frame:
                  ego=np.zeros(6), gps=np.array([42.36, -71.06, 10.0]), route=np.zeros(3))
 
 
-def build_dataset(registry: Registry, spark, logs: list[LogSpec], name: str = "fleet-lidar",
+def build_dataset(registry: Registry, logs: list[LogSpec], name: str = "fleet-lidar",
                   tweak_frame: Callable[[Frame], Frame] | None = None,
                   tweak_rows: Callable[[str, list[dict]], list[dict]] | None = None,
                   manifest_extra: dict | None = None):
     """Write ``logs`` as a Petastorm dataset the way ingest does and register it as ``dataset:<name>``."""
-    from spark_jobs.ingest import MANIFEST, materialize, write_row_group
+    from spark_jobs.ingest import MANIFEST, write_petastorm_metadata, write_row_group
     from spark_jobs.schema import encode_frame
 
     def build(staging, record):
@@ -95,11 +95,11 @@ def build_dataset(registry: Registry, spark, logs: list[LogSpec], name: str = "f
             if tweak_rows:
                 rows = tweak_rows(split, rows)
             if rows:
-                half = (len(rows) + 1) // 2  # two row groups per split, as with reader_ranks=2
+                half = (len(rows) + 1) // 2  # two files of one row group per split, as with reader_ranks=2
                 for g, chunk in enumerate((rows[:half], rows[half:])):
                     if chunk:
                         write_rows(os.path.join(staging, split, f"part-{g:05d}.parquet"), chunk, write_row_group)
-                materialize(spark, os.path.join(staging, split))
+                write_petastorm_metadata(os.path.join(staging, split))
         manifest = {"dataset": record.ref, "shares": {"train": 0.75, "test": 0.15, "val": 0.10},
                     "splits": {s: {"logs": [l.log_id for l in logs if l.split == s]} for s in ("train", "test", "val")},
                     "logs": summaries, "quarantined": [], **(manifest_extra or {})}
@@ -166,7 +166,7 @@ def ped_times_five_in(city: str):
 
 # ----------------------------------------------------------------------------------------- tests
 def test_clean_first_version_passes_skips_drift_and_records_the_verdict(cfg, registry, spark):
-    data = build_dataset(registry, spark, fleet())
+    data = build_dataset(registry, fleet())
     result = validate(cfg, registry)
     assert result["verdict"] == "passed" and result["dataset"] == data.ref
     assert result["previous"] is None
@@ -201,9 +201,9 @@ def test_drift_scenario(cfg, registry, spark):
     """v1 clean (passes, first version); v2 has five times the pedestrians in boston (fails on drift against
     v1, report readable offline); v3 is clean again (compared with v1, since v2 did not pass); loosened
     drift thresholds let v2 pass."""
-    build_dataset(registry, spark, fleet())
+    build_dataset(registry, fleet())
     first = validate(cfg, registry)
-    build_dataset(registry, spark, ped_times_five_in("boston")(fleet("new")))
+    build_dataset(registry, ped_times_five_in("boston")(fleet("new")))
     with pytest.raises(StageFailed) as failure:
         validate(cfg, registry)
     message = str(failure.value)
@@ -233,7 +233,7 @@ def test_drift_scenario(cfg, registry, spark):
     assert "bootstrapTable" not in index and "<tbody><tr>" in index and "validations/class_drift/" in index
 
     # v3 is clean: compared with v1, the last version that passed
-    build_dataset(registry, spark, fleet("back"))
+    build_dataset(registry, fleet("back"))
     third = validate(cfg, registry)
     assert third["previous"] == "dataset:fleet-lidar@v1" and third["verdict"] == "passed"
 
@@ -245,7 +245,7 @@ def test_drift_scenario(cfg, registry, spark):
 
 def test_missing_class_fails(cfg, registry, spark):
     no_cyclists = [replace(s, shares={k: v for k, v in s.shares.items() if k != "cyclist"}) for s in fleet()]
-    build_dataset(registry, spark, no_cyclists)
+    build_dataset(registry, no_cyclists)
     with pytest.raises(StageFailed) as failure:
         validate(cfg, registry)
     assert failed_checks(str(failure.value)) == {"required_classes_present"}
@@ -258,7 +258,7 @@ def off_ratio(logs):
 
 
 def test_split_ratio_off_fails(cfg, registry, spark):
-    build_dataset(registry, spark, off_ratio(fleet()))
+    build_dataset(registry, off_ratio(fleet()))
     with pytest.raises(StageFailed) as failure:
         validate(cfg, registry)
     message = str(failure.value)
@@ -279,7 +279,7 @@ def test_nulls_and_non_finite_values_fail(cfg, registry, spark):
             rows[0] = {**rows[0], "boxes": None}
         return rows
 
-    build_dataset(registry, spark, fleet(), tweak_frame=nan_points, tweak_rows=null_boxes)
+    build_dataset(registry, fleet(), tweak_frame=nan_points, tweak_rows=null_boxes)
     with pytest.raises(StageFailed) as failure:
         validate(cfg, registry)
     message = str(failure.value)
@@ -291,7 +291,7 @@ def test_nulls_and_non_finite_values_fail(cfg, registry, spark):
 def test_class_id_outside_the_taxonomy_fails(cfg, registry, spark):
     logs = fleet()
     logs[2] = replace(logs[2], shares={**logs[2].shares, 9: 0.01})
-    build_dataset(registry, spark, logs)
+    build_dataset(registry, logs)
     with pytest.raises(StageFailed) as failure:
         validate(cfg, registry)
     assert failed_checks(str(failure.value)) == {"class_ids_in_taxonomy"}
@@ -299,7 +299,7 @@ def test_class_id_outside_the_taxonomy_fails(cfg, registry, spark):
 
 
 def test_thresholds_come_from_config(cfg, registry, spark):
-    build_dataset(registry, spark, fleet())
+    build_dataset(registry, fleet())
     # ground is 40% of the points: a 35% cap fails it, the default 95% does not
     with pytest.raises(StageFailed) as failure:
         validate(cfg, registry, **{"validate.max_class_share": 0.35})
@@ -309,7 +309,7 @@ def test_thresholds_come_from_config(cfg, registry, spark):
 
 
 def test_warn_only_does_not_raise_but_marks_the_dataset_failed(cfg, registry, spark):
-    data = build_dataset(registry, spark, off_ratio(fleet()))
+    data = build_dataset(registry, off_ratio(fleet()))
     result = validate(cfg, registry, dataset="1", **{"validate.warn_only": True})
     assert result["verdict"] == "failed"
     assert any("split_shares" in m for m in result["messages"])
@@ -320,7 +320,7 @@ def test_warn_only_does_not_raise_but_marks_the_dataset_failed(cfg, registry, sp
 def test_dataset_references(cfg, registry, spark):
     with pytest.raises(UserError, match="avp ingest"):
         validate(cfg, registry)
-    build_dataset(registry, spark, fleet())
+    build_dataset(registry, fleet())
     assert validate(cfg, registry, dataset="dataset:fleet-lidar@v1")["dataset"] == "dataset:fleet-lidar@v1"
     with pytest.raises(UserError, match="no artifact"):
         validate(cfg, registry, dataset="7")

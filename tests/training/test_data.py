@@ -38,11 +38,11 @@ def synthetic_frame(log_id: str, frame_index: int, seed: int):
                  points=points, labels=labels)
 
 
-def write_dataset(spark, location: str, layout: dict[str, tuple[int, ...]], seed: int = 0,
+def write_dataset(location: str, layout: dict[str, tuple[int, ...]], seed: int = 0,
                   sample_weights: dict[str, float] | None = None) -> dict:
     """Write ``{split: row group sizes}`` as ingest does (ordered frames cut into row groups, one Parquet
     file each, Petastorm metadata, ``manifest.json``); returns the manifest."""
-    from spark_jobs.ingest import materialize, write_row_group
+    from spark_jobs.ingest import write_petastorm_metadata, write_row_group
     from spark_jobs.schema import encode_frame
 
     manifest = {"dataset": "test", "source": "synthetic", "reader_ranks": 2, "splits": {}, "logs": {},
@@ -69,7 +69,7 @@ def write_dataset(spark, location: str, layout: dict[str, tuple[int, ...]], seed
             write_row_group(os.path.join(location, name), rows)
             manifest["files"].append(name)
             start += size
-        materialize(spark, os.path.join(location, split))
+        write_petastorm_metadata(os.path.join(location, split))
         manifest["splits"][split] = {"logs": logs, "frames": frames_total,
                                      "points": sum(manifest["logs"][log]["points"] for log in logs),
                                      "row_groups": list(groups), "path": split}
@@ -78,31 +78,23 @@ def write_dataset(spark, location: str, layout: dict[str, tuple[int, ...]], seed
     return manifest
 
 
-def register_dataset(registry, spark, name: str = "fleet-lidar", validation: str | None = "passed",
+def register_dataset(registry, name: str = "fleet-lidar", validation: str | None = "passed",
                      layout: dict | None = None, seed: int = 0, sample_weights: dict | None = None):
     """A dataset artifact in ``registry`` (built through ``Registry.build``), marked validated."""
     layout = layout or {"train": TRAIN_GROUPS, "val": VAL_GROUPS, "test": TEST_GROUPS}
     art = registry.build("dataset", name, entry_point="tests.training.test_data:register_dataset",
                          config={"layout": layout, "seed": seed, "weights": sample_weights or {}},
-                         builder=lambda staging, _rec: write_dataset(spark, staging, layout, seed, sample_weights)
+                         builder=lambda staging, _rec: write_dataset(staging, layout, seed, sample_weights)
                          and None)
     if validation is not None:
         art = registry.update_meta(art.id, validation=validation)
     return art
 
 
-@pytest.fixture(scope="session")
-def spark(tmp_path_factory):
-    from pipeline.home import Home
-    from spark_jobs.spark import get_session
-
-    return get_session("local[1]", Home.from_config(str(tmp_path_factory.mktemp("spark-home"))))
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, spark):
+def tiny(tmp_path_factory):
     location = str(tmp_path_factory.mktemp("tiny-dataset"))
-    manifest = write_dataset(spark, location, {"train": TRAIN_GROUPS, "val": VAL_GROUPS})
+    manifest = write_dataset(location, {"train": TRAIN_GROUPS, "val": VAL_GROUPS})
     return location, manifest
 
 

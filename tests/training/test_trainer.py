@@ -51,12 +51,9 @@ def quiet(_message):
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
-    from spark_jobs.spark import get_session
-
     root = tmp_path_factory.mktemp("train") / "home"
     cfg = make_cfg(root)
-    spark = get_session("local[1]", Registry.open(cfg).home)
-    register_dataset(Registry.open(cfg), spark)
+    register_dataset(Registry.open(cfg))
     return root
 
 
@@ -148,12 +145,9 @@ def test_ddp_gives_the_same_weights_as_horovod(home, reference):
 
 
 def test_a_dataset_that_has_not_passed_validation_is_refused(home):
-    from spark_jobs.spark import get_session
-
     cfg = make_cfg(home)
     registry = Registry.open(cfg)
-    spark = get_session("local[1]", registry.home)
-    unchecked = register_dataset(registry, spark, name="unchecked", validation=None, seed=1)
+    unchecked = register_dataset(registry, name="unchecked", validation=None, seed=1)
     with pytest.raises(UserError, match=r"dataset:unchecked@v1 has not been validated.*avp validate"):
         stages.invoke("train", cfg, say=quiet, dataset="dataset:unchecked@v1")
     registry.update_meta(unchecked.id, validation="failed")

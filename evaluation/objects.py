@@ -1,0 +1,193 @@
+"""Object-level metrics from a per-point segmentation: group points into objects, match them to boxes.
+
+A segmentation model outputs no objects, but what the planner and the people reading a report care
+about is objects ("did we see that pedestrian?"), so the evaluation makes them:
+
+* **Predicted objects.** For each object class (vehicle, pedestrian, cyclist) the points predicted as
+  that class are grouped in bird's-eye view by single-linkage clustering: two points closer than
+  ``radius`` (x, y only) belong to the same object, and so do chains of such points (connected components
+  of the radius graph, i.e. DBSCAN with ``min_samples=1``). A group with fewer than ``min_points`` points
+  is noise and dropped.
+* **Ground-truth objects.** The frame's boxes of object classes that hold at least ``min_points`` points
+  labelled with the box's class: a box the sensor did not see (occluded, out of range) cannot be found
+  from points and is not counted.
+* **Matching.** A predicted object matches a box of the same class when at least ``min_share`` of its
+  points lie inside the box grown by ``margin`` (points on a face, range noise). Pairs are taken greedily
+  by the number of shared points, each object and box at most once. Unmatched predictions are false
+  positives, unmatched boxes false negatives.
+* **Distance bands.** A box counts in the band of its centre's planar range, a prediction in the band
+  of its points' centroid's.
+
+Known limits, on purpose (simple and stated): two objects closer than ``radius`` merge into one
+prediction, which matches at most one of their boxes (and none when neither holds half its points);
+one object split by a gap wider than ``radius`` gives two predictions, one of which is a false positive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from scipy.spatial import cKDTree
+
+from spark_jobs.geometry import points_in_boxes
+from spark_jobs.taxonomy import CLASSES, OBJECT_CLASS_IDS
+
+
+@dataclass(frozen=True)
+class ObjectSettings:
+    """How points become objects and when an object matches a box (see the module docstring)."""
+
+    radius: float = 0.75
+    min_points: int = 5
+    min_share: float = 0.5
+    margin: float = 0.2
+    band_edges: tuple[float, ...] = (20.0, 40.0)
+
+    def band_names(self) -> list[str]:
+        """``["0-20", "20-40", "40+"]`` for edges (20, 40)."""
+        lows = (0.0, *self.band_edges)
+        names = [f"{lo:g}-{hi:g}" for lo, hi in zip(lows, self.band_edges)]
+        return names + [f"{lows[-1]:g}+"]
+
+    def band_of(self, distance: np.ndarray | float) -> np.ndarray:
+        """Index of the distance band of each planar range."""
+        return np.searchsorted(np.asarray(self.band_edges), np.asarray(distance), side="right")
+
+
+def parse_bands(text: str) -> tuple[float, ...]:
+    """``"20,40"`` -> (20.0, 40.0); the edges must be positive and increasing."""
+    try:
+        edges = tuple(float(t) for t in str(text).split(",") if t.strip())
+    except ValueError:
+        raise ValueError(f"evaluate.distance_bands_m: {text!r} is not a comma-separated list of metres") from None
+    if any(e <= 0 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"evaluate.distance_bands_m: {text!r} must be positive and increasing, e.g. 20,40")
+    return edges
+
+
+def cluster_points(xy: np.ndarray, radius: float, min_points: int) -> np.ndarray:
+    """Cluster id of each point (0, 1, ...) by single linkage at ``radius`` in the plane, or -1 for points
+    in a group smaller than ``min_points``. Ids are ordered by each cluster's first point."""
+    n = len(xy)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    pairs = cKDTree(np.asarray(xy, np.float64)[:, :2]).query_pairs(radius, output_type="ndarray")
+    graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _count, component = connected_components(graph, directed=False)
+    sizes = np.bincount(component)
+    keep = sizes[component] >= min_points
+    # Renumber the kept components 0.. in order of first appearance so results do not depend on scipy.
+    out = np.full(n, -1, np.int64)
+    _, first = np.unique(component[keep], return_index=True)
+    order = component[keep][np.sort(first)]
+    mapping = {int(c): i for i, c in enumerate(order)}
+    out[keep] = [mapping[int(c)] for c in component[keep]]
+    return out
+
+
+def _grown(boxes: np.ndarray, margin: float) -> np.ndarray:
+    grown = np.array(boxes, np.float64, copy=True)
+    grown[:, 3:6] += 2 * margin
+    return grown
+
+
+@dataclass
+class FrameObjects:
+    """Per object class: what was predicted, what was there, and what matched (one frame)."""
+
+    # class id -> arrays, one entry per object
+    predicted_band: dict[int, np.ndarray] = field(default_factory=dict)
+    predicted_matched: dict[int, np.ndarray] = field(default_factory=dict)
+    truth_band: dict[int, np.ndarray] = field(default_factory=dict)
+    truth_matched: dict[int, np.ndarray] = field(default_factory=dict)
+
+
+def visible_boxes(points: np.ndarray, labels: np.ndarray, boxes: np.ndarray, class_id: int,
+                  min_points: int) -> np.ndarray:
+    """Indexes of the boxes of ``class_id`` holding at least ``min_points`` points labelled ``class_id``."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 9)
+    of_class = np.flatnonzero(boxes[:, 7].astype(np.int64) == class_id)
+    if len(of_class) == 0:
+        return of_class
+    mine = labels == class_id
+    owner = points_in_boxes(np.asarray(points, np.float64)[mine, :3], boxes[of_class])
+    counts = np.bincount(owner[owner >= 0], minlength=len(of_class))
+    return of_class[counts >= min_points]
+
+
+def match_frame(points: np.ndarray, labels: np.ndarray, predicted: np.ndarray, boxes: np.ndarray,
+                settings: ObjectSettings, classes: Sequence[int] = OBJECT_CLASS_IDS) -> FrameObjects:
+    """Objects of one frame: cluster the predicted points of each class and match them to its boxes."""
+    out = FrameObjects()
+    points = np.asarray(points)
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 9)
+    for c in classes:
+        truth = visible_boxes(points, labels, boxes, c, settings.min_points)
+        mine = np.flatnonzero(predicted == c)
+        cluster = cluster_points(points[mine, :2], settings.radius, settings.min_points)
+        clusters = int(cluster.max()) + 1 if len(cluster) else 0
+        # shared[k, j]: points of predicted object k inside (grown) box j
+        shared = np.zeros((clusters, len(truth)), np.int64)
+        sizes = np.bincount(cluster[cluster >= 0], minlength=clusters)
+        if clusters and len(truth):
+            kept = cluster >= 0
+            owner = points_in_boxes(points[mine[kept], :3].astype(np.float64), _grown(boxes[truth], settings.margin))
+            inside = owner >= 0
+            np.add.at(shared, (cluster[kept][inside], owner[inside]), 1)
+        predicted_matched = np.zeros(clusters, bool)
+        truth_matched = np.zeros(len(truth), bool)
+        # Greedy one-to-one: the pairs sharing the most points first.
+        for k, j in sorted(zip(*np.nonzero(shared)), key=lambda kj: (-shared[kj], kj[0], kj[1])):
+            if predicted_matched[k] or truth_matched[j] or shared[k, j] < settings.min_share * sizes[k]:
+                continue
+            predicted_matched[k] = truth_matched[j] = True
+        centroids = np.zeros((clusters, 2))
+        if clusters:
+            kept = cluster >= 0
+            for axis in (0, 1):
+                centroids[:, axis] = np.bincount(cluster[kept], weights=points[mine[kept], axis],
+                                                 minlength=clusters) / np.maximum(sizes, 1)
+        out.predicted_band[c] = settings.band_of(np.hypot(centroids[:, 0], centroids[:, 1]))
+        out.predicted_matched[c] = predicted_matched
+        out.truth_band[c] = settings.band_of(np.hypot(boxes[truth, 0], boxes[truth, 1]))
+        out.truth_matched[c] = truth_matched
+    return out
+
+
+@dataclass
+class ObjectAccumulator:
+    """True positives, false positives and false negatives per class and distance band, summed."""
+
+    settings: ObjectSettings
+    # counts[class id] -> [bands, 4]: matched predictions, predictions, matched truths, truths
+    counts: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def update(self, frame: FrameObjects) -> None:
+        bands = len(self.settings.band_edges) + 1
+        for c in frame.truth_band:
+            counts = self.counts.setdefault(c, np.zeros((bands, 4), np.int64))
+            counts[:, 0] += np.bincount(frame.predicted_band[c][frame.predicted_matched[c]], minlength=bands)
+            counts[:, 1] += np.bincount(frame.predicted_band[c], minlength=bands)
+            counts[:, 2] += np.bincount(frame.truth_band[c][frame.truth_matched[c]], minlength=bands)
+            counts[:, 3] += np.bincount(frame.truth_band[c], minlength=bands)
+
+    def summary(self) -> dict[str, Any]:
+        """Per class: precision, recall and counts overall and per distance band."""
+        names = self.settings.band_names()
+        out = {}
+        for c, counts in sorted(self.counts.items()):
+            def block(row: np.ndarray) -> dict[str, Any]:
+                tp_pred, pred, tp_truth, truth = (int(v) for v in row)
+                # Matched predictions and matched boxes are equal in number overall, but may fall in
+                # different bands (a prediction's centroid vs its box's centre), so both are kept.
+                return {"precision": tp_pred / pred if pred else None, "recall": tp_truth / truth if truth else None,
+                        "predicted": pred, "matched_predicted": tp_pred, "objects": truth,
+                        "matched_objects": tp_truth, "false_positive": pred - tp_pred,
+                        "false_negative": truth - tp_truth}
+            out[CLASSES[c]] = {**block(counts.sum(axis=0)),
+                               "bands": {name: block(counts[b]) for b, name in enumerate(names)}}
+        return out

@@ -1,0 +1,78 @@
+"""`airflow standalone` as an operator uses it: start on localhost, trigger the DAG through the REST API,
+wait for the run to succeed, stop with SIGINT. Bounded in time; loopback only."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.dags.test_dag_run import REPO, airflow_env, run
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_standalone_serves_the_api_and_runs_a_triggered_dag(tmp_path):
+    port = free_port()
+    env = airflow_env(tmp_path, AIRFLOW__API__HOST="127.0.0.1", AIRFLOW__API__PORT=str(port),
+                      AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",
+                      AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False")
+    assert run(env, "avp", "simulate").returncode == 0
+    log = open(tmp_path / "standalone.log", "w")
+    proc = subprocess.Popen(["bash", str(REPO / "scripts" / "airflow_standalone.sh")], env=env, cwd=REPO,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def healthy():
+            try:
+                health = httpx.get(f"{base}/api/v2/monitor/health", timeout=5).json()
+                return health.get("scheduler", {}).get("status") == "healthy" and health
+            except (httpx.HTTPError, ValueError):
+                return None
+
+        wait_for(healthy, 240, "the API server and scheduler")
+        client = httpx.Client(base_url=base, timeout=30)
+        wait_for(lambda: client.get("/api/v2/dags/avp_daily").status_code == 200, 120, "the DAG to be parsed")
+        client.patch("/api/v2/dags/avp_daily", json={"is_paused": False}).raise_for_status()
+        triggered = client.post("/api/v2/dags/avp_daily/dagRuns", json={"logical_date": None})
+        assert triggered.status_code in (200, 201), triggered.text
+        run_id = triggered.json()["dag_run_id"]
+
+        def finished():
+            state = client.get(f"/api/v2/dags/avp_daily/dagRuns/{run_id}").json()["state"]
+            return state if state in ("success", "failed") else None
+
+        assert wait_for(finished, 900, f"run {run_id}") == "success", open(tmp_path / "standalone.log").read()[-3000:]
+        tasks = client.get(f"/api/v2/dags/avp_daily/dagRuns/{run_id}/taskInstances").json()["task_instances"]
+        assert {t["task_id"]: t["state"] for t in tasks} == {
+            "ingest": "success", "validate": "success", "train": "success", "evaluate": "success", "serve": "success"}
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends; SIGTERM leaves workers behind
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        log.close()
+    assert proc.returncode is not None

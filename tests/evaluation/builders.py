@@ -1,0 +1,111 @@
+"""Test builders: a tiny simulated dataset and tiny trained models, registered the way the real stages do.
+
+* ``register_sim_dataset``: a few short simulated drive logs (the fleet simulator at low resolution, so a
+  frame has ~2k points with real streets, cars in the ego lane, pedestrians and ground-truth boxes),
+  written as ingest writes them (``encode_frame`` -> ``write_row_group`` -> ``write_petastorm_metadata`` + manifest).
+* ``register_model``: a small ``bev_segnet`` trained in this process for a few steps, published as a
+  ``model`` artifact with the training stage's files (``model.pt``, ``model.json``, ``model.ts``,
+  ``metrics.json``) and the dataset as its parent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+
+from pipeline.config import SimulateConfig
+
+# Simulated sensor small enough to keep frames light (16 beams x 256 columns).
+SIM = SimulateConfig(logs=7, frames=3, beams=16, azimuth_steps=256, days=2, seed=3)
+SPLITS = {"train": 4, "val": 1, "test": 2}  # logs per split, in fleet order
+TINY_MODEL = {"x_range_m": [-51.2, 51.2], "y_range_m": [-51.2, 51.2], "cell_size_m": 1.6, "point_channels": [16],
+              "backbone_channels": [16, 24], "neck_channels": 16, "head_channels": 16}
+
+
+def simulated_logs(sim: SimulateConfig = SIM) -> list[tuple[str, str, list]]:
+    """``(log_id, city, frames)`` of every simulated log."""
+    from spark_jobs.simulator import fleet_plan, simulate_log
+
+    return [(meta.log_id, meta.city, list(simulate_log(meta, sim))) for meta in fleet_plan(sim)]
+
+
+def write_dataset(location: str, logs: list[tuple[str, str, list]], splits: dict[str, int] = SPLITS) -> dict:
+    """One row group per log, Petastorm metadata per split and a ``manifest.json`` like ingest's."""
+    from spark_jobs.ingest import MANIFEST, write_petastorm_metadata, write_row_group
+    from spark_jobs.schema import encode_frame
+
+    manifest = {"dataset": "test", "source": "sim", "reader_ranks": 1, "splits": {}, "logs": {}, "quarantined": [],
+                "files": []}
+    start = 0
+    for split, count in splits.items():
+        chosen = logs[start:start + count]
+        start += count
+        os.makedirs(os.path.join(location, split), exist_ok=True)
+        for g, (log_id, city, frames) in enumerate(chosen):
+            name = f"{split}/part-{g:05d}.parquet"
+            write_row_group(os.path.join(location, name), [encode_frame(f, city, 1.0) for f in frames])
+            manifest["files"].append(name)
+            labels = np.concatenate([f.labels for f in frames])
+            values, counts = np.unique(labels, return_counts=True)
+            manifest["logs"][log_id] = {"log_id": log_id, "split": split, "city": city, "frames": len(frames),
+                                        "points": int(len(labels)),
+                                        "class_points": {str(int(v)): int(c) for v, c in zip(values, counts)}}
+        if chosen:
+            write_petastorm_metadata(os.path.join(location, split))
+        manifest["splits"][split] = {"logs": [c[0] for c in chosen], "frames": sum(len(c[2]) for c in chosen),
+                                     "points": sum(manifest["logs"][c[0]]["points"] for c in chosen),
+                                     "row_groups": [len(c[2]) for c in chosen], "path": split}
+    with open(os.path.join(location, MANIFEST), "w") as fh:
+        json.dump(manifest, fh, indent=2, sort_keys=True)
+    return manifest
+
+
+def register_sim_dataset(registry, logs, name: str = "fleet-lidar"):
+    """The simulated logs as a validated dataset artifact."""
+    art = registry.build("dataset", name, entry_point="tests.evaluation.builders:register_sim_dataset",
+                         config={"sim": SIM.__dict__, "splits": SPLITS},
+                         builder=lambda staging, _rec: write_dataset(staging, logs) and None)
+    return registry.update_meta(art.id, validation="passed")
+
+
+def train_tiny(frames: list, steps: int, seed: int = 0, points_per_frame: int = 1500) -> torch.nn.Module:
+    """A tiny ``bev_segnet`` trained for ``steps`` Adam steps on ``frames`` (points subsampled)."""
+    from spark_jobs.taxonomy import IGNORE
+    from training.models import build_model
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = build_model("bev_segnet", TINY_MODEL)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.train()
+    for step in range(steps):
+        batch = [frames[(2 * step + k) % len(frames)] for k in range(2)]
+        picks = [rng.choice(len(f.points), size=min(points_per_frame, len(f.points)), replace=False) for f in batch]
+        points = torch.from_numpy(np.stack([f.points[p] for f, p in zip(batch, picks)]))
+        labels = torch.from_numpy(np.stack([f.labels[p].astype(np.int64) for f, p in zip(batch, picks)]))
+        logits = model(points, torch.ones(points.shape[:2], dtype=torch.bool))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=IGNORE)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def register_model(registry, dataset, model: torch.nn.Module, tag: str):
+    """Publish ``model`` as ``model:bev_segnet@vN`` with the training stage's files; ``tag`` keys it."""
+    from training.models import config_to_dict
+
+    def write(staging: str, _record) -> None:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(staging, "model.pt"))
+        with open(os.path.join(staging, "model.json"), "w") as fh:
+            json.dump({"model": "bev_segnet", "options": config_to_dict(model.config), "num_classes": 8}, fh)
+        torch.jit.save(torch.jit.script(model), os.path.join(staging, "model.ts"))
+        with open(os.path.join(staging, "metrics.json"), "w") as fh:
+            json.dump({"model": "bev_segnet", "tag": tag}, fh)
+
+    return registry.build("model", "bev_segnet", entry_point="tests.evaluation.builders:register_model",
+                          config={"tag": tag}, builder=write, parents=[dataset])
