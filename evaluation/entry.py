@@ -30,7 +30,6 @@ import datetime as dt
 import hashlib
 import json
 import os
-import re
 import shutil
 import socket
 import tempfile
@@ -40,33 +39,17 @@ from evaluation import blessing, feedback, hardware, report, scoring
 from evaluation.frames import read_split
 from pipeline.config import PipelineConfig, canonical_json, resolved
 from pipeline.errors import UserError
-from pipeline.registry import Artifact, NotFound, Registry
+from pipeline.stages import resolve_input
+from pipeline.registry import Artifact, Registry
 
 CODE_PACKAGES = ("evaluation", "pipeline")
 
 
 # ----------------------------------------------------------------------------------------- 1. resolve
 def resolve_model(cfg: PipelineConfig, registry: Registry, model: str | None) -> Artifact:
-    """The model artifact named by ``model``: ``model:name@vN``, ``name@vN``, ``N``/``vN`` (a version of
-    ``train.model``) or None for the latest succeeded version of ``train.model``."""
-    text = "" if model is None else str(model).strip()
-    if not text:
-        ref = f"model:{cfg.train.model}"
-    elif re.fullmatch(r"v?\d+", text):
-        ref = f"model:{cfg.train.model}@v{text.lstrip('v')}"
-    elif ":" not in text:
-        ref = f"model:{text}"
-    else:
-        ref = text
-    try:
-        art = registry.get(ref)
-    except NotFound as exc:
-        raise UserError(f"{exc}; run `avp train` first or pass --model REF") from None
-    if art.kind != "model":
-        raise UserError(f"{art.ref} is a {art.kind}, not a model")
-    if art.state != "succeeded":
-        raise UserError(f"{art.ref} is {art.state}; only a succeeded model can be evaluated")
-    return art
+    """The model to evaluate: a reference, a bare version of ``train.model``, or its latest."""
+    return resolve_input(registry, "model", cfg.train.model, model,
+                         hint="run `avp train` first or pass --model REF", purpose="evaluated")
 
 
 def dataset_of(registry: Registry, model: Artifact) -> Artifact:

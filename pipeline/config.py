@@ -169,16 +169,31 @@ class PipelineConfig:
 _TOP_LEVEL_ENV = {"AVP_HOME": "home", "AVP_REGISTRY_URL": "registry_url", "AVP_SEED": "seed"}
 
 
-def _coerce(path: str, value: Any, annotation: Any) -> Any:
-    """Turn ``value`` (often a string from a flag or the environment) into ``annotation``'s type."""
+def coerce(path: str, value: Any, annotation: Any) -> Any:
+    """Turn ``value`` (often a string from a flag or the environment) into ``annotation``: bool, int,
+    float, str, a Literal, or a tuple (``"-51.2,51.2"`` or JSON ``"[-51.2, 51.2]"``); ``ConfigError`` naming
+    ``path`` and what is allowed otherwise. Shared by the pipeline config and the model configs."""
     origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
     if origin is Literal:
-        allowed = typing.get_args(annotation)
-        if value not in allowed:
+        if value not in args:
             raise ConfigError(
-                f"config field {path}: {value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}"
+                f"config field {path}: {value!r} is not allowed; allowed values: {', '.join(map(str, args))}"
             )
         return value
+    if origin is tuple:
+        if isinstance(value, str):
+            text = value.strip()
+            items = json.loads(text) if text.startswith("[") else [t for t in text.split(",") if t.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise ConfigError(f"config field {path}: {value!r} is not a sequence")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(f"{path}[{i}]", item, args[0]) for i, item in enumerate(items))
+        if len(items) != len(args):
+            raise ConfigError(f"config field {path}: expected {len(args)} values, got {len(items)} ({value!r})")
+        return tuple(coerce(f"{path}[{i}]", item, arg) for i, (item, arg) in enumerate(zip(items, args)))
     try:
         if annotation is bool:
             if isinstance(value, bool):
@@ -227,7 +242,7 @@ def set_value(cfg: PipelineConfig, dotted: str, value: Any) -> None:
         if depth == len(parts) - 1:
             if dataclasses.is_dataclass(annotation):
                 raise ConfigError(f"config field {dotted!r} is a section; set one of its fields")
-            setattr(target, name, _coerce(dotted, value, annotation))
+            setattr(target, name, coerce(dotted, value, annotation))
         else:
             if not dataclasses.is_dataclass(annotation):
                 raise ConfigError(f"config field {'.'.join(parts[: depth + 1])!r} has no sub-fields")

@@ -15,9 +15,12 @@ import os
 import uuid
 from typing import Any, Callable
 
+import re
+
 from pipeline import config as config_mod
 from pipeline import provenance
-from pipeline.registry import Registry
+from pipeline.errors import UserError
+from pipeline.registry import Artifact, NotFound, Registry
 
 # stage name -> "module:function"; a new stage adds one line here and one CLI subcommand.
 ENTRY_POINTS = {
@@ -33,6 +36,34 @@ ENTRY_POINTS = {
 def entry_function(stage: str) -> Callable[..., dict[str, Any]]:
     module, _, func = ENTRY_POINTS[stage].partition(":")
     return getattr(importlib.import_module(module), func)
+
+
+def resolve_input(registry: Registry, kind: str, default_name: str, given: str | None, *,
+                  hint: str, purpose: str) -> Artifact:
+    """The succeeded ``kind`` artifact a stage was asked to use.
+
+    ``given`` may be ``kind:name@vN``, ``name@vN``, ``N``/``vN`` (a version of ``default_name``) or None
+    for the latest succeeded version of ``default_name``. Anything else is a ``UserError`` (exit 2) that
+    says what to run (``hint``) or which state was found.
+    """
+    text = "" if given is None else str(given).strip()
+    if not text:
+        ref = f"{kind}:{default_name}"
+    elif re.fullmatch(r"v?\d+", text):
+        ref = f"{kind}:{default_name}@v{text.lstrip('v')}"
+    elif ":" not in text:
+        ref = f"{kind}:{text}"
+    else:
+        ref = text
+    try:
+        art = registry.get(ref)
+    except NotFound as exc:
+        raise UserError(f"{exc}; {hint}") from None
+    if art.kind != kind:
+        raise UserError(f"{art.ref} is a {art.kind}, not a {kind}")
+    if art.state != "succeeded":
+        raise UserError(f"{art.ref} is {art.state}; only a succeeded {kind} can be {purpose}")
+    return art
 
 
 def record_run(cfg: config_mod.PipelineConfig, registry: Registry, stage: str,

@@ -9,6 +9,8 @@ export AIRFLOW__CORE__PARALLELISM=${AIRFLOW__CORE__PARALLELISM:-4}   # default 3
 export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False
 export AIRFLOW__API__HOST=${AIRFLOW__API__HOST:-127.0.0.1}
 export AIRFLOW__API__PORT=${AIRFLOW__API__PORT:-8080}
+# task processes report to the API server's execution API: it must follow the host/port above
+export AIRFLOW__CORE__EXECUTION_API_SERVER_URL=${AIRFLOW__CORE__EXECUTION_API_SERVER_URL:-http://$AIRFLOW__API__HOST:$AIRFLOW__API__PORT/execution/}
 export PYSPARK_PYTHON=$_avp_root/.venv/bin/python SPARK_LOCAL_IP=127.0.0.1
 export PATH=$_avp_root/.venv/bin:$PATH
 mkdir -p "$AIRFLOW_HOME"

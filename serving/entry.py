@@ -21,14 +21,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import re
 import uuid
 from typing import Any, Callable
 
 from pipeline import provenance
 from pipeline.config import PipelineConfig
 from pipeline.errors import StageFailed, UserError
-from pipeline.registry import Artifact, NotFound, Registry
+from pipeline.stages import resolve_input
+from pipeline.registry import Artifact, Registry
 
 # ServeConfig fields that change the package's bytes; host, port, namespace, runtime and latency_runs
 # only change how it is served or measured, so they stay out of the content key.
@@ -39,27 +39,9 @@ SUMMARY_MAX_ITEMS = 32
 
 # ----------------------------------------------------------------------------------------- inputs
 def resolve_model(cfg: PipelineConfig, registry: Registry, model: str | None) -> Artifact:
-    """The model artifact named by ``model``: ``model:name@vN``, ``name@vN``, ``N``/``vN`` (a version of
-    ``train.model``) or None for the latest succeeded version of ``train.model``."""
-    name = cfg.train.model
-    text = "" if model is None else str(model).strip()
-    if not text:
-        ref = f"model:{name}"
-    elif re.fullmatch(r"v?\d+", text):
-        ref = f"model:{name}@v{text.lstrip('v')}"
-    elif ":" not in text:
-        ref = f"model:{text}"
-    else:
-        ref = text
-    try:
-        art = registry.get(ref)
-    except NotFound as exc:
-        raise UserError(f"{exc}; run `avp train` and `avp evaluate` first or pass --model REF") from None
-    if art.kind != "model":
-        raise UserError(f"{art.ref} is a {art.kind}, not a model")
-    if art.state != "succeeded":
-        raise UserError(f"{art.ref} is {art.state}; only a succeeded model can be packaged")
-    return art
+    """The model to package: a reference, a bare version of ``train.model``, or its latest."""
+    return resolve_input(registry, "model", cfg.train.model, model,
+                         hint="run `avp train` and `avp evaluate` first or pass --model REF", purpose="packaged")
 
 
 def require_blessed(art: Artifact) -> None:

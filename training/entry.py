@@ -25,7 +25,6 @@ import fcntl
 import importlib.util
 import json
 import os
-import re
 import shutil
 import uuid
 from typing import Any, Callable, Iterator
@@ -34,7 +33,8 @@ from pipeline import config as config_mod
 from pipeline import provenance
 from pipeline.config import PipelineConfig
 from pipeline.errors import StageFailed, UserError
-from pipeline.registry import Artifact, NotFound, Registry
+from pipeline.stages import resolve_input
+from pipeline.registry import Artifact, Registry
 
 # TrainConfig fields that change how the job runs but not the weights it produces: left out of the
 # content key. (np and backend stay in: averaging over a different number of ranks changes the sums,
@@ -45,26 +45,9 @@ OUTPUT_FILES = ("model.pt", "model.json", "model.ts", "metrics.json")
 
 # ----------------------------------------------------------------------------------------- inputs
 def resolve_dataset(cfg: PipelineConfig, registry: Registry, dataset: str | None) -> Artifact:
-    """The dataset artifact named by ``dataset``: ``dataset:name@vN``, ``name@vN``, ``N``/``vN`` (a version
-    of ``ingest.dataset_name``) or None for the latest succeeded version of ``ingest.dataset_name``."""
-    name = cfg.ingest.dataset_name
-    if dataset is None or str(dataset).strip() == "":
-        ref = f"dataset:{name}"
-    elif re.fullmatch(r"v?\d+", str(dataset).strip()):
-        ref = f"dataset:{name}@v{str(dataset).strip().lstrip('v')}"
-    elif ":" not in str(dataset):
-        ref = f"dataset:{dataset}"
-    else:
-        ref = str(dataset)
-    try:
-        art = registry.get(ref)
-    except NotFound as exc:
-        raise UserError(f"{exc}; run `avp ingest` first or pass --dataset REF") from None
-    if art.kind != "dataset":
-        raise UserError(f"{art.ref} is a {art.kind}, not a dataset")
-    if art.state != "succeeded":
-        raise UserError(f"{art.ref} is {art.state}; only a succeeded dataset can be trained on")
-    return art
+    """The dataset to train on: a reference, a bare version of ``ingest.dataset_name``, or its latest."""
+    return resolve_input(registry, "dataset", cfg.ingest.dataset_name, dataset,
+                         hint="run `avp ingest` first or pass --dataset REF", purpose="trained on")
 
 
 def require_validated(art: Artifact) -> None:

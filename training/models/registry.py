@@ -23,9 +23,11 @@ import dataclasses
 import json
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Mapping
 
 from torch import nn
+
+from pipeline.config import coerce
 
 __all__ = [
     "ModelSpec",
@@ -118,7 +120,7 @@ def make_config(name: str, overrides: Mapping[str, Any] | None = None) -> Any:
             raise ValueError(
                 f"unknown config key {key!r} for model {name!r}; allowed keys: {', '.join(allowed)}"
             )
-        changes[key] = _coerce(f"{name}.{key}", value, hints[key])
+        changes[key] = coerce(f"{name}.{key}", value, hints[key])
     config = dataclasses.replace(config, **changes)
     # Let the config check cross-field invariants (e.g. range bounds in order) if it wants to.
     validate = getattr(config, "validate", None)
@@ -172,63 +174,3 @@ def model_info(model: nn.Module) -> dict[str, Any]:
         },
         "config": config_to_dict(config) if dataclasses.is_dataclass(config) else None,
     }
-
-
-# ---------------------------------------------------------------------------------------------------
-# Coercion of override values into a config field's annotated type.
-# ---------------------------------------------------------------------------------------------------
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
-
-
-def _coerce(path: str, value: Any, annotation: Any) -> Any:
-    """Turn ``value`` into ``annotation`` (bool, int, float, str, Literal, tuple[...]); ValueError if not."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is Literal:
-        if value not in args:
-            allowed = ", ".join(map(str, args))
-            raise ValueError(f"config {path}: {value!r} is not allowed; allowed values: {allowed}")
-        return value
-    if origin is tuple:
-        if isinstance(value, str):
-            text = value.strip()
-            # Accept "[-51.2, 51.2]" (JSON) and "-51.2,51.2" (a CLI flag).
-            items = json.loads(text) if text.startswith("[") else [t for t in text.split(",") if t.strip()]
-        elif isinstance(value, (list, tuple)):
-            items = list(value)
-        else:
-            raise ValueError(f"config {path}: {value!r} is not a sequence")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(f"{path}[{i}]", item, args[0]) for i, item in enumerate(items))
-        if len(items) != len(args):
-            raise ValueError(f"config {path}: expected {len(args)} values, got {len(items)} ({value!r})")
-        return tuple(_coerce(f"{path}[{i}]", item, arg) for i, (item, arg) in enumerate(zip(items, args)))
-    try:
-        if annotation is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in _TRUE:
-                return True
-            if text in _FALSE:
-                return False
-            raise ValueError
-        if annotation is int:
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if annotation is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if annotation is str:
-            if not isinstance(value, (str, int, float)):
-                raise ValueError
-            return str(value)
-    except (TypeError, ValueError):
-        kinds = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
-        raise ValueError(f"config {path}: {value!r} is not {kinds[annotation]}") from None
-    raise ValueError(f"config {path}: unsupported field type {annotation!r}")
-
