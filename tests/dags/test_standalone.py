@@ -1,5 +1,5 @@
 """`airflow standalone` as an operator uses it: start on localhost, trigger the DAG through the REST API,
-wait for the run to succeed, stop with SIGINT. Bounded in time; loopback only."""
+wait for the run to succeed, backfill two days, stop with SIGINT. Bounded in time; loopback only."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def wait_for(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def test_standalone_serves_the_api_and_runs_a_triggered_dag(tmp_path):
+def test_standalone_runs_a_triggered_dag_and_a_backfill(tmp_path):
     port = free_port()
     env = airflow_env(tmp_path, AIRFLOW__API__HOST="127.0.0.1", AIRFLOW__API__PORT=str(port),
                       AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",
@@ -69,6 +69,24 @@ def test_standalone_serves_the_api_and_runs_a_triggered_dag(tmp_path):
         tasks = client.get(f"/api/v2/dags/avp_daily/dagRuns/{run_id}/taskInstances").json()["task_instances"]
         assert {t["task_id"]: t["state"] for t in tasks} == {
             "ingest": "success", "validate": "success", "train": "success", "evaluate": "success", "serve": "success"}
+
+        # A backfill over two days, as the UI's Backfill button creates it: one dataset version per day.
+        backfill = wait_for(lambda: (r := client.post("/api/v2/backfills", json={
+            "dag_id": "avp_daily", "from_date": "2026-11-02T00:00:00Z", "to_date": "2026-11-03T00:00:00Z",
+            "max_active_runs": 1})).status_code in (200, 201) and r.json(), 60, "the backfill to be accepted")
+
+        def backfill_runs():
+            runs = client.get("/api/v2/dags/avp_daily/dagRuns", params={"run_type": "backfill"}).json()["dag_runs"]
+            states = sorted(r["state"] for r in runs)
+            return len(runs) == 2 and all(s in ("success", "failed") for s in states) and states
+
+        assert wait_for(backfill_runs, 900, f"backfill {backfill['id']}") == ["success", "success"]
+        from pipeline import config
+        from pipeline.registry import Registry
+
+        registry = Registry.open(config.load({"home": env["AVP_HOME"]}, env={}))
+        days = {a.config["date_to"] for a in registry.list("dataset", state="succeeded")}
+        assert {"2026-11-02", "2026-11-03"} <= days
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends; SIGTERM leaves workers behind
         try:
