@@ -370,9 +370,12 @@ def _extract_and_write(cfg: PipelineConfig, staging: str, tasks: list[LogTask], 
     spark = get_session(ing.spark_master, Home.from_config(cfg.home), app_name=f"avp-ingest-{record.ref}")
     say(f"extracting {len(tasks)} logs with Spark ({ing.spark_master or 'spark-submit master'})")
     max_points, ranks, rows_per_group = ing.max_points, ing.reader_ranks, ing.rows_per_group
-    # One task per log; each writes its own row groups into the staging folder (a shared filesystem on a
-    # cluster) and returns a summary of a few hundred bytes. Rows never travel through the JVM.
-    summaries = (spark.sparkContext.parallelize(tasks, max(1, len(tasks)))
+    # Each log is processed whole by one task, which writes the log's row groups into the staging folder
+    # (a shared filesystem on a cluster) and returns a summary of a few hundred bytes: rows never travel
+    # through the JVM.
+    # A few slices per core, not one task per log: each Spark task costs ~60 ms of scheduling here.
+    slices = max(1, min(len(tasks), 2 * spark.sparkContext.defaultParallelism))
+    summaries = (spark.sparkContext.parallelize(tasks, slices)
                  .map(lambda task: process_log(task, staging, max_points, ranks, rows_per_group))
                  .collect())
     quarantined = [s for s in summaries if "reason" in s] + [
