@@ -5,10 +5,11 @@ The flow, top to bottom:
 1. **select**   list the source's logs, read each log's metadata (cheap), keep those recorded in
                 ``[date_from, date_to)``; record every selected log as a ``log`` artifact (its checksum).
 2. **split**    give every log its split (sticky and balanced; see ``spark_jobs.split``).
-3. **extract**  Spark, one task per log: decode frames, run the quality checks, encode rows with the
-                Unischema. A log failing any check is quarantined with its reason; the rest go on.
-                The same task cuts the log's frames into row groups (``log_group_sizes``) and writes each
-                as a Parquet file with one row group: rows never leave the Python worker.
+3. **extract**  Spark, a few tasks per core, each processing whole logs (``spark_jobs.extract``): decode
+                frames, run the quality checks, encode rows. A log failing any check is quarantined with
+                its reason; the rest go on. The same task cuts the log's frames into row groups
+                (``log_group_sizes``) and writes each as a Parquet file with one row group: rows never
+                leave the Python worker.
 4. **lay out**  the driver orders each split's files (``order_row_groups``, by renaming) so that
                 Petastorm's sharding - row group ``i`` to rank ``i % reader_ranks`` - gives every rank the
                 same number of rows (within one), then adds Petastorm's metadata and a ``manifest.json``
@@ -22,14 +23,14 @@ Runnable in-process (``avp ingest``) or with ``spark-submit spark_jobs/ingest.py
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
-import importlib
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Callable, Iterable
 
 from pipeline.config import PipelineConfig, resolved
@@ -37,31 +38,11 @@ from pipeline.errors import UserError
 from pipeline.home import Home, check_name
 from pipeline.registry import Artifact, Registry
 from spark_jobs import split as splitting
+from spark_jobs.extract import LogTask, process_log, source_module
 
-SOURCE_MODULES = {
-    "mcap": "spark_jobs.sources.mcap_log",
-    "kitti": "spark_jobs.sources.kitti",
-    "semantickitti": "spark_jobs.sources.semantickitti",
-    "av2": "spark_jobs.sources.av2",
-}
 MANIFEST = "manifest.json"
 
 
-@dataclass(frozen=True)
-class LogTask:
-    """What a Spark task needs to extract one log (plain data, cheap to ship to workers)."""
-
-    source: str
-    handle: str
-    log_id: str
-    city: str
-    split: str
-    sample_weight: float
-    sha256: str
-
-
-def source_module(source: str):
-    return importlib.import_module(SOURCE_MODULES[source])
 
 
 # ----------------------------------------------------------------------------------------- select
@@ -152,65 +133,7 @@ def assign_splits(cfg: PipelineConfig, registry: Registry, logs: list[dict]) -> 
     return {log_id: by_cell[cell] for log_id, cell in cells.items()}
 
 
-# ----------------------------------------------------------------------------------------- extract
-def extract_log(task: LogTask, max_points: int) -> tuple[dict, list[dict]]:
-    """Decode, check and encode one log: (summary, encoded rows in frame order).
-
-    If anything about the log is wrong the summary has a ``reason`` and there are no rows: the whole
-    log is quarantined (a truncated or corrupt file, a missing channel, a bad frame).
-    """
-    from spark_jobs.quality import frame_problem, normalise
-    from spark_jobs.schema import encode_frame
-
-    def quarantine(reason: str) -> tuple[dict, list]:
-        return {"log_id": task.log_id, "handle": task.handle, "reason": reason}, []
-
-    rows, indexes, points, class_points = [], [], 0, {}
-    try:
-        _meta, frames = source_module(task.source).read_log(task.handle)
-        for frame in frames:
-            frame = normalise(frame)
-            problem = frame_problem(frame, max_points)
-            if problem is None and frame.log_id != task.log_id:
-                problem = f"frame {frame.frame_index}: belongs to log {frame.log_id!r}"
-            if problem is not None:
-                return quarantine(problem)
-            rows.append(encode_frame(frame, task.city, task.sample_weight))
-            indexes.append(int(frame.frame_index))
-            points += len(frame.points)
-            for label, count in zip(*_unique(frame.labels)):
-                class_points[int(label)] = class_points.get(int(label), 0) + int(count)
-    except Exception as exc:  # truncated/corrupt file, missing channel: the log's fault, not the job's
-        return quarantine(f"{type(exc).__name__}: {exc}")
-    if not rows:
-        return quarantine("log has no frames")
-    if len(set(indexes)) != len(indexes):
-        return quarantine("duplicate frame indexes")
-    order = sorted(range(len(rows)), key=indexes.__getitem__)
-    summary = {"log_id": task.log_id, "split": task.split, "city": task.city, "frames": len(rows),
-               "points": points, "class_points": class_points}
-    return summary, [rows[i] for i in order]
-
-
-def _unique(labels):
-    import numpy as np
-
-    return np.unique(labels, return_counts=True)
-
-
 # ----------------------------------------------------------------------------------------- lay out
-def log_group_sizes(frames: int, ranks: int, rows_per_group: int) -> list[int]:
-    """How one log's frames are cut into row groups: about ``rows_per_group`` rows each, sizes differing
-    by at most one (larger first), and - when the log has at least ``ranks`` frames - a multiple of
-    ``ranks`` groups, so the log spreads evenly over the data-parallel readers."""
-    if frames < ranks:
-        return [1] * frames
-    groups = math.ceil(frames / (ranks * max(1, rows_per_group))) * ranks
-    groups = min(groups, frames - frames % ranks)  # never an empty group
-    base, extra = divmod(frames, groups)
-    return [base + 1] * extra + [base] * (groups - extra)
-
-
 def order_row_groups(logs: list[list[tuple[str, int]]], ranks: int) -> list[str]:
     """File order for one split so that Petastorm's sharding (row group ``i`` -> rank ``i % ranks``) gives
     every rank the same number of rows and of row groups, each within one.
@@ -245,42 +168,6 @@ def order_row_groups(logs: list[list[tuple[str, int]]], ranks: int) -> list[str]
     return [per_rank[i % ranks][i // ranks] for i in range(total)]
 
 
-# ----------------------------------------------------------------------------------------- write
-def write_row_group(path: str, rows: list[dict]) -> int:
-    """Write rows (already encoded) as one Parquet file holding exactly one row group."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from spark_jobs.schema import COMPRESSION, COMPRESSION_LEVEL, arrow_schema
-
-    schema = arrow_schema()
-    table = pa.Table.from_pydict({f.name: [r[f.name] for r in rows] for f in schema}, schema=schema)
-    tmp = f"{path}.tmp"
-    compression = {f.name: COMPRESSION.get(f.name, "none") for f in schema}
-    levels = {name: COMPRESSION_LEVEL for name in COMPRESSION}
-    pq.write_table(table, tmp, row_group_size=max(1, len(rows)), compression=compression,
-                   compression_level=levels, write_statistics=False)
-    os.replace(tmp, path)
-    return len(rows)
-
-
-def process_log(task: LogTask, out_dir: str, max_points: int, ranks: int, rows_per_group: int) -> dict:
-    """The per-log unit of work (a Spark task, or a loop iteration in the plain benchmark): extract the
-    log and write its row groups as ``<split>/log-<log id>-<g>.parquet``. Only the small summary comes
-    back to the driver; the rows never leave this process."""
-    summary, rows = extract_log(task, max_points)
-    if "reason" in summary:
-        return summary
-    groups, start = [], 0
-    os.makedirs(os.path.join(out_dir, task.split), exist_ok=True)
-    for g, size in enumerate(log_group_sizes(len(rows), ranks, rows_per_group)):
-        name = f"{task.split}/log-{task.log_id}-{g:04d}.parquet"
-        write_row_group(os.path.join(out_dir, name), rows[start:start + size])
-        groups.append((name, size))
-        start += size
-    return {**summary, "groups": groups}
-
-
 def arrange_split(out_dir: str, logs: list[dict], split: str, ranks: int) -> list[int]:
     """Rename one split's row-group files to ``part-00000.parquet``... in reader order and add Petastorm's
     metadata; returns the row-group sizes in that order."""
@@ -305,7 +192,8 @@ def write_petastorm_metadata(split_dir: str, files: list[str] | None = None) -> 
     import pyarrow.parquet as pq
     from petastorm.etl.dataset_metadata import ROW_GROUPS_PER_FILE_KEY, UNISCHEMA_KEY
 
-    from spark_jobs.schema import FrameSchema, arrow_schema
+    from spark_jobs.rows import arrow_schema
+    from spark_jobs.schema import FrameSchema
 
     if files is None:
         files = [f for f in os.listdir(split_dir) if f.endswith(".parquet")]
@@ -375,9 +263,10 @@ def _extract_and_write(cfg: PipelineConfig, staging: str, tasks: list[LogTask], 
     # through the JVM.
     # A few slices per core, not one task per log: each Spark task costs ~60 ms of scheduling here.
     slices = max(1, min(len(tasks), 2 * spark.sparkContext.defaultParallelism))
-    summaries = (spark.sparkContext.parallelize(tasks, slices)
-                 .map(lambda task: process_log(task, staging, max_points, ranks, rows_per_group))
-                 .collect())
+    # A partial of a module function pickles by reference: workers import only ``spark_jobs.extract``.
+    work = functools.partial(process_log, out_dir=staging, max_points=max_points, ranks=ranks,
+                             rows_per_group=rows_per_group)
+    summaries = spark.sparkContext.parallelize(tasks, slices).map(work).collect()
     quarantined = [s for s in summaries if "reason" in s] + [
         {k: u[k] for k in ("log_id", "handle", "reason")} for u in unreadable]
     logs = sorted((s for s in summaries if "reason" not in s), key=lambda s: s["log_id"])

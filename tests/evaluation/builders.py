@@ -34,8 +34,8 @@ def simulated_logs(sim: SimulateConfig = SIM) -> list[tuple[str, str, list]]:
 
 def write_dataset(location: str, logs: list[tuple[str, str, list]], splits: dict[str, int] = SPLITS) -> dict:
     """One row group per log, Petastorm metadata per split and a ``manifest.json`` like ingest's."""
-    from spark_jobs.ingest import MANIFEST, write_petastorm_metadata, write_row_group
-    from spark_jobs.schema import encode_frame
+    from spark_jobs.ingest import MANIFEST, write_petastorm_metadata
+    from spark_jobs.rows import encode_frame, write_row_group
 
     manifest = {"dataset": "test", "source": "sim", "reader_ranks": 1, "splits": {}, "logs": {}, "quarantined": [],
                 "files": []}

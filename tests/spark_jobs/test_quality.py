@@ -3,7 +3,8 @@ import pytest
 
 from spark_jobs.frames import Frame
 from spark_jobs.quality import frame_problem, normalise
-from spark_jobs.schema import FrameSchema, encode_frame
+from spark_jobs.rows import encode_frame
+from spark_jobs.schema import FrameSchema
 
 
 def frame(n=100, boxes=None):
@@ -52,3 +53,40 @@ def test_codec_round_trip_is_exact_and_deterministic():
         np.testing.assert_array_equal(field.codec.decode(field, a[name]), getattr(f, name))
     with pytest.raises(ValueError, match="Unexpected type of points feature"):
         encode_frame(Frame("l", 0, 0, f.points.astype(np.float64), f.labels), "x", 1.0)
+
+
+def test_light_row_encoder_matches_petastorm_codecs_byte_for_byte():
+    """Workers encode with ``spark_jobs.rows`` (no petastorm import); readers decode with the Unischema."""
+    f = normalise(frame())
+    ours = encode_frame(f, "pittsburgh", 2.0)
+    values = {"log_id": f.log_id, "frame_index": np.int32(f.frame_index), "timestamp_ns": np.int64(f.timestamp_ns),
+              "city": "pittsburgh", "num_points": np.int32(len(f.points)), "sample_weight": np.float32(2.0),
+              "points": f.points, "labels": f.labels, "boxes": f.boxes, "ego": f.ego, "gps": f.gps, "route": f.route}
+    assert list(ours) == list(FrameSchema.fields)
+    for name, field in FrameSchema.fields.items():
+        theirs = field.codec.encode(field, values[name])
+        assert ours[name] == (bytes(theirs) if isinstance(theirs, bytearray) else theirs), name
+        assert type(ours[name]) is type(bytes(theirs) if isinstance(theirs, bytearray) else theirs), name
+
+
+def test_arrow_schema_is_the_unischema_spark_schema():
+    from spark_jobs.rows import arrow_schema
+
+    spark_schema = FrameSchema.as_spark_schema()
+    arrow = arrow_schema()
+    assert arrow.names == [f.name for f in spark_schema.fields]
+    kinds = {"StringType": "string", "IntegerType": "int32", "LongType": "int64", "FloatType": "float",
+             "BinaryType": "binary"}
+    assert [str(t) for t in arrow.types] == [kinds[type(f.dataType).__name__] for f in spark_schema.fields]
+
+
+def test_spark_workers_do_not_import_petastorm_pandas_or_the_registry():
+    """What a Spark Python worker imports to run an extraction task (its start-up cost on every job)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, spark_jobs.extract, spark_jobs.sources.mcap_log, spark_jobs.quality, pyarrow.parquet; "
+            "print(sorted({m.split('.')[0] for m in sys.modules}))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for heavy in ("petastorm", "pandas", "sqlalchemy", "pipeline", "torch"):
+        assert f"'{heavy}'" not in loaded, heavy

@@ -3,7 +3,8 @@ import pytest
 from spark_jobs import split as splitting
 import random
 
-from spark_jobs.ingest import log_group_sizes, order_row_groups
+from spark_jobs.extract import log_group_sizes
+from spark_jobs.ingest import order_row_groups
 
 SHARES = {"train": 0.75, "test": 0.15, "val": 0.10}
 

@@ -76,8 +76,8 @@ def build_dataset(registry: Registry, logs: list[LogSpec], name: str = "fleet-li
                   tweak_rows: Callable[[str, list[dict]], list[dict]] | None = None,
                   manifest_extra: dict | None = None):
     """Write ``logs`` as a Petastorm dataset the way ingest does and register it as ``dataset:<name>``."""
-    from spark_jobs.ingest import MANIFEST, write_petastorm_metadata, write_row_group
-    from spark_jobs.schema import encode_frame
+    from spark_jobs.ingest import MANIFEST, write_petastorm_metadata
+    from spark_jobs.rows import encode_frame, write_row_group
 
     def build(staging, record):
         rng = np.random.default_rng(record.version)
@@ -121,7 +121,7 @@ def write_rows(path: str, rows: list[dict], write_row_group) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from spark_jobs.schema import arrow_schema
+    from spark_jobs.rows import arrow_schema
 
     schema = pa.schema([f.with_nullable(True) for f in arrow_schema()])
     pq.write_table(pa.Table.from_pydict({f.name: [r[f.name] for r in rows] for f in schema}, schema=schema), path,

@@ -42,8 +42,8 @@ def write_dataset(location: str, layout: dict[str, tuple[int, ...]], seed: int =
                   sample_weights: dict[str, float] | None = None) -> dict:
     """Write ``{split: row group sizes}`` as ingest does (ordered frames cut into row groups, one Parquet
     file each, Petastorm metadata, ``manifest.json``); returns the manifest."""
-    from spark_jobs.ingest import write_petastorm_metadata, write_row_group
-    from spark_jobs.schema import encode_frame
+    from spark_jobs.ingest import write_petastorm_metadata
+    from spark_jobs.rows import encode_frame, write_row_group
 
     manifest = {"dataset": "test", "source": "synthetic", "reader_ranks": 2, "splits": {}, "logs": {},
                 "quarantined": [], "files": []}
