@@ -28,6 +28,7 @@ bench: setup  ## every benchmark, one after the other (results go into docs/benc
 	$(PY) -m bench.train_bench
 	$(PY) -m bench.evaluate_bench
 	$(PY) -m bench.serve_bench
+	$(PY) -m bench.airflow_bench
 
 constraints:  ## refreeze constraints.txt from the current venv
 	@(echo "# Full freeze of the pipeline's environment (Python 3.11). Regenerate with: make constraints"; \

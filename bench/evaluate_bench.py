@@ -79,7 +79,7 @@ def main() -> None:
     print(f"model: {what}; {result['parameters']:,} parameters; {result['macs'] / 1e9:.3f} GMACs "
           f"({result['flops'] / 1e9:.3f} GFLOP counted: {', '.join(result['counted_ops'])}) on a "
           f"{result['flop_frame_points']:,}-point frame")
-    print(f"MACs per stage: " + ", ".join(f"{k} {v / 1e9:.3f} G" for k, v in result["macs_per_stage"].items()))
+    print("MACs per stage: " + ", ".join(f"{k} {v / 1e9:.3f} G" for k, v in result["macs_per_stage"].items()))
     print(f"device: {result['device_name']} ({result['device']}, {result['threads']} threads), torch {result['torch']}; "
           f"{len(points)} frames of {min(points):,}-{max(points):,} points, batch 1, {args.warmup} warm-up + "
           f"{args.runs} timed calls per variant")

@@ -18,17 +18,25 @@ pipeline home (`AVP_HOME`).
   (or *Backfill* in the UI) gives one dataset version per day; re-running a day is a cache hit.
 * **Params** (Trigger DAG w/ config): epochs, backend, np, force, window, window_days, split.
 * One training at a time through the `avp_training` pool.
+* **Spark cluster**: with `AVP_SPARK_CONN_ID` set (to an Airflow Spark connection, e.g.
+  `AIRFLOW_CONN_AVP_SPARK=spark://spark-master:7077`) in the environment of the DAG processor and
+  workers, ingest becomes `plan_ingest -> spark_submit_ingest -> ingest`: `SparkSubmitOperator` runs
+  the same job (`spark_jobs/ingest.py`) on that master instead of a local session, and `ingest` reads
+  the dataset reference it reported. See docs/airflow.md.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 
 from airflow.sdk import Asset, Param, dag, task
 
 DATASET_ASSET = Asset("avp://dataset/fleet-lidar")
 MODEL_ASSET = Asset("avp://model/bev_segnet")
 PACKAGE_ASSET = Asset("avp://package/bev_segnet")
+# An Airflow Spark connection id: ingest runs through spark-submit on its master (see doc_md).
+SPARK_CONN_ID = os.environ.get("AVP_SPARK_CONN_ID", "")
 
 
 @dag(
@@ -58,6 +66,32 @@ def avp_daily():
         from pipeline.orchestration import run_stage
 
         return run_stage("ingest", params, data_interval_start, data_interval_end)["ref"]
+
+    @task
+    def plan_ingest(params=None, data_interval_start=None, data_interval_end=None, dag_run=None) -> str:
+        """The spark-submit ingest job's request: this run's config (params, data interval), checked here,
+        and the file the job writes its result to."""
+        from pipeline.orchestration import spark_submit_request
+
+        return spark_submit_request(params, data_interval_start, data_interval_end, dag_run.dag_id, dag_run.run_id)
+
+    def spark_submit_ingest(request):
+        """`SparkSubmitOperator`: the ingest job (`spark_jobs/ingest.py`) on the connection's Spark master."""
+        from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+        from pipeline.orchestration import INGEST_APPLICATION, spark_submit_env
+
+        return SparkSubmitOperator(task_id="spark_submit_ingest", conn_id=SPARK_CONN_ID,
+                                   application=INGEST_APPLICATION, application_args=["--request", request],
+                                   name="avp-ingest", env_vars=spark_submit_env(),
+                                   doc_md=spark_submit_ingest.__doc__)
+
+    @task(task_id="ingest", outlets=[DATASET_ASSET])
+    def ingest_result(request: str) -> str:
+        """The dataset the spark-submit job built: its reference, from the job's result file."""
+        from pipeline.orchestration import spark_submit_result
+
+        return spark_submit_result(request)["ref"]
 
     @task
     def validate(dataset: str, params=None, data_interval_start=None, data_interval_end=None) -> str:
@@ -98,7 +132,13 @@ def avp_daily():
             raise AirflowSkipException(str(why)) from None
         return run_stage("serve", params, data_interval_start, data_interval_end, model=evaluation["model"])["ref"]
 
-    serve(evaluate(train(validate(ingest()))))
+    if SPARK_CONN_ID:
+        request = plan_ingest()
+        dataset = ingest_result(request)
+        spark_submit_ingest(request) >> dataset
+    else:
+        dataset = ingest()
+    serve(evaluate(train(validate(dataset))))
 
 
 avp_daily()

@@ -23,11 +23,11 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from typing import Any, Iterator
 
 import numpy as np
 
+from pipeline.files import atomic_file
 from spark_jobs.taxonomy import IGNORE, NUM_CLASSES
 
 FEEDBACK_DIR = "feedback"
@@ -89,15 +89,6 @@ def merge_sample_weights(folder: str, weights: dict[str, float]) -> tuple[str, d
                 current = {str(k): float(v) for k, v in json.load(fh).items()}
         for log, weight in weights.items():
             current[log] = max(float(weight), current.get(log, float(weight)))
-        handle, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS_FILE}.", dir=folder)
-        try:
-            with os.fdopen(handle, "w") as fh:
-                json.dump(dict(sorted(current.items())), fh, indent=2)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+        with atomic_file(path, "w") as fh:
+            json.dump(dict(sorted(current.items())), fh, indent=2)
     return path, current

@@ -4,6 +4,9 @@ and data interval, and one call per stage. Kept here (not in ``dags/``) so the D
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import re
 from typing import Any, Mapping
 
 from pipeline import config as config_mod
@@ -30,7 +33,13 @@ def _day(value: Any) -> dt.date:
 
 def run_config(params: Mapping[str, Any] | None, interval_start: Any = None,
                interval_end: Any = None) -> config_mod.PipelineConfig:
-    """The resolved config of one DAG run.
+    """The resolved config of one DAG run (see ``run_overrides``)."""
+    return config_mod.load(run_overrides(params, interval_start, interval_end))
+
+
+def run_overrides(params: Mapping[str, Any] | None, interval_start: Any = None,
+                  interval_end: Any = None) -> dict[str, Any]:
+    """The config overrides of one DAG run, from its params and data interval.
 
     The data interval selects the logs: ``window="cumulative"`` builds the day's dataset from every log
     recorded before the end of the interval, ``window="rolling"`` from the ``window_days`` days before
@@ -48,7 +57,7 @@ def run_config(params: Mapping[str, Any] | None, interval_start: Any = None,
     elif params.get("window", "cumulative") != "cumulative":
         raise config_mod.ConfigError(f"DAG param window: {params['window']!r} is not allowed; "
                                      "allowed values: cumulative, rolling")
-    return config_mod.load(overrides)
+    return overrides
 
 
 def run_stage(stage: str, params: Mapping[str, Any] | None, interval_start: Any = None, interval_end: Any = None,
@@ -66,3 +75,48 @@ def require_blessed(evaluation: Mapping[str, Any]) -> None:
     if not evaluation.get("blessed"):
         reasons = "; ".join(evaluation.get("reasons") or ["no reasons recorded"])
         raise StageFailed(f"model {evaluation.get('model', '?')} is not blessed, nothing to serve: {reasons}")
+
+
+# ----------------------------------------------------------------------------------------- spark-submit
+# Ingest on a Spark cluster: with AVP_SPARK_CONN_ID naming an Airflow Spark connection, the DAG runs
+# ``plan_ingest`` (the request below) -> ``SparkSubmitOperator`` (``spark_jobs/ingest.py --request ...``,
+# the same stage entry function, on the connection's master) -> ``ingest`` (reads the job's result).
+SPARK_CONN_ENV = "AVP_SPARK_CONN_ID"
+INGEST_APPLICATION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  "spark_jobs", "ingest.py")
+
+
+def spark_submit_request(params: Mapping[str, Any] | None, interval_start: Any, interval_end: Any,
+                         dag_id: str, run_id: str) -> str:
+    """The request (JSON) the spark-submit ingest job runs: this DAG run's config overrides and the file
+    it writes its result to. Resolving the config here fails a bad param in Airflow, before any Spark
+    job starts; a result left by an earlier try is removed so a stale one can never be read."""
+    from pipeline.home import Home
+
+    overrides = run_overrides(params, interval_start, interval_end)
+    cfg = config_mod.load(overrides)
+    overrides.update({"home": cfg.home, "ingest.spark_master": ""})  # the master is the connection's
+    safe = [re.sub(r"[^A-Za-z0-9._-]", "_", part) for part in (dag_id, run_id)]
+    result_file = os.path.join(Home.from_config(cfg.home).runs, "airflow", *safe, "ingest-result.json")
+    if os.path.exists(result_file):
+        os.remove(result_file)
+    return json.dumps({"overrides": overrides, "result_file": result_file}, sort_keys=True)
+
+
+def spark_submit_env() -> dict[str, str]:
+    """Environment of the spark-submit process: the driver runs this venv's Python (client mode, on the
+    Airflow worker); executors run ``PYSPARK_PYTHON`` when the worker's environment sets it (the
+    project's Python on the cluster nodes), else the same interpreter (one machine, or the same image)."""
+    import sys
+
+    return {"PYSPARK_DRIVER_PYTHON": sys.executable, "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable)}
+
+
+def spark_submit_result(request: str) -> dict[str, Any]:
+    """What the spark-submit ingest job of ``request`` reported (``{"ref": ..., ...}``)."""
+    path = json.loads(request)["result_file"]
+    if not os.path.exists(path):
+        raise StageFailed(f"the spark-submit ingest job finished without writing its result {path}: "
+                          "see the spark-submit task's log")
+    with open(path) as fh:
+        return json.load(fh)

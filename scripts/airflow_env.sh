@@ -3,7 +3,7 @@
 _avp_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export AVP_HOME=${AVP_HOME:-$_avp_root/.avp}
 export AIRFLOW_HOME=${AIRFLOW_HOME:-$AVP_HOME/airflow}
-export AIRFLOW__CORE__DAGS_FOLDER=$_avp_root/dags
+export AIRFLOW__CORE__DAGS_FOLDER=${AIRFLOW__CORE__DAGS_FOLDER:-$_avp_root/dags}
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__CORE__PARALLELISM=${AIRFLOW__CORE__PARALLELISM:-4}   # default 32 spawns 32 workers (5.6 GB)
 export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False

@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.files import atomic_file
 from pipeline.errors import UserError
 
 FORMAT = "avp-serving-package"
@@ -200,15 +201,13 @@ def make_tarball(folder: str, tar_path: str) -> str:
     """A reproducible ``.tar.gz`` of ``folder`` (sorted names, zero mtimes and owners) under one top-level
     folder named like it; returns its SHA-256. Same files, same bytes."""
     top = os.path.basename(os.path.normpath(folder))
-    tmp = tar_path + ".tmp"
-    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
+    with atomic_file(tar_path) as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz, \
             tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name in [*_list_files(folder), MANIFEST]:
             info = tar.gettarinfo(os.path.join(folder, *name.split("/")), arcname=f"{top}/{name}")
             info.mtime, info.uid, info.gid, info.uname, info.gname, info.mode = 0, 0, 0, "", "", 0o644
             with open(os.path.join(folder, *name.split("/")), "rb") as fh:
                 tar.addfile(info, fh)
-    os.replace(tmp, tar_path)
     return sha256_file(tar_path)
 
 

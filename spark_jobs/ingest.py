@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable
 
 from pipeline.config import PipelineConfig, resolved
 from pipeline.errors import UserError
+from pipeline.files import atomic_path
 from pipeline.home import Home, check_name
 from pipeline.registry import Artifact, Registry
 from spark_jobs import split as splitting
@@ -199,9 +200,8 @@ def write_petastorm_metadata(split_dir: str, files: list[str] | None = None) -> 
         files = [f for f in os.listdir(split_dir) if f.endswith(".parquet")]
     metadata = {UNISCHEMA_KEY: pickle.dumps(FrameSchema),  # what petastorm itself stores (our own object)
                 ROW_GROUPS_PER_FILE_KEY: json.dumps({name: 1 for name in sorted(files)}).encode()}
-    tmp = os.path.join(split_dir, "._common_metadata.tmp")
-    pq.write_metadata(arrow_schema().with_metadata(metadata), tmp)
-    os.replace(tmp, os.path.join(split_dir, "_common_metadata"))
+    with atomic_path(os.path.join(split_dir, "_common_metadata"), durable=False) as tmp:
+        pq.write_metadata(arrow_schema().with_metadata(metadata), tmp)
 
 
 # ----------------------------------------------------------------------------------------- entry point
@@ -299,6 +299,7 @@ def _extract_and_write(cfg: PipelineConfig, staging: str, tasks: list[LogTask], 
     frames = sum(s["frames"] for s in logs)
     say(f"wrote {frames} frames from {len(logs)} logs in {elapsed:.1f} s ({frames / max(elapsed, 1e-9):.1f} frames/s)")
     return {"frames": frames, "logs": len(logs), "quarantined": len(quarantined), "job_seconds": round(elapsed, 3),
+            "spark_master": spark.sparkContext.master,
             "splits": {k: {"logs": len(v["logs"]), "frames": v["frames"]} for k, v in manifest["splits"].items()}}
 
 
@@ -313,17 +314,24 @@ def summarize(art: Artifact, manifest: dict) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """``spark-submit spark_jobs/ingest.py [--set section.field=value ...]``: the same stage, on the
-    master spark-submit was given (unless ``--set ingest.spark_master=...``)."""
+    master spark-submit was given (unless ``--set ingest.spark_master=...``). The Airflow DAG passes
+    ``--request`` (from ``pipeline.orchestration.spark_submit_request``) and reads the result file."""
     import argparse
 
     from pipeline import config, stages
+    from pipeline.files import atomic_write_json
 
     parser = argparse.ArgumentParser(prog="spark_jobs/ingest.py")
-    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--set", action="append", default=[], help="config override section.field=value")
+    parser.add_argument("--request", default="", help="JSON: {overrides: {...}, result_file: PATH}")
     args = parser.parse_args(argv)
-    overrides = {"ingest.spark_master": "", **config.parse_assignments(args.set)}
+    request = json.loads(args.request) if args.request else {}
+    overrides = {"ingest.spark_master": "", **request.get("overrides", {}), **config.parse_assignments(args.set)}
     result = stages.invoke("ingest", config.load(overrides))
-    print(json.dumps({k: v for k, v in result.items() if k != "tables"}))
+    summary = {k: v for k, v in result.items() if k != "tables"}
+    if request.get("result_file"):
+        atomic_write_json(request["result_file"], summary)
+    print(json.dumps(summary))
     return 0
 
 

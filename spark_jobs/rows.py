@@ -10,11 +10,11 @@ schema here is the Unischema's.
 from __future__ import annotations
 
 import io
-import os
 from typing import NamedTuple
 
 import numpy as np
 
+from pipeline.files import atomic_path
 from spark_jobs.frames import BOX_COLUMNS, EGO_COLUMNS, GPS_COLUMNS, ROUTE_COLUMNS
 
 
@@ -87,10 +87,10 @@ def write_row_group(path: str, rows: list[dict]) -> int:
 
     schema = arrow_schema()
     table = pa.Table.from_pydict({f.name: [r[f.name] for r in rows] for f in schema}, schema=schema)
-    tmp = f"{path}.tmp"
     compression = {f.name: COMPRESSION.get(f.name, "none") for f in schema}
     levels = {name: COMPRESSION_LEVEL for name in COMPRESSION}
-    pq.write_table(table, tmp, row_group_size=max(1, len(rows)), compression=compression,
-                   compression_level=levels, write_statistics=False)
-    os.replace(tmp, path)
+    # Not fsynced: the file is inside a staging folder that the registry publishes as a whole.
+    with atomic_path(path, durable=False) as tmp:
+        pq.write_table(table, tmp, row_group_size=max(1, len(rows)), compression=compression,
+                       compression_level=levels, write_statistics=False)
     return len(rows)

@@ -613,7 +613,6 @@ def _crossing_pedestrians(rng: np.random.Generator, times: np.ndarray, street: S
             others_ht = np.concatenate([others_ht, np.full((frames, 1), half)], axis=1)
     if not accepted:
         return Actors.empty(frames)
-    n = len(accepted)
     sizes, reflectivities, along, paths, directions = zip(*accepted)
     return Actors(np.full(len(accepted), PEDESTRIAN, np.uint8), np.stack(sizes), np.array(reflectivities),
                   np.tile(np.array(along), (frames, 1)), np.stack(paths, axis=1),

@@ -18,11 +18,12 @@ import json
 import os
 import random
 import re
-import uuid
 from typing import Any
 
 import numpy as np
 import torch
+
+from pipeline.files import TEMPORARY, atomic_file
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -33,53 +34,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message names the file."""
 
 
-# ----------------------------------------------------------------------------------------- atomic files
-def _fsync_dir(folder: str) -> None:
-    """Make a rename in ``folder`` durable (best effort: some filesystems refuse a directory fsync)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _temporary_name(path: str) -> str:
-    """A hidden name beside ``path`` that ``list_checkpoints`` never matches, tagged with our pid."""
-    folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def atomic_write(path: str, write) -> None:
-    """Call ``write(file_object)`` on a temporary file, fsync it, then rename it to ``path``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = _temporary_name(path)
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    """JSON (sorted keys, indented) written atomically."""
-    data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
-    atomic_write(path, lambda fh: fh.write(data))
-
-
 def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save`` written atomically."""
-    atomic_write(path, lambda fh: torch.save(obj, fh))
+    with atomic_file(path) as fh:
+        torch.save(obj, fh)
 
 
 # ----------------------------------------------------------------------------------------- contents
@@ -168,7 +126,7 @@ def remove_stale_temporaries(folder: str) -> None:
     if not os.path.isdir(folder):
         return
     for name in os.listdir(folder):
-        match = re.match(r"^\..+\.tmp-(\d+)-[0-9a-f]+$", name)
+        match = TEMPORARY.match(name)
         if match and not _pid_alive(int(match.group(1))):
             try:
                 os.remove(os.path.join(folder, name))
@@ -253,7 +211,8 @@ def save_torchscript(model: torch.nn.Module, path: str, metadata: dict[str, Any]
     scripted = script_model(model)
     difference = check_against_eager(model, scripted, *example)
     extra = {METADATA_FILE: json.dumps(metadata, sort_keys=True, default=str)}
-    atomic_write(path, lambda fh: torch.jit.save(scripted, fh, _extra_files=extra))
+    with atomic_file(path) as fh:
+        torch.jit.save(scripted, fh, _extra_files=extra)
     return {"torchscript_max_abs_diff": difference}
 
 

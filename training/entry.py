@@ -198,7 +198,8 @@ def _run_job(staging: str, record: Artifact, cfg: PipelineConfig, data: Artifact
              options: dict[str, Any], device: str, run_id: str, resume: bool, say: Callable[[str], None],
              state_dir: str, logs_dir: str) -> dict[str, Any]:
     """Prepare the checkpoint folder and the job file, launch the ranks, publish their outputs."""
-    from training.checkpoint import atomic_write_json, list_checkpoints
+    from pipeline.files import atomic_write_json
+    from training.checkpoint import list_checkpoints
     from training.launch import launch
 
     earlier = list_checkpoints(state_dir)

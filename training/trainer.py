@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.files import atomic_write_json
 from spark_jobs.taxonomy import CLASSES, IGNORE, NUM_CLASSES
 from training import checkpoint as ckpt
 from training.data import Prefetcher, ShardPlan, class_points, class_weights, train_stream, val_batches
@@ -643,7 +644,7 @@ def write_outputs(job: Job, model: nn.Module, model_config: dict, position: Posi
     os.makedirs(job.final_dir, exist_ok=True)
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ckpt.atomic_torch_save(state_dict, os.path.join(job.final_dir, "model.pt"))
-    ckpt.atomic_write_json(os.path.join(job.final_dir, "model.json"), {
+    atomic_write_json(os.path.join(job.final_dir, "model.json"), {
         "model": job.train["model"], "options": model_config, "num_classes": NUM_CLASSES, "classes": list(CLASSES),
         "input": provenance["input"], "output": provenance["output"]})
     meta = {**provenance, "epoch": position.epoch, "global_step": position.global_step, "final": True,
@@ -665,7 +666,7 @@ def write_outputs(job: Job, model: nn.Module, model_config: dict, position: Posi
         "parameters_sha256": parameters_digest(model), "state_sha256": parameter_digest(model),
         "backend": provenance["backend"], "world": provenance["world"], **check,
     }
-    ckpt.atomic_write_json(os.path.join(job.final_dir, "metrics.json"), metrics)
+    atomic_write_json(os.path.join(job.final_dir, "metrics.json"), metrics)
 
 
 def validate_confusion_from_history(history: list[dict[str, Any]]) -> np.ndarray | None:
@@ -710,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         backend = make_backend(job.spec["backend"], job.spec["device"])
         summary = train(job, backend)
-        ckpt.atomic_write_json(os.path.join(job.logs_dir, f"rank-{backend.rank}.json"), summary)
+        atomic_write_json(os.path.join(job.logs_dir, f"rank-{backend.rank}.json"), summary)
     except Diverged as exc:
         code, error = EXIT_DIVERGED, {"kind": "diverged", "message": str(exc)}
     except Terminated as exc:
@@ -720,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         code, error = 1, {"kind": "error", "message": f"{type(exc).__name__}: {exc}"}
     if error is not None:
         log.error("%s", error["message"])
-        ckpt.atomic_write_json(os.path.join(job.logs_dir, f"error-rank-{env_rank}.json"), {**error, "rank": env_rank})
+        atomic_write_json(os.path.join(job.logs_dir, f"error-rank-{env_rank}.json"), {**error, "rank": env_rank})
         sys.stdout.flush()
         sys.stderr.flush()
         # Peers may be gone or stuck in a collective: do not wait for the backend's orderly shutdown.

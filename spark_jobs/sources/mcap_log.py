@@ -22,13 +22,11 @@ checks judge them).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import os
 import struct
-import uuid
 import zlib
 from dataclasses import dataclass
 from typing import IO, Any, Iterable, Iterator
@@ -54,6 +52,7 @@ from mcap.stream_reader import StreamReader
 from mcap.writer import CompressionType, Writer
 from mcap_protobuf.schema import build_file_descriptor_set
 
+from pipeline.files import atomic_file
 from spark_jobs.frames import BOX_COLUMNS, EGO_COLUMNS, GPS_COLUMNS, ROUTE_COLUMNS, Frame, LogMeta
 from spark_jobs.taxonomy import CLASSES
 
@@ -65,7 +64,6 @@ FORMAT_VERSION = "1"
 WRITER_LIBRARY = f"avp-drive-log/{FORMAT_VERSION}"
 METADATA_NAME = "log"
 EXTENSION = ".mcap"
-TEMP_SUFFIX = ".tmp"
 
 POINTS_CHANNEL = "/lidar/points"
 BOXES_CHANNEL = "/annotations/boxes"
@@ -192,35 +190,25 @@ def write_log(path: str, meta: LogMeta, frames: Iterable[Frame]) -> dict:
     Frames must have strictly increasing timestamps and frame indexes; arrays are stored as float32
     points/boxes, uint8 labels and float64 ego/gps/route (``ValueError`` for what cannot be stored).
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    temp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
-    try:
-        with open(temp, "xb") as fh:
-            hashing = _HashingStream(fh)
-            writer = _DriveLogWriter(hashing)
-            count, points, previous = 0, 0, None
-            for frame in frames:
-                if frame.log_id != meta.log_id:
-                    raise ValueError(f"frame {frame.frame_index} belongs to log {frame.log_id!r}, "
-                                     f"not {meta.log_id!r}")
-                if previous is not None and (frame.timestamp_ns <= previous.timestamp_ns
-                                             or frame.frame_index <= previous.frame_index):
-                    raise ValueError(f"frame {frame.frame_index} (t={frame.timestamp_ns} ns) does not come "
-                                     f"after frame {previous.frame_index} (t={previous.timestamp_ns} ns): "
-                                     "timestamps and frame indexes must strictly increase")
-                for topic, payload in encode_frame(frame).items():
-                    writer.add_message(topic, int(frame.frame_index), int(frame.timestamp_ns), payload)
-                count += 1
-                points += len(frame.points)
-                previous = frame
-            writer.finish(log_metadata(meta, count))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(temp)
-        raise
+    with atomic_file(path) as fh:
+        hashing = _HashingStream(fh)
+        writer = _DriveLogWriter(hashing)
+        count, points, previous = 0, 0, None
+        for frame in frames:
+            if frame.log_id != meta.log_id:
+                raise ValueError(f"frame {frame.frame_index} belongs to log {frame.log_id!r}, "
+                                 f"not {meta.log_id!r}")
+            if previous is not None and (frame.timestamp_ns <= previous.timestamp_ns
+                                         or frame.frame_index <= previous.frame_index):
+                raise ValueError(f"frame {frame.frame_index} (t={frame.timestamp_ns} ns) does not come "
+                                 f"after frame {previous.frame_index} (t={previous.timestamp_ns} ns): "
+                                 "timestamps and frame indexes must strictly increase")
+            for topic, payload in encode_frame(frame).items():
+                writer.add_message(topic, int(frame.frame_index), int(frame.timestamp_ns), payload)
+            count += 1
+            points += len(frame.points)
+            previous = frame
+        writer.finish(log_metadata(meta, count))
     return {"path": path, "frames": count, "points": points, "bytes": hashing.size,
             "sha256": hashing.digest.hexdigest()}
 

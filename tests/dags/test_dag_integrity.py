@@ -1,5 +1,6 @@
 """The DAG file: imports cleanly and quickly, wiring only, the expected tasks and dependencies."""
 
+import json
 import os
 import subprocess
 import sys
@@ -45,3 +46,30 @@ def test_dag_file_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_spark_connection_turns_ingest_into_spark_submit(tmp_path):
+    """With AVP_SPARK_CONN_ID set, ingest is plan -> SparkSubmitOperator -> result, and still feeds validate."""
+    code = """if True:
+        import json, os
+        from airflow.dag_processing.dagbag import DagBag
+        dag = DagBag(dag_folder=os.path.join(os.getcwd(), "dags")).dags["avp_daily"]
+        submit = dag.task_dict["spark_submit_ingest"]
+        print(json.dumps({"edges": {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks},
+                          "type": type(submit).__name__, "conn": submit._conn_id, "app": submit.application,
+                          "args0": submit.application_args[0], "env": sorted(submit.env_vars),
+                          "outlets": [a.uri for a in dag.task_dict["ingest"].outlets]}))
+    """
+    env = {**os.environ, "AVP_SPARK_CONN_ID": "avp_spark", "AIRFLOW_HOME": str(tmp_path),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found["edges"] == {"plan_ingest": ["ingest", "spark_submit_ingest"], "spark_submit_ingest": ["ingest"],
+                              "ingest": ["validate"], "validate": ["train"], "train": ["evaluate"],
+                              "evaluate": ["serve"], "serve": []}
+    assert found["type"] == "SparkSubmitOperator" and found["conn"] == "avp_spark"
+    assert found["app"] == str(REPO / "spark_jobs" / "ingest.py") and os.path.isfile(found["app"])
+    assert found["args0"] == "--request" and found["env"] == ["PYSPARK_DRIVER_PYTHON", "PYSPARK_PYTHON"]
+    assert found["outlets"] == ["avp://dataset/fleet-lidar"]

@@ -4,7 +4,6 @@ stops the run before training."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

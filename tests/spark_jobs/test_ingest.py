@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import pytest
 from pipeline import config, stages
 from pipeline.errors import UserError
 from pipeline.registry import Registry
-from spark_jobs import ingest
 from spark_jobs.frames import Frame
 
 REPO = Path(__file__).resolve().parents[2]

@@ -258,7 +258,7 @@ def test_write_is_deterministic_and_independent_of_the_clock(tmp_path, monkeypat
 
 
 def test_list_logs_ignores_temp_and_other_files(tmp_path):
-    for name in ("b.mcap", "a.mcap", ".b.mcap.123.abcdef.tmp", "notes.txt", "c.mcap.tmp"):
+    for name in ("b.mcap", "a.mcap", ".b.mcap.tmp-123-abcdef12", "notes.txt", "c.mcap.tmp"):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "d.mcap").write_bytes(b"")
