@@ -81,7 +81,6 @@ def require_blessed(evaluation: Mapping[str, Any]) -> None:
 # Ingest on a Spark cluster: with AVP_SPARK_CONN_ID naming an Airflow Spark connection, the DAG runs
 # ``plan_ingest`` (the request below) -> ``SparkSubmitOperator`` (``spark_jobs/ingest.py --request ...``,
 # the same stage entry function, on the connection's master) -> ``ingest`` (reads the job's result).
-SPARK_CONN_ENV = "AVP_SPARK_CONN_ID"
 INGEST_APPLICATION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                   "spark_jobs", "ingest.py")
 

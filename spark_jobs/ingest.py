@@ -44,8 +44,6 @@ from spark_jobs.extract import LogTask, process_log, source_module
 MANIFEST = "manifest.json"
 
 
-
-
 # ----------------------------------------------------------------------------------------- select
 def _day_ns(day: str, field: str) -> int:
     try:
