@@ -88,6 +88,5 @@ def test_ingest_runs_through_spark_submit_on_a_standalone_cluster(tmp_path, spar
     local = run(env, "avp", "ingest", "--date-to", "2026-11-03")
     assert local.returncode == 0, local.stderr[-2000:]
     assert f"{dataset.ref} (cache hit)" in local.stdout
-    result = json.loads((Path(env["AVP_HOME"]) / "runs" / "airflow" / "avp_daily").glob("*/ingest-result.json")
-                        .__next__().read_text())
-    assert result["ref"] == dataset.ref
+    [result_file] = (Path(env["AVP_HOME"]) / "runs" / "airflow" / "avp_daily").glob("*/ingest-result.json")
+    assert json.loads(result_file.read_text())["ref"] == dataset.ref  # what the job reported to the DAG
