@@ -39,8 +39,8 @@ from evaluation import blessing, feedback, hardware, report, scoring
 from evaluation.frames import read_split
 from pipeline.config import PipelineConfig, canonical_json, resolved
 from pipeline.errors import UserError
-from pipeline.stages import resolve_input
 from pipeline.registry import Artifact, Registry
+from pipeline.stages import resolve_input
 
 CODE_PACKAGES = ("evaluation", "pipeline")
 

@@ -64,12 +64,8 @@ def atomic_path(path: str, durable: bool = True) -> Iterator[str]:
 def atomic_file(path: str, mode: str = "wb") -> Iterator[IO]:
     """``with atomic_file(path) as fh: fh.write(...)``: the file appears under ``path`` only once the
     block has finished without an exception, fsynced."""
-    with atomic_path(path, durable=False) as tmp:
-        with open(tmp, mode) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    with atomic_path(path) as tmp, open(tmp, mode) as fh:
+        yield fh
 
 
 def atomic_write_json(path: str, obj: Any) -> None:

@@ -7,6 +7,7 @@ import datetime as dt
 import json
 import os
 import re
+import sys
 from typing import Any, Mapping
 
 from pipeline import config as config_mod
@@ -106,8 +107,6 @@ def spark_submit_env() -> dict[str, str]:
     """Environment of the spark-submit process: the driver runs this venv's Python (client mode, on the
     Airflow worker); executors run ``PYSPARK_PYTHON`` when the worker's environment sets it (the
     project's Python on the cluster nodes), else the same interpreter (one machine, or the same image)."""
-    import sys
-
     return {"PYSPARK_DRIVER_PYTHON": sys.executable, "PYSPARK_PYTHON": os.environ.get("PYSPARK_PYTHON", sys.executable)}
 
 

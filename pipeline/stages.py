@@ -12,10 +12,9 @@ import datetime as dt
 import importlib
 import json
 import os
+import re
 import uuid
 from typing import Any, Callable
-
-import re
 
 from pipeline import config as config_mod
 from pipeline import provenance

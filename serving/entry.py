@@ -27,8 +27,8 @@ from typing import Any, Callable
 from pipeline import provenance
 from pipeline.config import PipelineConfig
 from pipeline.errors import StageFailed, UserError
-from pipeline.stages import resolve_input
 from pipeline.registry import Artifact, Registry
+from pipeline.stages import resolve_input
 
 # ServeConfig fields that change the package's bytes; host, port, namespace, runtime and latency_runs
 # only change how it is served or measured, so they stay out of the content key.

@@ -33,8 +33,8 @@ from pipeline import config as config_mod
 from pipeline import provenance
 from pipeline.config import PipelineConfig
 from pipeline.errors import StageFailed, UserError
-from pipeline.stages import resolve_input
 from pipeline.registry import Artifact, Registry
+from pipeline.stages import resolve_input
 
 # TrainConfig fields that change how the job runs but not the weights it produces: left out of the
 # content key. (np and backend stay in: averaging over a different number of ranks changes the sums,
