@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.files import atomic_file
-from spark_jobs.taxonomy import IGNORE, NUM_CLASSES
+from pipeline.taxonomy import IGNORE, NUM_CLASSES
 
 FEEDBACK_DIR = "feedback"
 WEIGHTS_FILE = "sample_weights.json"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spark_jobs.frames import EGO_COLUMNS
+from pipeline.frames import EGO_COLUMNS
 from training.data import split_url
 
 FIELDS = ("log_id", "frame_index", "city", "points", "labels", "boxes", "ego")

@@ -33,8 +33,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from spark_jobs.geometry import points_in_boxes
-from spark_jobs.taxonomy import CLASSES, OBJECT_CLASS_IDS
+from pipeline.geometry import points_in_boxes
+from pipeline.taxonomy import CLASSES, OBJECT_CLASS_IDS
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from evaluation.objects import cluster_points
-from spark_jobs.taxonomy import OBJECT_CLASS_IDS
+from pipeline.taxonomy import OBJECT_CLASS_IDS
 
 
 @dataclass(frozen=True)

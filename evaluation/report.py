@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from spark_jobs.taxonomy import CLASSES, IGNORE
+from pipeline.taxonomy import CLASSES, IGNORE
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"

@@ -20,7 +20,7 @@ from evaluation import objects as objects_mod
 from evaluation import planner as planner_mod
 from evaluation import segmentation as seg
 from evaluation.frames import LoggedFrame
-from spark_jobs.taxonomy import CLASSES
+from pipeline.taxonomy import CLASSES
 
 # Bump when a metric's definition changes: stored metrics of another version are not reused as a baseline.
 METRICS_VERSION = 1

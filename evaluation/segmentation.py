@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from spark_jobs.taxonomy import CLASSES, IGNORE, NUM_CLASSES
+from pipeline.taxonomy import CLASSES, IGNORE, NUM_CLASSES
 
 SCORED_CLASSES = tuple(c for c in range(NUM_CLASSES) if c != IGNORE)
 

@@ -38,8 +38,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.files import atomic_file
 from pipeline.errors import UserError
+from pipeline.files import atomic_file
 
 FORMAT = "avp-serving-package"
 FORMAT_VERSION = 1
@@ -396,7 +396,7 @@ def build_package(folder: str, *, model_dir: str, facts: dict[str, Any], max_poi
     """
     import torch
 
-    from spark_jobs.taxonomy import CLASSES
+    from pipeline.taxonomy import CLASSES
     from training.models import config_to_dict, count_parameters
 
     model, spec = load_eager_model(model_dir)

@@ -44,9 +44,9 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from pipeline.taxonomy import CLASSES, IGNORE, NUM_CLASSES
 from spark_jobs import dataset_stats as stats_mod
 from spark_jobs.split import SPLITS
-from spark_jobs.taxonomy import CLASSES, IGNORE, NUM_CLASSES
 
 # The KL check compares categorical distributions; GE computes them from a column of values, so each
 # scope's distribution is written out as this many rows (largest-remainder rounding, error <= 1/2 row:

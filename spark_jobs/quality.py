@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from spark_jobs.frames import BOX_COLUMNS, Frame
-from spark_jobs.taxonomy import NUM_CLASSES
+from pipeline.frames import BOX_COLUMNS, Frame
+from pipeline.taxonomy import NUM_CLASSES
 
 
 def frame_problem(frame: Frame, max_points: int) -> str | None:

@@ -38,8 +38,8 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.config import SimulateConfig
-from spark_jobs.frames import BOX_COLUMNS, Frame, LogMeta
-from spark_jobs.taxonomy import CLASS_ID
+from pipeline.frames import BOX_COLUMNS, Frame, LogMeta
+from pipeline.taxonomy import CLASS_ID
 
 SOURCE = "sim"
 FRAME_PERIOD_NS = 100_000_000  # 10 Hz

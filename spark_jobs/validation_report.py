@@ -26,9 +26,9 @@ import os
 import re
 from typing import Any
 
-from spark_jobs import expectations as suite_mod
+from pipeline.taxonomy import CLASSES, NUM_CLASSES
 from spark_jobs import dataset_stats as stats_mod
-from spark_jobs.taxonomy import CLASSES, NUM_CLASSES
+from spark_jobs import expectations as suite_mod
 
 FORMAT = 1  # bump when the report's layout changes (part of the validation artifact's content key)
 RESULT_FILE = "validation.json"

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from spark_jobs.taxonomy import IGNORE, NUM_CLASSES
+from pipeline.taxonomy import IGNORE, NUM_CLASSES
 
 MANIFEST = "manifest.json"
 # Only what training needs: decoding boxes, ego pose, GPS and route would cost time for nothing.

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.files import atomic_write_json
-from spark_jobs.taxonomy import CLASSES, IGNORE, NUM_CLASSES
+from pipeline.taxonomy import CLASSES, IGNORE, NUM_CLASSES
 from training import checkpoint as ckpt
 from training.data import Prefetcher, ShardPlan, class_points, class_weights, train_stream, val_batches
 

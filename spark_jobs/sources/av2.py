@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow.feather as feather
 
 from pipeline.errors import UserError
-from spark_jobs.frames import BOX_COLUMNS, EGO_COLUMNS, Frame, LogMeta
-from spark_jobs.geometry import points_in_boxes
-from spark_jobs.taxonomy import CLASS_ID, IGNORE, OBJECT_CLASS_IDS
+from pipeline.frames import BOX_COLUMNS, EGO_COLUMNS, Frame, LogMeta
+from pipeline.geometry import points_in_boxes
+from pipeline.taxonomy import CLASS_ID, IGNORE, OBJECT_CLASS_IDS
 
 SOURCE = "av2"
 # AV2 annotation category (all 30 of ``av2.datasets.sensor.constants.AnnotationCategories``) -> taxonomy.

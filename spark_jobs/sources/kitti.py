@@ -15,9 +15,9 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.errors import UserError
-from spark_jobs.frames import BOX_COLUMNS, Frame, LogMeta
-from spark_jobs.geometry import points_in_boxes
-from spark_jobs.taxonomy import CLASS_ID, IGNORE, OBJECT_CLASSES
+from pipeline.frames import BOX_COLUMNS, Frame, LogMeta
+from pipeline.geometry import points_in_boxes
+from pipeline.taxonomy import CLASS_ID, IGNORE, OBJECT_CLASSES
 
 SOURCE = "kitti"
 LABEL_MAP: dict[str, str] = {

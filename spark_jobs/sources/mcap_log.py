@@ -53,8 +53,8 @@ from mcap.writer import CompressionType, Writer
 from mcap_protobuf.schema import build_file_descriptor_set
 
 from pipeline.files import atomic_file
-from spark_jobs.frames import BOX_COLUMNS, EGO_COLUMNS, GPS_COLUMNS, ROUTE_COLUMNS, Frame, LogMeta
-from spark_jobs.taxonomy import CLASSES
+from pipeline.frames import BOX_COLUMNS, EGO_COLUMNS, GPS_COLUMNS, ROUTE_COLUMNS, Frame, LogMeta
+from pipeline.taxonomy import CLASSES
 
 SOURCE = "mcap"
 FORMAT_NAME = "avp-drive-log"

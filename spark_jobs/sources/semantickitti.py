@@ -15,8 +15,8 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.errors import UserError
-from spark_jobs.frames import Frame, LogMeta
-from spark_jobs.taxonomy import CLASS_ID
+from pipeline.frames import Frame, LogMeta
+from pipeline.taxonomy import CLASS_ID
 
 SOURCE = "semantickitti"
 # raw SemanticKITTI id -> taxonomy class; comment: raw name -> learning_map class (19-class benchmark).

@@ -73,7 +73,7 @@ def register_sim_dataset(registry, logs, name: str = "fleet-lidar"):
 
 def train_tiny(frames: list, steps: int, seed: int = 0, points_per_frame: int = 1500) -> torch.nn.Module:
     """A tiny ``bev_segnet`` trained for ``steps`` Adam steps on ``frames`` (points subsampled)."""
-    from spark_jobs.taxonomy import IGNORE
+    from pipeline.taxonomy import IGNORE
     from training.models import build_model
 
     torch.manual_seed(seed)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from evaluation import objects as obj
-from spark_jobs.taxonomy import CLASS_ID
+from pipeline.taxonomy import CLASS_ID
 
 VEHICLE, PEDESTRIAN, CYCLIST, GROUND = (CLASS_ID[c] for c in ("vehicle", "pedestrian", "cyclist", "ground"))
 SETTINGS = obj.ObjectSettings(radius=0.75, min_points=5, min_share=0.5, margin=0.2, band_edges=(20.0, 40.0))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from evaluation import planner
-from spark_jobs.taxonomy import CLASS_ID
+from pipeline.taxonomy import CLASS_ID
 
 VEHICLE, PEDESTRIAN, GROUND = CLASS_ID["vehicle"], CLASS_ID["pedestrian"], CLASS_ID["ground"]
 SETTINGS = planner.PlannerSettings(lane_width=3.5, horizon=40.0, ttc_threshold=2.0, min_speed=0.5, radius=0.75,

@@ -9,7 +9,7 @@ from sklearn.metrics import confusion_matrix as sk_confusion
 from sklearn.metrics import jaccard_score, precision_recall_fscore_support
 
 from evaluation import segmentation as seg
-from spark_jobs.taxonomy import CLASSES, IGNORE, NUM_CLASSES
+from pipeline.taxonomy import CLASSES, IGNORE, NUM_CLASSES
 
 SCORED = list(seg.SCORED_CLASSES)
 

@@ -19,11 +19,11 @@ import pyarrow.feather as feather
 import pytest
 
 from pipeline.errors import UserError
-from spark_jobs.frames import BOX_COLUMNS
-from spark_jobs.geometry import points_in_boxes
+from pipeline.frames import BOX_COLUMNS
+from pipeline.geometry import points_in_boxes
+from pipeline.taxonomy import CLASS_ID, CLASSES, NUM_CLASSES
 from spark_jobs.quality import frame_problem, normalise
 from spark_jobs.sources import av2, kitti, semantickitti
-from spark_jobs.taxonomy import CLASS_ID, CLASSES, NUM_CLASSES
 
 REAL_DATA = Path(__file__).resolve().parents[3] / "shared" / "real-data"
 needs_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real dataset samples not found at {REAL_DATA}")

@@ -15,8 +15,8 @@ import pytest
 
 from pipeline import config, stages
 from pipeline.errors import UserError
+from pipeline.frames import Frame
 from pipeline.registry import Registry
-from spark_jobs.frames import Frame
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -129,7 +129,7 @@ def test_same_inputs_give_the_same_dataset_bytes(tmp_path):
 
 
 def _write_bad_log(path, log_id, mutate):
-    from spark_jobs.frames import LogMeta
+    from pipeline.frames import LogMeta
     from spark_jobs.sources.mcap_log import write_log
 
     rng = np.random.default_rng(1)

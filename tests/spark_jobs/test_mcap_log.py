@@ -15,7 +15,7 @@ import pytest
 from mcap.reader import make_reader
 from mcap_protobuf.decoder import DecoderFactory
 
-from spark_jobs.frames import Frame, LogMeta
+from pipeline.frames import Frame, LogMeta
 from spark_jobs.sources import mcap_log
 from spark_jobs.sources.mcap_log import CorruptLogError
 

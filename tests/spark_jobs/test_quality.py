@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from spark_jobs.frames import Frame
+from pipeline.frames import Frame
 from spark_jobs.quality import frame_problem, normalise
 from spark_jobs.rows import encode_frame
 from spark_jobs.schema import FrameSchema

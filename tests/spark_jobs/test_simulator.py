@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from pipeline.config import SimulateConfig
+from pipeline.geometry import points_in_boxes
 from pipeline.home import check_name
+from pipeline.taxonomy import CLASS_ID, CLASSES, OBJECT_CLASS_IDS
 from spark_jobs import simulator
-from spark_jobs.geometry import points_in_boxes
-from spark_jobs.taxonomy import CLASS_ID, CLASSES, OBJECT_CLASS_IDS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = SimulateConfig(logs=3, frames=3, days=3)

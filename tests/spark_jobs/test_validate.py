@@ -18,10 +18,10 @@ import pytest
 
 from pipeline import config
 from pipeline.errors import StageFailed, UserError
+from pipeline.frames import BOX_COLUMNS, Frame
 from pipeline.home import Home
 from pipeline.registry import Registry
-from spark_jobs.frames import BOX_COLUMNS, Frame
-from spark_jobs.taxonomy import CLASS_ID
+from pipeline.taxonomy import CLASS_ID
 
 pytestmark = pytest.mark.slow
 

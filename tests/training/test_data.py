@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from spark_jobs.taxonomy import IGNORE, NUM_CLASSES
+from pipeline.taxonomy import IGNORE, NUM_CLASSES
 from training import data
 
 # ----------------------------------------------------------------------------------------- tiny datasets
@@ -25,7 +25,7 @@ TEST_GROUPS = (2, 2)
 def synthetic_frame(log_id: str, frame_index: int, seed: int):
     """A frame whose two classes sit in different regions (ground for x < 0, building for x >= 0),
     so a model can visibly learn; 150-300 points, so frames differ in size."""
-    from spark_jobs.frames import Frame
+    from pipeline.frames import Frame
 
     rng = np.random.default_rng([seed, frame_index, sum(map(ord, log_id))])
     n = int(rng.integers(150, 300))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.export import Dim, export
 
-from spark_jobs.taxonomy import NUM_CLASSES
+from pipeline.taxonomy import NUM_CLASSES
 from training import models
 from training.models import (
     build_model,
@@ -25,8 +25,8 @@ from training.models import (
     make_config,
     model_info,
     register_model,
+    registry,
 )
-from training.models import registry
 
 MODELS = pytest.mark.parametrize("name", list_models())
 ATOL = 1e-5

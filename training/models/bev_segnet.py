@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spark_jobs.taxonomy import NUM_CLASSES
+from pipeline.taxonomy import NUM_CLASSES
 from training.models.registry import model_info, register_model
 
 # Raw per-point inputs of the point MLP: x, y, z, intensity, offset-in-cell x/y, planar range.

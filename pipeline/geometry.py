@@ -1,4 +1,4 @@
-"""Geometry shared by the simulator and the importers: points inside oriented 3D boxes."""
+"""Box geometry shared by the importers, the simulator and evaluation: points inside oriented 3D boxes."""
 
 from __future__ import annotations
 
