@@ -16,7 +16,9 @@ pipeline home (`AVP_HOME`).
   what already succeeded, and `train` resumes from its latest checkpoint.
 * **Backfills**: `airflow backfill create --dag-id avp_daily --from-date 2026-11-01 --to-date 2026-11-03`
   (or *Backfill* in the UI) gives one dataset version per day; re-running a day is a cache hit.
-* **Params** (Trigger DAG w/ config): epochs, backend, np, force, window, window_days, split.
+* **Params** (Trigger DAG w/ config): epochs, backend, np, force, window, window_days, split, spark_master
+  (declared by the stage specs in `pipeline/stages.py`); any other config field by its full name, e.g.
+  `{"ingest.train_share": 0.8, "ingest.test_share": 0.1}`.
 * One training at a time through the `avp_training` pool.
 * **Spark cluster**: with `AVP_SPARK_CONN_ID` set (to an Airflow Spark connection, e.g.
   `AIRFLOW_CONN_AVP_SPARK=spark://spark-master:7077`) in the environment of the DAG processor and
@@ -31,6 +33,8 @@ import datetime as dt
 import os
 
 from airflow.sdk import Asset, Param, dag, task
+
+from pipeline.orchestration import dag_params
 
 DATASET_ASSET = Asset("avp://dataset/fleet-lidar")
 MODEL_ASSET = Asset("avp://model/bev_segnet")
@@ -48,16 +52,7 @@ SPARK_CONN_ID = os.environ.get("AVP_SPARK_CONN_ID", "")
     doc_md=__doc__,
     tags=["avp", "perception"],
     default_args={"retries": 1, "retry_delay": dt.timedelta(seconds=20)},
-    params={
-        "epochs": Param(None, type=["null", "integer"], minimum=1, description="training epochs (default: config)"),
-        "backend": Param(None, type=["null", "string"], enum=[None, "horovod", "ddp"],
-                         description="distributed backend (default: horovod)"),
-        "np": Param(None, type=["null", "integer"], minimum=1, description="training processes"),
-        "force": Param(False, type="boolean", description="rebuild even when a cached artifact matches"),
-        "window": Param("cumulative", enum=["cumulative", "rolling"], description="which logs make the dataset"),
-        "window_days": Param(7, type="integer", minimum=1, description="days in a rolling window"),
-        "split": Param(None, type=["null", "string"], enum=[None, "hash", "geo"], description="split mode"),
-    },
+    params={name: Param(**spec) for name, spec in dag_params().items()},
 )
 def avp_daily():
     @task(outlets=[DATASET_ASSET])

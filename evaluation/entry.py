@@ -105,7 +105,7 @@ def stored_metrics(registry: Registry, model: Artifact, dataset: Artifact, key: 
 
 # ----------------------------------------------------------------------------------------- the stage
 def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = print, run_id: str = "",
-        model: str | None = None, **_: Any) -> dict[str, Any]:
+        model: str | None = None) -> dict[str, Any]:
     """The evaluate stage; returns the metrics reference, the verdict, the report path and tables."""
     # 1. resolve
     candidate = resolve_model(cfg, registry, model)

@@ -4,14 +4,22 @@ Every value can be overridden, in increasing priority, by environment variables
 (``AVP_HOME``, ``AVP_REGISTRY_URL``, ``AVP_<SECTION>__<FIELD>`` such as ``AVP_TRAIN__EPOCHS=3``) and by
 CLI flags (``--set train.epochs=3`` or a stage's own flags such as ``avp train --epochs 3``).
 Values are coerced to the annotated type; a value that does not fit fails with a ``ConfigError`` naming
-the field and what is allowed. ``resolved(cfg)`` is the plain dict every run records.
+the field and what is allowed. Rules that span fields (the split shares sum to 1, lower bounds) are checked
+once on the resolved config, so fields can be set in any order. A field is documented by its comment;
+``field_help`` reads it back for the CLI's flag help and the DAG's param descriptions. ``resolved(cfg)`` is
+the plain dict every run records.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
 import json
 import os
+import textwrap
+import tokenize
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
@@ -25,33 +33,34 @@ class ConfigError(ValueError):
 class SimulateConfig:
     """The fleet simulator: how many drive logs, how long, and over which days."""
 
-    logs: int = 24
+    logs: int = 24  # number of drive logs
     frames: int = 20  # frames per log, recorded at 10 Hz
     beams: int = 32
     azimuth_steps: int = 1024
     max_range_m: float = 60.0
     range_noise_m: float = 0.02
     dropout: float = 0.05  # share of returns lost
-    start_date: str = "2026-11-01"
-    days: int = 3
-    seed: int = 0
+    start_date: str = "2026-11-01"  # first day, YYYY-MM-DD
+    days: int = 3  # the logs are spread over this many days
+    seed: int = 0  # random seed (same seed, same bytes)
 
 
 @dataclass
 class IngestConfig:
     """Extraction of drive logs into Petastorm train/test/validation datasets."""
 
-    dataset_name: str = "fleet-lidar"
+    dataset_name: str = "fleet-lidar"  # dataset name in the registry
+    # what to import from source_path: the fleet's MCAP logs or a real dataset (kitti, semantickitti, av2)
     source: Literal["mcap", "kitti", "semantickitti", "av2"] = "mcap"
     source_path: str = ""  # empty: <home>/logs for mcap
-    split: Literal["hash", "geo"] = "hash"
+    split: Literal["hash", "geo"] = "hash"  # hash (stable per log id) or geo (GeoSplit cells)
     train_share: float = 0.75
     test_share: float = 0.15
     val_share: float = 0.10
     geo_cell_m: float = 2000.0  # side of a GeoSplit cell
     date_from: str = ""  # inclusive, YYYY-MM-DD; empty: no lower bound
     date_to: str = ""  # exclusive, YYYY-MM-DD; empty: no upper bound
-    spark_master: str = "local[2]"
+    spark_master: str = "local[2]"  # Spark master URL, e.g. local[2] or spark://host:7077
     reader_ranks: int = 2  # row groups are laid out in multiples of this so every rank gets equal rows
     rows_per_group: int = 8
     max_points: int = 200_000  # a frame with more points than this is quarantined
@@ -61,7 +70,7 @@ class IngestConfig:
 class ValidateConfig:
     """Great Expectations suite thresholds and the gate before training."""
 
-    warn_only: bool = False
+    warn_only: bool = False  # report failed expectations but do not stop (exploration)
     split_tolerance: float = 0.10  # absolute tolerance on the 75/15/10 log shares
     min_frames_per_log: int = 1
     max_frames_per_log: int = 100_000
@@ -81,11 +90,11 @@ class ValidateConfig:
 class TrainConfig:
     """Data-parallel training of a registered model."""
 
-    model: str = "bev_segnet"
-    backend: Literal["horovod", "ddp"] = "horovod"
-    np: int = 2
-    epochs: int = 4
-    batch_size: int = 2
+    model: str = "bev_segnet"  # registered model name (see training/models)
+    backend: Literal["horovod", "ddp"] = "horovod"  # horovod (horovodrun --gloo) or ddp (torchrun)
+    np: int = 2  # number of training processes (ranks), each reading its own shard
+    epochs: int = 4  # passes over the train split
+    batch_size: int = 2  # frames per rank per step
     lr: float = 2e-3
     weight_decay: float = 1e-4
     checkpoint_every: int = 20  # steps
@@ -103,7 +112,7 @@ class EvaluateConfig:
     """Evaluation (model, system and hardware metrics on the test split) and the blessing gate."""
 
     # blessing: absolute thresholds, and the largest loss allowed against the production model
-    min_miou: float = 0.30
+    min_miou: float = 0.30  # the lowest acceptable test mIoU
     min_class_recall: float = 0.0  # every class with test points must reach this point recall
     # TorchScript p99 on the evaluating host (model.ts is what ships). The default suits the demo's shared
     # 2-core CPU; set the target hardware's real budget in production.
@@ -115,7 +124,7 @@ class EvaluateConfig:
     latency_warmup: int = 3  # untimed calls first (allocator, TorchScript profiling runs)
     latency_frames: int = 8  # distinct logged test frames the timed calls cycle through
     aot_inductor: bool = True  # compile the torch.export program with AOTInductor (else time the program)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where the model is scored and timed
     # objects: predicted points of a class grouped in bird's-eye view, matched to ground-truth boxes
     cluster_radius_m: float = 0.75  # points closer than this (x, y) belong to one object
     min_object_points: int = 5  # fewer points: noise (prediction) or not seen by the sensor (ground truth)
@@ -139,8 +148,8 @@ class ServeConfig:
     """Serving package and HTTP server."""
 
     namespace: str = "perception"
-    host: str = "127.0.0.1"
-    port: int = 8765
+    host: str = "127.0.0.1"  # address avp serve-http binds
+    port: int = 8765  # port avp serve-http listens on
     max_points: int = 300_000  # largest cloud the server accepts and the .pt2 is exported for
     example_points: int = 20_000  # points in the package's example cloud (latency is measured on it)
     example_seed: int = 0
@@ -227,8 +236,66 @@ def _section_fields(obj: Any) -> dict[str, tuple[dataclasses.Field, Any]]:
     return {f.name: (f, hints[f.name]) for f in dataclasses.fields(obj)}
 
 
+def field_help(section: type) -> dict[str, str]:
+    """Each field's documentation, read from the dataclass's source: the comment at the end of its line, else
+    the comment lines right above it. CLI flag help and Airflow param descriptions come from here, so a
+    knob is documented once, next to its default."""
+    try:
+        source = textwrap.dedent(inspect.getsource(section))
+    except (OSError, TypeError):  # no source (a frozen build): no help, still a working config
+        return {}
+    lines = source.splitlines()
+    trailing: dict[int, str] = {}
+    own_line: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            row = tok.start[0]
+            text = tok.string.lstrip("#").strip()
+            (own_line if lines[row - 1].lstrip().startswith("#") else trailing)[row] = text
+    helps = {}
+    for node in ast.parse(source).body[0].body:  # type: ignore[attr-defined]
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if node.end_lineno in trailing:
+                helps[node.target.id] = trailing[node.end_lineno]
+                continue
+            above, row = [], node.lineno - 1
+            while row in own_line:
+                above.insert(0, own_line[row])
+                row -= 1
+            if above:
+                helps[node.target.id] = " ".join(above)
+    return helps
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    """What the CLI and the DAG params need to know about one config field."""
+
+    path: str
+    annotation: Any
+    default: Any
+    help: str
+
+    def summary(self) -> str:
+        """The help with where the value lives and its default: flag help and DAG param description."""
+        return f"{self.help} ({self.path}, default {self.default!r})".lstrip()
+
+
+def describe(dotted: str) -> FieldDoc:
+    """Type, default and documentation of ``section.field`` (or a top-level field)."""
+    owner: Any = PipelineConfig()
+    *sections, name = dotted.split(".")
+    for section in sections:
+        owner = getattr(owner, section)
+    fields = _section_fields(owner)
+    if name not in fields or dataclasses.is_dataclass(fields[name][1]):
+        raise ConfigError(f"unknown config field {dotted!r}")
+    return FieldDoc(dotted, fields[name][1], getattr(owner, name), field_help(type(owner)).get(name, ""))
+
+
 def set_value(cfg: PipelineConfig, dotted: str, value: Any) -> None:
-    """Set ``section.field`` (or a top-level field) on ``cfg``, coercing and validating the value."""
+    """Set ``section.field`` (or a top-level field) on ``cfg``, coerced to the field's type. Rules that span
+    fields are not checked here (``check_rules`` runs once on the whole config)."""
     parts = dotted.split(".")
     target: Any = cfg
     for depth, name in enumerate(parts):
@@ -247,20 +314,36 @@ def set_value(cfg: PipelineConfig, dotted: str, value: Any) -> None:
             if not dataclasses.is_dataclass(annotation):
                 raise ConfigError(f"config field {'.'.join(parts[: depth + 1])!r} has no sub-fields")
             target = getattr(target, name)
-    _check_invariants(cfg)
 
 
-def _check_invariants(cfg: PipelineConfig) -> None:
-    shares = (cfg.ingest.train_share, cfg.ingest.test_share, cfg.ingest.val_share)
-    if any(s < 0 for s in shares) or abs(sum(shares) - 1.0) > 1e-6:
-        raise ConfigError(
-            f"config fields ingest.train_share/test_share/val_share must be >= 0 and sum to 1, got {shares}"
-        )
-    for path, value in (("train.np", cfg.train.np), ("train.epochs", cfg.train.epochs),
-                        ("simulate.logs", cfg.simulate.logs), ("simulate.frames", cfg.simulate.frames),
-                        ("train.batch_size", cfg.train.batch_size)):
-        if value < 1:
-            raise ConfigError(f"config field {path}: {value} must be at least 1")
+# Lower bounds of numeric fields, checked on the resolved config and offered to Airflow as Param minimums.
+MINIMUMS = {"train.np": 1, "train.epochs": 1, "train.batch_size": 1, "simulate.logs": 1, "simulate.frames": 1}
+
+
+def check_rules(cfg: PipelineConfig) -> None:
+    """The rules that span fields, run once on the fully resolved config (after the environment, ``--set``,
+    flags and DAG params are all applied: ``--set ingest.train_share=0.8 --set ingest.test_share=0.1`` is
+    fine in either order). Every broken rule is reported in one ``ConfigError``."""
+    problems = []
+    ing = cfg.ingest
+    shares = {"train_share": ing.train_share, "test_share": ing.test_share, "val_share": ing.val_share}
+    if any(s < 0 for s in shares.values()) or abs(sum(shares.values()) - 1.0) > 1e-6:
+        given = " + ".join(f"{name} {value:g}" for name, value in shares.items())
+        problems.append(f"config fields ingest.train_share/test_share/val_share must be >= 0 and sum to 1, "
+                        f"got {given} = {sum(shares.values()):g}")
+    for path, minimum in MINIMUMS.items():
+        value = get_value(cfg, path)
+        if value < minimum:
+            problems.append(f"config field {path}: {value} must be at least {minimum}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def get_value(cfg: Any, dotted: str) -> Any:
+    """The value of ``section.field`` (or a top-level field) on ``cfg``."""
+    for name in dotted.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
 
 
 def load(overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> PipelineConfig:
@@ -276,7 +359,7 @@ def load(overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | No
             set_value(cfg, f"{section.lower()}.{name.lower()}", value)
     for dotted, value in (overrides or {}).items():
         set_value(cfg, dotted, value)
-    _check_invariants(cfg)
+    check_rules(cfg)
     return cfg
 
 

@@ -1,5 +1,6 @@
-"""What the Airflow tasks need beyond the stage entry functions: the run's config from the DAG's params
-and data interval, and one call per stage. Kept here (not in ``dags/``) so the DAG file is wiring only."""
+"""What the Airflow tasks need beyond the stage entry functions: the DAG's params (from the stage specs),
+the run's config from its params and data interval, and one call per stage. Kept here (not in ``dags/``)
+so the DAG file is wiring only."""
 
 from __future__ import annotations
 
@@ -8,20 +9,40 @@ import json
 import os
 import re
 import sys
-from typing import Any, Mapping
+import typing
+from typing import Any, Literal, Mapping
 
 from pipeline import config as config_mod
+from pipeline import stages
 from pipeline.errors import StageFailed
 
-# DAG param -> config field; a param left at None keeps the config default (or AVP_* environment value).
-PARAM_FIELDS = {
-    "epochs": "train.epochs",
-    "backend": "train.backend",
-    "np": "train.np",
-    "force": "force",
-    "split": "ingest.split",
-    "spark_master": "ingest.spark_master",
+# DAG-only params: which logs a run selects (mapped onto ingest.date_from/date_to by ``run_overrides``).
+WINDOW_PARAMS: dict[str, dict[str, Any]] = {
+    "window": {"default": "cumulative", "enum": ["cumulative", "rolling"],
+               "description": "which logs make the dataset"},
+    "window_days": {"default": 7, "type": "integer", "minimum": 1, "description": "days in a rolling window"},
 }
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+
+
+def dag_params() -> dict[str, dict[str, Any]]:
+    """The DAG's params as ``airflow.sdk.Param`` keyword arguments: one per stage flag that names a DAG param
+    (type, enum, minimum and description from its config field; ``None`` keeps the config's value, a
+    boolean defaults to the config default), then the window params. Light: no Airflow, torch or Spark."""
+    params = {}
+    for name, dotted in stages.dag_param_fields().items():
+        doc = config_mod.describe(dotted)
+        if doc.annotation is bool:
+            params[name] = {"default": doc.default, "type": "boolean", "description": doc.summary()}
+            continue
+        choices = typing.get_args(doc.annotation) if typing.get_origin(doc.annotation) is Literal else ()
+        json_type = "string" if choices else _JSON_TYPES[doc.annotation]
+        params[name] = {"default": None, "type": ["null", json_type], "description": doc.summary()}
+        if choices:
+            params[name]["enum"] = [None, *choices]
+        if dotted in config_mod.MINIMUMS:
+            params[name]["minimum"] = config_mod.MINIMUMS[dotted]
+    return {**params, **WINDOW_PARAMS}
 
 
 def _day(value: Any) -> dt.date:
@@ -49,23 +70,25 @@ def run_overrides(params: Mapping[str, Any] | None, interval_start: Any = None,
     it takes everything up to now.
     """
     params = dict(params or {})
-    overrides = {field: params[name] for name, field in PARAM_FIELDS.items() if params.get(name) is not None}
+    fields = stages.dag_param_fields()
+    overrides = {field: params[name] for name, field in fields.items() if params.get(name) is not None}
+    # any other config field, named in full in the run's conf: {"ingest.train_share": 0.8, ...}
+    overrides.update({name: value for name, value in params.items() if "." in name and value is not None})
     end = _day(interval_end) if interval_end is not None else _day(None) + dt.timedelta(days=1)
     overrides["ingest.date_to"] = end.isoformat()
-    if params.get("window", "cumulative") == "rolling":
-        days = int(params.get("window_days") or 7)
+    window = params.get("window", WINDOW_PARAMS["window"]["default"])
+    if window == "rolling":
+        days = int(params.get("window_days") or WINDOW_PARAMS["window_days"]["default"])
         overrides["ingest.date_from"] = (end - dt.timedelta(days=days)).isoformat()
-    elif params.get("window", "cumulative") != "cumulative":
-        raise config_mod.ConfigError(f"DAG param window: {params['window']!r} is not allowed; "
-                                     "allowed values: cumulative, rolling")
+    elif window not in WINDOW_PARAMS["window"]["enum"]:
+        raise config_mod.ConfigError(f"DAG param window: {window!r} is not allowed; "
+                                     f"allowed values: {', '.join(WINDOW_PARAMS['window']['enum'])}")
     return overrides
 
 
 def run_stage(stage: str, params: Mapping[str, Any] | None, interval_start: Any = None, interval_end: Any = None,
               **inputs: Any) -> dict[str, Any]:
     """Run one stage for a DAG run exactly as ``avp <stage>`` would, returning its small result dict."""
-    from pipeline import stages
-
     cfg = run_config(params, interval_start, interval_end)
     result = stages.invoke(stage, cfg, say=print, **inputs)
     return {k: v for k, v in result.items() if k != "tables"}

@@ -185,7 +185,7 @@ def package_facts(registry: Registry, record: Artifact, model: Artifact, metrics
 
 # ----------------------------------------------------------------------------------------- the stage
 def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = print, run_id: str = "",
-        model: str | None = None, **_: Any) -> dict[str, Any]:
+        model: str | None = None) -> dict[str, Any]:
     """The serve stage; returns the package reference, its folder and tarball, and summary tables."""
     from serving.package import build_package, make_tarball, verify_package, write_manifest
 

@@ -203,8 +203,8 @@ def write_petastorm_metadata(split_dir: str, files: list[str] | None = None) -> 
 
 
 # ----------------------------------------------------------------------------------------- entry point
-def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = print, run_id: str = "",
-        **_: Any) -> dict[str, Any]:
+def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = print,
+        run_id: str = "") -> dict[str, Any]:
     """The ingest stage: select, split, extract and write; returns the dataset reference and a summary."""
     ing = cfg.ingest
     check_name(ing.dataset_name, "dataset name")

@@ -23,8 +23,8 @@ def _write_one(meta, cfg: SimulateConfig, path: str) -> dict:
     return write_log(path, meta, simulate_log(meta, cfg))
 
 
-def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = print, run_id: str = "",
-        **_: Any) -> dict[str, Any]:
+def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = print,
+        run_id: str = "") -> dict[str, Any]:
     """Simulate ``simulate.logs`` logs of ``simulate.frames`` frames over ``simulate.days`` days."""
     from pipeline.ui import progress
     from spark_jobs.simulator import fleet_plan

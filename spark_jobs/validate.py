@@ -41,7 +41,7 @@ CODE_PACKAGES = ("spark_jobs", "pipeline")
 
 
 def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = print, run_id: str = "",
-        dataset: str | None = None, **_: Any) -> dict[str, Any]:
+        dataset: str | None = None) -> dict[str, Any]:
     """Validate a dataset and record the verdict on it; see the module docstring for the steps."""
     vcfg = cfg.validate
     # 1. resolve

@@ -139,7 +139,7 @@ def checkpoint_dir(registry: Registry, model: str, content_key: str) -> str:
 
 # ----------------------------------------------------------------------------------------- the stage
 def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = print, run_id: str = "",
-        dataset: str | None = None, resume: bool = False, **_: Any) -> dict[str, Any]:
+        dataset: str | None = None, resume: bool = False) -> dict[str, Any]:
     """The train stage; returns the model reference, a per-epoch summary table and the output paths."""
     from training.data import load_manifest
 
