@@ -48,3 +48,49 @@ def test_parse_assignments_rejects_pairs_without_equals():
     assert config.parse_assignments(["a.b=1", "c.d=x=y"]) == {"a.b": "1", "c.d": "x=y"}
     with pytest.raises(ConfigError, match="--set expects"):
         config.parse_assignments(["train.epochs"])
+
+
+@pytest.mark.parametrize("shares", [(0.8, 0.1, 0.1), (0.7, 0.2, 0.1)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_split_shares_can_be_changed_in_any_order(shares, reverse):
+    """The sum rule runs once on the resolved config, not after each field (which made any change fail)."""
+    pairs = [("ingest.train_share", str(shares[0])), ("ingest.test_share", str(shares[1]))]
+    cfg = config.load(dict(reversed(pairs) if reverse else pairs), env={})
+    assert (cfg.ingest.train_share, cfg.ingest.test_share, cfg.ingest.val_share) == shares
+
+
+def test_split_shares_from_the_environment_and_mixed_with_overrides():
+    cfg = config.load(env={"AVP_INGEST__TRAIN_SHARE": "0.8", "AVP_INGEST__TEST_SHARE": "0.1"})
+    assert (cfg.ingest.train_share, cfg.ingest.test_share) == (0.8, 0.1)
+    cfg = config.load({"ingest.test_share": "0.2"}, env={"AVP_INGEST__TRAIN_SHARE": "0.7"})
+    assert (cfg.ingest.train_share, cfg.ingest.test_share, cfg.ingest.val_share) == (0.7, 0.2, 0.1)
+
+
+def test_every_broken_rule_is_reported_once_with_the_values():
+    with pytest.raises(ConfigError) as caught:
+        config.load({"ingest.train_share": "0.8", "train.epochs": "0"}, env={})
+    message = str(caught.value)
+    assert "train_share 0.8 + test_share 0.15 + val_share 0.1 = 1.05" in message
+    assert "config field train.epochs: 0 must be at least 1" in message
+
+
+def test_set_value_coerces_without_checking_other_fields():
+    cfg = config.load(env={})
+    config.set_value(cfg, "ingest.train_share", "0.5")  # the shares do not sum to 1 until the next line
+    config.set_value(cfg, "ingest.val_share", "0.35")
+    config.check_rules(cfg)
+    assert cfg.ingest.train_share == 0.5
+    with pytest.raises(ConfigError, match="not a number"):
+        config.set_value(cfg, "ingest.train_share", "half")
+
+
+def test_field_documentation_is_the_fields_comment():
+    helps = config.field_help(config.TrainConfig)
+    assert helps["epochs"] == "passes over the train split"
+    assert "model config overrides" in helps["model_options"]
+    # a comment block above a field documents it when the line has no comment of its own
+    assert config.field_help(config.EvaluateConfig)["latency_p99_budget_ms"].startswith("TorchScript p99")
+    doc = config.describe("train.backend")
+    assert (doc.default, doc.help) == ("horovod", "horovod (horovodrun --gloo) or ddp (torchrun)")
+    with pytest.raises(ConfigError, match="unknown config field 'train.nope'"):
+        config.describe("train.nope")

@@ -35,3 +35,28 @@ def test_unblessed_model_is_refused_with_reasons():
     orchestration.require_blessed({"blessed": True})
     with pytest.raises(StageFailed, match="not blessed.*mIoU 0.1 < 0.3"):
         orchestration.require_blessed({"model": "model:x@v1", "blessed": False, "reasons": ["mIoU 0.1 < 0.3"]})
+
+
+@pytest.mark.parametrize("shares", [(0.8, 0.1, 0.1), (0.7, 0.2, 0.1)])
+def test_dag_run_overrides_change_the_split_shares(shares, monkeypatch):
+    cfg = orchestration.run_config({"ingest.train_share": shares[0], "ingest.test_share": shares[1]})
+    assert (cfg.ingest.train_share, cfg.ingest.test_share, cfg.ingest.val_share) == shares
+    # the worker's environment and the run's conf combine before the sum is checked
+    monkeypatch.setenv("AVP_INGEST__TRAIN_SHARE", str(shares[0]))
+    cfg = orchestration.run_config({"ingest.test_share": shares[1]})
+    assert (cfg.ingest.train_share, cfg.ingest.test_share) == shares[:2]
+    with pytest.raises(ConfigError, match="sum to 1"):
+        orchestration.run_config({"ingest.test_share": 0.5})
+
+
+def test_dag_params_keep_their_names_defaults_and_checks():
+    params = orchestration.dag_params()
+    assert set(params) >= {"epochs", "backend", "np", "force", "window", "window_days", "split"}
+    assert {name: params[name]["default"] for name in ("epochs", "backend", "np", "force", "window",
+                                                       "window_days", "split")} == {
+        "epochs": None, "backend": None, "np": None, "force": False, "window": "cumulative", "window_days": 7,
+        "split": None}
+    assert params["epochs"]["type"] == ["null", "integer"] and params["epochs"]["minimum"] == 1
+    assert params["backend"]["enum"] == [None, "horovod", "ddp"] and params["split"]["enum"] == [None, "hash", "geo"]
+    assert params["force"]["type"] == "boolean"
+    assert params["epochs"]["description"].startswith("passes over the train split (train.epochs")
