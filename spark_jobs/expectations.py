@@ -7,7 +7,9 @@ prepare the tables and put the verdicts into words.
 
 Every expectation is a ``Check``: a stable ``name`` (what the gate, the tests and the report refer to),
 the table it runs on, a one-line title, and a ``describe`` function that turns one failing row into a
-sentence. The checks (see ``build_checks``) are:
+sentence (or an ``explain`` function for an aggregate expectation). The suite is whatever is registered:
+functions decorated ``@suite_tables`` make the tables, functions decorated ``@suite_checks`` the checks
+over them, both from one ``SuiteInputs``. The built-in checks are:
 
 ==========================  ===============  ==========================================================
 name                        table            expectation
@@ -73,6 +75,8 @@ class Check:
     title: str
     expectation: Any  # a great_expectations.expectations.Expectation
     describe: Callable[[dict[str, Any]], str] | None = None  # a failing row -> a sentence
+    # an aggregate expectation (no failing rows): GE's observed value -> (what to record, problems if it failed)
+    explain: Callable[[Any], tuple[Any, list[str]]] | None = None
     scope: str = ""  # drift checks: the part of the dataset compared ("all", "city:<name>")
     key: str = ""  # unique within the suite; set by build_checks
 
@@ -93,6 +97,40 @@ class CheckResult:
         """One line for the stage's failure message: ``name: what is wrong``."""
         detail = "; ".join(self.problems[:5]) + (f"; ... {len(self.problems) - 5} more" if len(self.problems) > 5 else "")
         return f"{self.name}: {detail or self.title}"
+
+
+@dataclass(frozen=True)
+class SuiteInputs:
+    """What every part of the suite is built from: one dataset version's statistics and manifest, the
+    previous validated version's statistics (None: the first version, no drift checks), the thresholds
+    (``ValidateConfig``) and the split shares the dataset was built with."""
+
+    statistics: dict
+    manifest: dict
+    previous: dict | None
+    vcfg: Any
+    target_shares: dict[str, float]
+
+
+# The suite is the ordered list of registered builders: table builders make the small DataFrames, check
+# builders the expectations over them. Adding an expectation is one decorated function (see
+# docs/architecture.md, "Add an expectation"); the order of registration is the order of the report.
+TableBuilder = Callable[[SuiteInputs], dict[str, pd.DataFrame]]
+CheckBuilder = Callable[[SuiteInputs], list[Check]]
+TABLE_BUILDERS: list[TableBuilder] = []
+CHECK_BUILDERS: list[CheckBuilder] = []
+
+
+def suite_tables(builder: TableBuilder) -> TableBuilder:
+    """Register a function that adds tables (``{name: DataFrame}``, each with a ``key`` column) to the suite."""
+    TABLE_BUILDERS.append(builder)
+    return builder
+
+
+def suite_checks(builder: CheckBuilder) -> CheckBuilder:
+    """Register a function that adds checks (expectations over the suite's tables) to the suite."""
+    CHECK_BUILDERS.append(builder)
+    return builder
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -178,9 +216,23 @@ def drift_scopes(current: dict, previous: dict, vcfg) -> dict[str, tuple[dict[in
     return out
 
 
-def build_tables(statistics: dict, manifest: dict, previous: dict | None, vcfg) -> dict[str, pd.DataFrame]:
-    """The small DataFrames the suite runs on, one per subject, each with a readable ``key`` column
-    (shown in the Data Docs next to failing rows and used to find the row again for the sentence)."""
+def build_tables(inputs: SuiteInputs) -> dict[str, pd.DataFrame]:
+    """The small DataFrames the suite runs on, one per subject, from every registered table builder."""
+    tables: dict[str, pd.DataFrame] = {}
+    for builder in TABLE_BUILDERS:
+        made = builder(inputs)
+        clash = sorted(set(made) & set(tables))
+        if clash:
+            raise ValueError(f"suite table(s) {', '.join(clash)} built twice (second time by {builder.__name__})")
+        tables.update(made)
+    return tables
+
+
+@suite_tables
+def dataset_tables(inputs: SuiteInputs) -> dict[str, pd.DataFrame]:
+    """One table per subject of one dataset version, each with a readable ``key`` column (shown in the
+    Data Docs next to failing rows and used to find the row again for the sentence)."""
+    statistics, vcfg = inputs.statistics, inputs.vcfg
     splits = statistics["splits"]
     columns = list(next(iter(splits.values()))["missing"]) if splits else []
     if not columns:
@@ -219,7 +271,7 @@ def build_tables(statistics: dict, manifest: dict, previous: dict | None, vcfg) 
         split_row[f"{split}_logs"] = log_counts[split]
         split_row[f"{split}_log_share"] = log_counts[split] / total_logs if total_logs else 0.0
 
-    tables = {
+    return {
         "class_ids": pd.DataFrame(class_ids, columns=["key", "source", "split", "class_id", "class_name", "count"]),
         "class_presence": pd.DataFrame(presence, columns=["key", "class_name", "points"]),
         "class_shares": pd.DataFrame(class_shares, columns=["key", "class_id", "class_name", "points", "share"]),
@@ -228,21 +280,29 @@ def build_tables(statistics: dict, manifest: dict, previous: dict | None, vcfg) 
         "split_shares": pd.DataFrame([split_row]),
         "logs": pd.DataFrame(logs, columns=["key", "split", "log_id", "city", "frames"]),
     }
-    if previous is not None:
-        drift, samples = [], []
-        for scope, (before, after) in drift_scopes(statistics, previous, vcfg).items():
-            for c in range(NUM_CLASSES):
-                drift.append({"key": f"{scope}/{class_name(c)}", "scope": scope, "class_name": class_name(c),
-                              "previous_share": before[c], "current_share": after[c],
-                              "abs_change": abs(after[c] - before[c])})
-            rows = apportion({class_name(c): after[c] for c in range(NUM_CLASSES)}, KL_SAMPLE_ROWS)
-            samples.append(pd.DataFrame({"key": scope, "scope": scope,
-                                         "class_name": [n for n, k in rows.items() for _ in range(k)]}))
-        tables["class_drift"] = pd.DataFrame(drift, columns=["key", "scope", "class_name", "previous_share",
-                                                             "current_share", "abs_change"])
-        tables["class_samples"] = (pd.concat(samples, ignore_index=True) if samples
-                                   else pd.DataFrame(columns=["key", "scope", "class_name"]))
-    return tables
+
+
+@suite_tables
+def drift_tables(inputs: SuiteInputs) -> dict[str, pd.DataFrame]:
+    """Class shares before and after per scope (whole dataset, compared cities); none for a first version."""
+    if inputs.previous is None:
+        return {}
+    statistics, previous, vcfg = inputs.statistics, inputs.previous, inputs.vcfg
+    drift, samples = [], []
+    for scope, (before, after) in drift_scopes(statistics, previous, vcfg).items():
+        for c in range(NUM_CLASSES):
+            drift.append({"key": f"{scope}/{class_name(c)}", "scope": scope, "class_name": class_name(c),
+                          "previous_share": before[c], "current_share": after[c],
+                          "abs_change": abs(after[c] - before[c])})
+        rows = apportion({class_name(c): after[c] for c in range(NUM_CLASSES)}, KL_SAMPLE_ROWS)
+        samples.append(pd.DataFrame({"key": scope, "scope": scope,
+                                     "class_name": [n for n, k in rows.items() for _ in range(k)]}))
+    return {
+        "class_drift": pd.DataFrame(drift, columns=["key", "scope", "class_name", "previous_share",
+                                                    "current_share", "abs_change"]),
+        "class_samples": (pd.concat(samples, ignore_index=True) if samples
+                          else pd.DataFrame(columns=["key", "scope", "class_name"])),
+    }
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -250,14 +310,22 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def build_checks(statistics: dict, manifest: dict, previous: dict | None, vcfg,
-                 target_shares: dict[str, float]) -> list[Check]:
-    """The suite for one dataset: thresholds from ``vcfg`` (``ValidateConfig``), target split shares from
-    the dataset's manifest, the previous version's distribution (or None: no drift checks)."""
-    import great_expectations.expectations as gxe
-    from great_expectations.expectations.row_conditions import Column
+def build_checks(inputs: SuiteInputs) -> list[Check]:
+    """The suite for one dataset, from every registered check builder, each check keyed by its position."""
+    checks = [check for builder in CHECK_BUILDERS for check in builder(inputs)]
+    for i, check in enumerate(checks):
+        check.key = f"{i:02d}-{check.name}"
+        check.expectation.meta = {"check": check.name, "key": check.key, "notes": check.title}
+    return checks
 
-    checks = [
+
+@suite_checks
+def content_checks(inputs: SuiteInputs) -> list[Check]:
+    """What the frames hold: taxonomy ids, required classes, class shares, missing and non-finite values."""
+    import great_expectations.expectations as gxe
+
+    vcfg = inputs.vcfg
+    return [
         Check("class_ids_in_taxonomy", "class_ids",
               f"point labels and box class ids are taxonomy ids 0..{NUM_CLASSES - 1}",
               gxe.ExpectColumnValuesToBeInSet(column="class_id", value_set=list(range(NUM_CLASSES))),
@@ -284,8 +352,16 @@ def build_checks(statistics: dict, manifest: dict, previous: dict | None, vcfg,
               lambda r: f"{r['frames_with_non_finite_values']} frame(s) in {r['split']} have NaN/inf "
                         f"values in {r['column']}"),
     ]
+
+
+@suite_checks
+def split_checks(inputs: SuiteInputs) -> list[Check]:
+    """Each split holds the share of logs the dataset was built with."""
+    import great_expectations.expectations as gxe
+
+    vcfg, checks = inputs.vcfg, []
     for split in SPLITS:
-        target = target_shares.get(split, 0.0)
+        target = inputs.target_shares.get(split, 0.0)
         lo, hi = max(0.0, target - vcfg.split_tolerance), min(1.0, target + vcfg.split_tolerance)
         checks.append(Check(
             "split_shares", "split_shares",
@@ -294,8 +370,16 @@ def build_checks(statistics: dict, manifest: dict, previous: dict | None, vcfg,
             lambda r, split=split, target=target: (
                 f"{split} has {r[f'{split}_logs']} of {r['logs']} logs ({_pct(r[f'{split}_log_share'])}), "
                 f"target {_pct(target)} +- {_pct(vcfg.split_tolerance)}")))
-    manifest_logs = sorted(manifest.get("logs", {}))
-    checks += [
+    return checks
+
+
+@suite_checks
+def log_checks(inputs: SuiteInputs) -> list[Check]:
+    """Per log: frame counts, no leakage between splits, and every manifest log present in the files."""
+    import great_expectations.expectations as gxe
+
+    vcfg = inputs.vcfg
+    checks = [
         Check("frames_per_log", "logs",
               f"every log has {vcfg.min_frames_per_log}..{vcfg.max_frames_per_log} frames",
               gxe.ExpectColumnValuesToBeBetween(column="frames", min_value=vcfg.min_frames_per_log,
@@ -306,31 +390,54 @@ def build_checks(statistics: dict, manifest: dict, previous: dict | None, vcfg,
               gxe.ExpectColumnValuesToBeUnique(column="log_id"),
               lambda r: f"log {r['log_id']} has frames in {r['split']} and another split"),
     ]
+    manifest_logs = sorted(inputs.manifest.get("logs", {}))
     if manifest_logs:
+        def explain(observed: Any) -> tuple[Any, list[str]]:
+            missing = sorted(set(manifest_logs) - set(observed or []))
+            return ({"logs": len(observed or [])},
+                    [f"{len(missing)} log(s) listed in the manifest have no frames: {', '.join(missing[:10])}"])
+
         checks.append(Check("manifest_logs_present", "logs", "every log the manifest lists has frames in the files",
-                            gxe.ExpectColumnDistinctValuesToContainSet(column="log_id", value_set=manifest_logs)))
-    if previous is not None:
+                            gxe.ExpectColumnDistinctValuesToContainSet(column="log_id", value_set=manifest_logs),
+                            explain=explain))
+    return checks
+
+
+@suite_checks
+def drift_checks(inputs: SuiteInputs) -> list[Check]:
+    """Class distribution against the previous validated version: L-infinity of shares and KL divergence,
+    over the whole dataset and per compared city. None for a first version."""
+    if inputs.previous is None:
+        return []
+    import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
+
+    vcfg = inputs.vcfg
+    checks = [Check(
+        "class_share_drift", "class_drift",
+        f"no class share moved by more than {_pct(vcfg.max_linf_drift)} against the previous version "
+        f"(L-infinity, whole dataset{' and per city' if vcfg.drift_by_city else ''})",
+        gxe.ExpectColumnValuesToBeBetween(column="abs_change", min_value=0, max_value=vcfg.max_linf_drift),
+        lambda r: f"{r['class_name']} share {_moved(r)} in {scope_words(r['scope'])} "
+                  f"(moved {100 * r['abs_change']:.1f} points, more than {100 * vcfg.max_linf_drift:.1f})")]
+    for scope, (before, _after) in drift_scopes(inputs.statistics, inputs.previous, vcfg).items():
+        partition = {class_name(c): w for c, w in before.items() if w > 0}
+        norm = sum(partition.values())
+
+        def explain(observed: Any, scope: str = scope) -> tuple[Any, list[str]]:
+            # None means infinite: a class appeared that the previous version lacked
+            value = "infinite" if observed is None else f"{observed:.3f}"
+            return observed, [f"KL divergence of the class distribution in {scope_words(scope)} is {value}, "
+                              f"more than {vcfg.max_kl_drift}"]
+
         checks.append(Check(
-            "class_share_drift", "class_drift",
-            f"no class share moved by more than {_pct(vcfg.max_linf_drift)} against the previous version "
-            f"(L-infinity, whole dataset{' and per city' if vcfg.drift_by_city else ''})",
-            gxe.ExpectColumnValuesToBeBetween(column="abs_change", min_value=0, max_value=vcfg.max_linf_drift),
-            lambda r: f"{r['class_name']} share {_moved(r)} in {scope_words(r['scope'])} "
-                      f"(moved {100 * r['abs_change']:.1f} points, more than {100 * vcfg.max_linf_drift:.1f})"))
-        for scope, (before, _after) in drift_scopes(statistics, previous, vcfg).items():
-            partition = {class_name(c): w for c, w in before.items() if w > 0}
-            norm = sum(partition.values())
-            checks.append(Check(
-                "class_kl_drift", "class_samples",
-                f"KL(current || previous) of the class distribution in {scope_words(scope)} is at most {vcfg.max_kl_drift}",
-                gxe.ExpectColumnKLDivergenceToBeLessThan(
-                    column="class_name", row_condition=(Column("scope") == scope),
-                    partition_object={"values": list(partition), "weights": [w / norm for w in partition.values()]},
-                    threshold=vcfg.max_kl_drift, tail_weight_holdout=vcfg.kl_tail_weight_holdout),
-                scope=scope))
-    for i, check in enumerate(checks):
-        check.key = f"{i:02d}-{check.name}"
-        check.expectation.meta = {"check": check.name, "key": check.key, "notes": check.title}
+            "class_kl_drift", "class_samples",
+            f"KL(current || previous) of the class distribution in {scope_words(scope)} is at most {vcfg.max_kl_drift}",
+            gxe.ExpectColumnKLDivergenceToBeLessThan(
+                column="class_name", row_condition=(Column("scope") == scope),
+                partition_object={"values": list(partition), "weights": [w / norm for w in partition.values()]},
+                threshold=vcfg.max_kl_drift, tail_weight_holdout=vcfg.kl_tail_weight_holdout),
+            explain=explain, scope=scope))
     return checks
 
 
@@ -415,19 +522,10 @@ def _interpret(check: Check, result, rows: dict[str, dict]) -> CheckResult:
                 out.problems.append(check.describe(row) if (check.describe and row) else f"{key} is unexpected")
         return out
     observed = body.get("observed_value")
-    if check.name == "class_kl_drift":
-        out.observed = observed  # None means infinite: a class appeared that the previous version lacked
-        if not out.success:
-            value = "infinite" if observed is None else f"{observed:.3f}"
-            out.problems.append(f"KL divergence of the class distribution in {scope_words(check.scope)} is {value}, "
-                                f"more than {check.expectation.threshold}")
-    elif check.name == "manifest_logs_present":
-        out.observed = {"logs": len(observed or [])}
-        if not out.success:
-            missing = sorted(set(check.expectation.value_set) - set(observed or []))
-            out.problems.append(f"{len(missing)} log(s) listed in the manifest have no frames: {', '.join(missing[:10])}")
+    if check.explain:
+        out.observed, problems = check.explain(observed)
     else:
-        out.observed = observed
-        if not out.success:
-            out.problems.append(f"observed {observed}")
+        out.observed, problems = observed, [f"observed {observed}"]
+    if not out.success:
+        out.problems.extend(problems)
     return out

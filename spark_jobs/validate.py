@@ -75,8 +75,8 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
                                                "val": cfg.ingest.val_share}
 
     def build(staging: str, record: Artifact) -> dict:
-        checks = suite_mod.build_checks(statistics, manifest, previous_statistics, vcfg, target_shares)
-        tables = suite_mod.build_tables(statistics, manifest, previous_statistics, vcfg)
+        inputs = suite_mod.SuiteInputs(statistics, manifest, previous_statistics, vcfg, target_shares)
+        checks, tables = suite_mod.build_checks(inputs), suite_mod.build_tables(inputs)
         results = suite_mod.run_suite(tables, checks, os.path.join(staging, report_mod.DATA_DOCS), data.ref)
         summary = report_mod.write(staging, record=record, dataset=data, previous=previous,
                                    statistics=statistics, previous_statistics=previous_statistics,

@@ -351,3 +351,36 @@ def test_simulated_fleet_ingest_then_validate_passes_with_defaults(tmp_path, spa
     assert second["previous"] == first["dataset"] and second["dataset"].endswith("@v2")
     registry = Registry.open(both_days)
     assert registry.get(second["dataset"]).meta["validation"] == "passed"
+
+
+def test_an_expectation_registered_from_outside_runs_in_the_suite(cfg, registry, spark, monkeypatch):
+    """The 'add an expectation' recipe of docs/architecture.md, done once: a table builder and a check
+    builder registered from here take part in validation like the built-in ones (GE runs them, the gate
+    names them), and they are gone again when the test ends."""
+    import great_expectations.expectations as gxe
+    import pandas as pd
+
+    from spark_jobs import expectations as suite
+
+    def city_table(inputs: suite.SuiteInputs) -> dict[str, pd.DataFrame]:
+        cities = [log["city"] for split in inputs.statistics["splits"].values() for log in split["logs"].values()]
+        return {"cities": pd.DataFrame([{"key": c, "city": c, "logs": cities.count(c)} for c in sorted(set(cities))])}
+
+    def known_cities(inputs: suite.SuiteInputs) -> list[suite.Check]:
+        return [suite.Check("cities_known", "cities", "every city is one the fleet operates in",
+                            gxe.ExpectColumnValuesToBeInSet(column="city", value_set=["boston", "pittsburgh"]),
+                            lambda r: f"city {r['city']} ({r['logs']} logs) is not operated in")]
+
+    monkeypatch.setattr(suite, "TABLE_BUILDERS", [*suite.TABLE_BUILDERS, city_table])
+    monkeypatch.setattr(suite, "CHECK_BUILDERS", [*suite.CHECK_BUILDERS, known_cities])
+
+    build_dataset(registry, fleet())
+    passed = validate(cfg, registry)
+    summary = json.load(open(os.path.join(registry.get(passed["ref"]).location, "validation.json")))
+    assert passed["verdict"] == "passed" and "cities_known" in {c["name"] for c in summary["checks"]}
+
+    build_dataset(registry, fleet(cities=("boston", "atlantis")))
+    with pytest.raises(StageFailed) as failure:
+        validate(cfg, registry)
+    assert failed_checks(str(failure.value)) == {"cities_known"}
+    assert "city atlantis (5 logs) is not operated in" in str(failure.value)
