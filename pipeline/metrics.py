@@ -44,10 +44,10 @@ def ratio(numerator: float, denominator: float) -> float | None:
 
 def class_metrics(confusion: np.ndarray) -> dict[str, dict[str, Any]]:
     """Per class (by name, ``ignore`` left out): precision, recall, IoU and the counts behind them."""
-    confusion = np.asarray(confusion, dtype=np.int64)
+    confusion = np.array(confusion, dtype=np.int64)
+    confusion[IGNORE, :] = 0  # points labelled ignore count nowhere (``confusion_matrix`` never has any)
     true_positive = np.diag(confusion)
     ground_truth = confusion.sum(axis=1)
-    # Column sums over labelled points only: ignore points were never counted, so nothing to drop.
     predicted = confusion.sum(axis=0)
     out = {}
     for c in SCORED_CLASSES:

@@ -502,10 +502,10 @@ class Trainer:
                 write_outputs(self.job, self.model, self.model_config, self.position, self.train_counts,
                               self.provenance, self.example or _val_example(self.plan))
                 self.reporter.event("done", global_step=self.position.global_step)
-            self.reporter.close()
             self.backend.barrier()
             return summary
         finally:
+            self.reporter.close()
             self.stop.close()
 
     def train_epoch(self, epoch: int, stream: Prefetcher) -> int:
