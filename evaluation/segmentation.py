@@ -1,17 +1,11 @@
 """Point-level segmentation metrics: confusion matrix, per-class precision / recall / IoU, mIoU and
 precision-recall curves over softmax score thresholds.
 
-Conventions (the same as the trainer's validation mIoU, so the numbers are comparable):
-
-* A point's prediction is the argmax over all the model's logits; its score for class ``c`` is the
-  softmax probability of ``c``.
-* Points labelled ``ignore`` are left out of everything. A labelled point predicted ``ignore`` is a miss
-  (false negative) of its true class and a false positive of no class.
-* The confusion matrix has ground truth in rows and predictions in columns, over all taxonomy ids;
-  per-class numbers are reported for every class but ``ignore``.
-* A number that is 0/0 is ``None``: precision of a class never predicted, recall of a class absent from
-  the ground truth, IoU of a class neither present nor predicted. mIoU averages the IoU of the classes
-  that have ground-truth points (a class the test split lacks cannot lower or raise it).
+A point's prediction is the argmax over all the model's logits; its score for class ``c`` is the
+softmax probability of ``c``. The confusion matrix, per-class numbers and mIoU come from
+``pipeline.metrics`` - the same implementation as the trainer's validation mIoU, so the numbers are
+comparable; its docstring states the conventions (``ignore`` left out, 0/0 is ``None``, mIoU over the
+classes with ground-truth points).
 
 Everything accumulates frame by frame (``SegmentationAccumulator``), so a split never has to fit in
 memory at once, and per-log accumulators give the per-scene numbers.
@@ -24,49 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pipeline.metrics import SCORED_CLASSES, class_metrics, confusion_matrix, mean_iou, ratio
 from pipeline.taxonomy import CLASSES, IGNORE, NUM_CLASSES
-
-SCORED_CLASSES = tuple(c for c in range(NUM_CLASSES) if c != IGNORE)
-
-
-def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
-    """``[num_classes, num_classes]`` int64 counts: rows ground truth, columns prediction; ``ignore``
-    points (ground truth) are dropped."""
-    labels = np.asarray(labels).astype(np.int64).ravel()
-    predicted = np.asarray(predicted).astype(np.int64).ravel()
-    if labels.shape != predicted.shape:
-        raise ValueError(f"labels {labels.shape} and predictions {predicted.shape} differ in shape")
-    scored = labels != IGNORE
-    index = labels[scored] * num_classes + predicted[scored]
-    return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def _ratio(numerator: float, denominator: float) -> float | None:
-    """``numerator / denominator``, or None when the denominator is 0 (the metric is undefined)."""
-    return float(numerator / denominator) if denominator > 0 else None
-
-
-def class_metrics(confusion: np.ndarray) -> dict[str, dict[str, Any]]:
-    """Per class (by name, ``ignore`` left out): precision, recall, IoU and the counts behind them."""
-    confusion = np.asarray(confusion, dtype=np.int64)
-    true_positive = np.diag(confusion)
-    ground_truth = confusion.sum(axis=1)
-    # Column sums over labelled points only: ignore points were never counted, so nothing to drop.
-    predicted = confusion.sum(axis=0)
-    out = {}
-    for c in SCORED_CLASSES:
-        tp, gt, pred = int(true_positive[c]), int(ground_truth[c]), int(predicted[c])
-        out[CLASSES[c]] = {
-            "precision": _ratio(tp, pred), "recall": _ratio(tp, gt), "iou": _ratio(tp, gt + pred - tp),
-            "true_positive": tp, "false_positive": pred - tp, "false_negative": gt - tp, "points": gt,
-        }
-    return out
-
-
-def mean_iou(per_class: dict[str, dict[str, Any]]) -> float | None:
-    """Mean IoU over the classes with ground-truth points; None when there are none."""
-    values = [m["iou"] for m in per_class.values() if m["points"] > 0]
-    return float(np.mean(values)) if values else None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -122,8 +75,8 @@ class PRAccumulator:
             tp = np.cumsum(self.positives[c][::-1])[::-1]
             fp = np.cumsum(self.negatives[c][::-1])[::-1]
             total = int(self.positives[c].sum())
-            precision = [_ratio(t, t + f) for t, f in zip(tp, fp)]
-            recall = [_ratio(t, total) for t in tp]
+            precision = [ratio(t, t + f) for t, f in zip(tp, fp)]
+            recall = [ratio(t, total) for t in tp]
             out[CLASSES[c]] = {"thresholds": self.thresholds.tolist(), "precision": precision, "recall": recall,
                                "average_precision": average_precision(precision, recall), "points": total}
         return out
@@ -158,5 +111,5 @@ class SegmentationAccumulator:
         per_class = class_metrics(self.confusion)
         scored = int(self.confusion.sum())
         return {"miou": mean_iou(per_class), "classes": per_class, "frames": self.frames, "points": scored,
-                "accuracy": _ratio(int(np.trace(self.confusion)), scored),
+                "accuracy": ratio(int(np.trace(self.confusion)), scored),
                 "confusion": self.confusion.tolist()}

@@ -1,13 +1,16 @@
-"""The per-rank training loop: one code path for 1..N processes, under Horovod or DDP.
+"""The per-rank training loop: one code path for 1..N processes, under Horovod or DDP (or in-process).
 
 ``training.launch`` starts N copies of ``python -m training.trainer JOB.json`` with ``horovodrun`` or
-``torchrun``; each copy is one rank and runs ``train`` below, which reads top to bottom:
+``torchrun``; each copy is one rank and runs ``Trainer(job, backend).run()`` below. ``LocalBackend``
+(world size 1, no process group) runs the same ``Trainer`` inside the calling process, which is how
+the unit tests drive it. In order:
 
 1. **Determinism.** ``torch.use_deterministic_algorithms(True)`` and one CPU thread per rank, so the
    same dataset, config and seed give bitwise-identical weights - under Horovod and DDP alike (both
    average gradients with gloo's ring allreduce; with 2 ranks ``a/2 + b/2 == (a + b) / 2`` exactly).
-2. **Model, optimizer, schedule**, built identically on every rank from the seed; the backend wraps
-   them (``hvd.DistributedOptimizer`` or ``DistributedDataParallel``).
+2. **Model, loss, optimizer, schedule**, built identically on every rank from the seed; the loss,
+   optimizer and schedule come from the model's train spec (``training.models.get_train_spec``). The
+   backend wraps them (``hvd.DistributedOptimizer`` or ``DistributedDataParallel``).
 3. **Resume** from the newest checkpoint when asked: weights, optimizer, schedule, data position
    (epoch, step) and every rank's RNG state, then broadcast from rank 0.
 4. **Epochs.** Each rank reads its own Petastorm shard (``training.data``); every rank runs the same
@@ -18,7 +21,8 @@
 5. **Checkpoints** every ``checkpoint_every`` steps and at each epoch end (rank 0, atomic), each with
    a TorchScript ``model.ts`` checked against eager and carrying provenance.
 6. **Validation** after every epoch: each rank scores its shard of the val split, the confusion
-   matrices are summed, and mIoU (ignore class excluded) is logged with per-class IoU.
+   matrices are summed, and mIoU (ignore class excluded; ``pipeline.metrics``, the evaluate stage's
+   implementation too) is logged with per-class IoU.
 7. **Outputs.** Rank 0 writes ``model.pt`` (state dict), ``model.json`` (how to rebuild it),
    ``model.ts`` and ``metrics.json``; every rank writes a summary (steps run, parameter digest) and its
    log into the run's log folder.
@@ -37,17 +41,17 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.files import atomic_write_json
+from pipeline.metrics import class_iou, confusion_matrix
 from pipeline.taxonomy import CLASSES, IGNORE, NUM_CLASSES
 from training import checkpoint as ckpt
-from training.data import Prefetcher, ShardPlan, class_points, class_weights, train_stream, val_batches
+from training.data import Batch, Prefetcher, ShardPlan, class_points, class_weights, train_stream, val_batches
 
 EXIT_DIVERGED = 3
 EXIT_TERMINATED = 143
@@ -193,13 +197,35 @@ class DdpBackend(Backend):
         self.dist.destroy_process_group()
 
 
+class LocalBackend(Backend):
+    """One process and no process group (world size 1): collectives are identities. Lets tests and
+    notebooks run the ``Trainer`` in-process, without Horovod or ``torch.distributed``."""
+
+    name = "local"
+
+    def __init__(self, device_kind: str = "cpu"):
+        if device_kind == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.clone()
+
+    def allgather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        return [tensor.clone()]
+
+    def barrier(self) -> None:
+        pass
+
+
 def make_backend(name: str, device_kind: str) -> Backend:
     """The backend the job asked for; ``device_kind`` is ``cpu`` or ``cuda`` (resolved by the launcher)."""
     if name == "horovod":
         return HorovodBackend(device_kind)
     if name == "ddp":
         return DdpBackend(device_kind)
-    raise ValueError(f"unknown backend {name!r}; use horovod or ddp")
+    if name == "local":
+        return LocalBackend(device_kind)
+    raise ValueError(f"unknown backend {name!r}; use horovod, ddp or local")
 
 
 # ----------------------------------------------------------------------------------------- pieces
@@ -220,57 +246,6 @@ def configure_determinism(device: torch.device) -> None:
         torch.backends.cudnn.deterministic = True
 
 
-class PointLoss(nn.Module):
-    """Per-point cross-entropy with class-balanced weights and per-frame sample weights.
-
-    ``sum(w_frame * w_class[y] * ce) / sum(w_frame * w_class[y])`` over the non-ignored points of the
-    batch: a weighted mean, so the loss scale does not depend on how many points a batch has.
-    """
-
-    def __init__(self, weights: np.ndarray):
-        super().__init__()
-        self.register_buffer("class_weights", torch.as_tensor(weights, dtype=torch.float32))
-
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor, sample_weight: torch.Tensor) -> torch.Tensor:
-        """``logits [B, N, C]``, ``labels [B, N]``, ``sample_weight [B]`` -> the scalar batch loss."""
-        classes = logits.shape[-1]
-        per_point = F.cross_entropy(logits.reshape(-1, classes), labels.reshape(-1), weight=self.class_weights,
-                                    ignore_index=IGNORE, reduction="none").reshape(labels.shape)
-        point_weight = self.class_weights[labels] * (labels != IGNORE)
-        frame_weight = sample_weight.unsqueeze(1)
-        return (per_point * frame_weight).sum() / (point_weight * frame_weight).sum().clamp_min(1e-12)
-
-
-def warmup_cosine(total_steps: int) -> Callable[[int], float]:
-    """Learning-rate factor: linear warm-up over the first 10% of steps (at most 100), then cosine
-    decay to 5% of the peak."""
-    warmup = max(1, min(100, total_steps // 10))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def confusion_to_iou(confusion: np.ndarray) -> tuple[list[float | None], float | None]:
-    """Per-class IoU (None for classes absent from the ground truth, and for ``ignore``) and their mean."""
-    confusion = np.asarray(confusion, dtype=np.float64)
-    true_positive = np.diag(confusion)
-    ground_truth = confusion.sum(axis=1)
-    predicted = confusion.sum(axis=0)
-    ious: list[float | None] = []
-    for c in range(confusion.shape[0]):
-        if c == IGNORE or ground_truth[c] == 0:
-            ious.append(None)
-        else:
-            ious.append(float(true_positive[c] / (ground_truth[c] + predicted[c] - true_positive[c])))
-    present = [v for v in ious if v is not None]
-    return ious, (float(np.mean(present)) if present else None)
-
-
 def majority_baseline(confusion: np.ndarray, train_counts: np.ndarray) -> dict[str, Any]:
     """mIoU of predicting the most common training class everywhere, on the same validation points."""
     counts = np.asarray(train_counts, dtype=np.float64).copy()
@@ -279,8 +254,8 @@ def majority_baseline(confusion: np.ndarray, train_counts: np.ndarray) -> dict[s
     ground_truth = np.asarray(confusion, dtype=np.float64).sum(axis=1)
     baseline = np.zeros_like(np.asarray(confusion, dtype=np.float64))
     baseline[:, majority] = ground_truth
-    ious, miou = confusion_to_iou(baseline)
-    return {"class": CLASSES[majority], "miou": miou, "iou": dict(zip(CLASSES, ious))}
+    ious, miou = class_iou(baseline)
+    return {"class": CLASSES[majority], "miou": miou, "iou": ious}
 
 
 def parameter_digest(module: nn.Module) -> str:
@@ -313,14 +288,18 @@ class StopRequest:
 
     def __init__(self):
         self.event = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, _frame):
         """Signal handler: note the request; the loop acts on it at the next step boundary."""
         if not self.event.is_set():
             log.warning("received %s: saving a checkpoint at the next step boundary", signal.Signals(signum).name)
         self.event.set()
+
+    def close(self) -> None:
+        """Put back the handlers that were there before (an in-process run leaves its host as it was)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 @dataclass
@@ -423,194 +402,248 @@ def _gather_rng(backend: Backend) -> list[dict[str, Any]]:
     return ranks
 
 
-def train(job: Job, backend: Backend) -> dict[str, Any]:
-    """Train on this rank; returns this rank's summary. See the module docstring for the outline."""
-    from training.models import build_model, config_to_dict
+class Trainer:
+    """One rank's training run: ``Trainer(job, backend).run()`` returns this rank's summary.
 
-    cfg = job.train
-    rank, world, device = backend.rank, backend.world, backend.device
-    is_chief = rank == 0
+    ``__init__`` builds everything identically on every rank (data plan, model, and the loss, optimizer
+    and schedule of the model's train spec), resumes from the newest checkpoint when the job asks, and
+    lets the backend synchronise the ranks. ``run`` is the loop, in small named steps: per epoch
+    ``train_epoch`` (per step ``forward_backward``, ``agree``, ``optimizer_step``, ``record_step`` and,
+    every ``checkpoint_every`` steps, ``save_checkpoint``), then ``validate_epoch`` and ``report_epoch``
+    and an end-of-epoch checkpoint; at the end ``write_outputs`` on rank 0.
+    """
 
-    # 1. Determinism.
-    configure_determinism(device)
+    def __init__(self, job: Job, backend: Backend):
+        from training.models import build_model, config_to_dict, get_train_spec
 
-    # The data plan: this rank's shard, and the steps every rank runs per epoch.
-    manifest = job.dataset["manifest"]
-    plan = ShardPlan(location=job.dataset["location"], manifest=manifest, rank=rank, world=world,
-                     batch_size=cfg["batch_size"], max_points=cfg["max_points"], seed=cfg["seed"],
-                     shuffle_buffer=cfg["shuffle_buffer"])
-    steps = plan.steps_per_epoch()
-    epochs = cfg["epochs"]
-    total_steps = steps * epochs
-    log.info("rank %d/%d on %s: %d train rows in my shard, %d steps per epoch, %d epochs",
-             rank, world, device, plan.rows("train"), steps, epochs)
-    if steps < 1:
-        raise ValueError(f"rank {rank} has {plan.rows('train')} train rows, fewer than one batch of {cfg['batch_size']}")
+        self.job, self.backend, self.cfg = job, backend, job.train
+        self.rank, self.world, self.device = backend.rank, backend.world, backend.device
+        self.is_chief = self.rank == 0
+        configure_determinism(self.device)
 
-    # 2. Model, optimizer, schedule and loss: identical on every rank (same seed, same order).
-    torch.manual_seed(cfg["seed"])
-    model = build_model(cfg["model"], job.model_options).to(device)
-    model_config = config_to_dict(model.config)
-    train_counts = class_points(manifest, "train")
-    loss_fn = PointLoss(class_weights(train_counts)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    optimizer = backend.distribute_optimizer(model, optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps))
-    # Per-rank randomness (nothing in bev_segnet draws any, but a model with dropout would).
-    torch.manual_seed(cfg["seed"] * 1000 + 1 + rank)
-    position = Position()
+        # The data plan: this rank's shard, and the steps every rank runs per epoch.
+        cfg = self.cfg
+        self.plan = ShardPlan(location=job.dataset["location"], manifest=job.dataset["manifest"], rank=self.rank,
+                              world=self.world, batch_size=cfg["batch_size"], max_points=cfg["max_points"],
+                              seed=cfg["seed"], shuffle_buffer=cfg["shuffle_buffer"])
+        self.steps = self.plan.steps_per_epoch()
+        self.epochs = cfg["epochs"]
+        self.total_steps = self.steps * self.epochs
+        log.info("rank %d/%d on %s: %d train rows in my shard, %d steps per epoch, %d epochs",
+                 self.rank, self.world, self.device, self.plan.rows("train"), self.steps, self.epochs)
+        if self.steps < 1:
+            raise ValueError(f"rank {self.rank} has {self.plan.rows('train')} train rows, "
+                             f"fewer than one batch of {cfg['batch_size']}")
 
-    # 3. Resume: the newest readable checkpoint, on every rank (then broadcast from rank 0 below).
-    resumed_from = None
-    if job.resume:
-        found = ckpt.load_latest(job.state_dir, map_location=device, warn=log.warning)
-        if found is not None:
-            resumed_from, state = found
-            if state["world"] != world:
-                raise ValueError(f"{resumed_from} was written by {state['world']} ranks, this job has {world}")
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            ckpt.restore_rng(state["rng"][rank])
-            position = Position(**state["position"])
-            log.info("resumed from %s at epoch %d step %d (global step %d)", resumed_from,
-                     position.epoch, position.step, position.global_step)
-    train_model = backend.synchronize(model, optimizer)
+        # Model, loss, optimizer and schedule: identical on every rank (same seed, same order).
+        torch.manual_seed(cfg["seed"])
+        spec = get_train_spec(cfg["model"])
+        self.model = build_model(cfg["model"], job.model_options).to(self.device)
+        self.model_config = config_to_dict(self.model.config)
+        self.train_counts = class_points(job.dataset["manifest"], "train")
+        self.loss_fn = spec.build_loss(self.train_counts).to(self.device)
+        self.optimizer = backend.distribute_optimizer(self.model, spec.build_optimizer(self.model, cfg))
+        self.scheduler = spec.build_lr_scheduler(self.optimizer, self.total_steps)
+        # Per-rank randomness (nothing in bev_segnet draws any, but a model with dropout would).
+        torch.manual_seed(cfg["seed"] * 1000 + 1 + self.rank)
+        self.position = Position()
+        self.resumed_from = self.resume() if job.resume else None
+        self.train_model = backend.synchronize(self.model, self.optimizer)
+        self.example: tuple[torch.Tensor, torch.Tensor] | None = None  # the last batch's first frame
+        self.provenance = {
+            **job.spec.get("provenance", {}), "run_id": job.spec.get("run_id", ""), "dataset": job.dataset["ref"],
+            "dataset_content_key": job.dataset.get("content_key", ""), "model": cfg["model"],
+            "model_options": self.model_config, "config": job.spec.get("config", {}), "classes": list(CLASSES),
+            "backend": backend.name, "world": self.world,
+            "input": "points float32 [B, N, 4] (x, y, z, intensity), valid bool [B, N]",
+            "output": f"logits float32 [B, N, {NUM_CLASSES}]"}
 
-    reporter = Reporter(job, rank, purge_step=position.global_step if resumed_from else None)
-    reporter.event("start", rank=rank, world=world, steps_per_epoch=steps, epochs=epochs, total_steps=total_steps,
-                   global_step=position.global_step, resumed_from=resumed_from)
-    stop = StopRequest()
-    provenance = {**job.spec.get("provenance", {}), "run_id": job.spec.get("run_id", ""),
-                  "dataset": job.dataset["ref"], "dataset_content_key": job.dataset.get("content_key", ""),
-                  "model": cfg["model"], "model_options": model_config, "config": job.spec.get("config", {}),
-                  "classes": list(CLASSES), "backend": backend.name, "world": world,
-                  "input": "points float32 [B, N, 4] (x, y, z, intensity), valid bool [B, N]",
-                  "output": f"logits float32 [B, N, {NUM_CLASSES}]"}
+    def resume(self) -> str | None:
+        """Load the newest readable checkpoint on every rank (the backend then broadcasts rank 0's
+        state); returns its path, or None when there is none."""
+        found = ckpt.load_latest(self.job.state_dir, map_location=self.device, warn=log.warning)
+        if found is None:
+            return None
+        path, state = found
+        if state["world"] != self.world:
+            raise ValueError(f"{path} was written by {state['world']} ranks, this job has {self.world}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.restore_rng(state["rng"][self.rank])
+        self.position = Position(**state["position"])
+        log.info("resumed from %s at epoch %d step %d (global step %d)", path, self.position.epoch,
+                 self.position.step, self.position.global_step)
+        return path
 
-    def save_checkpoint(example: tuple[torch.Tensor, torch.Tensor] | None, torchscript: bool = True) -> None:
+    # ------------------------------------------------------------------------------------- the loop
+    def run(self) -> dict[str, Any]:
+        """Train to the last epoch and write the outputs; returns this rank's summary."""
+        position = self.position
+        self.reporter = Reporter(self.job, self.rank, purge_step=position.global_step if self.resumed_from else None)
+        self.reporter.event("start", rank=self.rank, world=self.world, steps_per_epoch=self.steps, epochs=self.epochs,
+                            total_steps=self.total_steps, global_step=position.global_step,
+                            resumed_from=self.resumed_from)
+        self.stop = StopRequest()
+        try:
+            stream = Prefetcher(train_stream(self.plan, position.epoch, self.epochs, skip=position.step),
+                                depth=self.cfg["prefetch_batches"], name=f"prefetch-rank{self.rank}")
+            steps_run: list[int] = []
+            try:
+                for epoch in range(position.epoch, self.epochs):
+                    steps_run.append(self.train_epoch(epoch, stream))
+                    self.report_epoch(epoch, self.validate_epoch())
+                    self.position.start_epoch(epoch + 1)
+                    self.save_checkpoint()
+            finally:
+                stream.close()
+            summary = self.summary(steps_run)
+            if self.is_chief:
+                write_outputs(self.job, self.model, self.model_config, self.position, self.train_counts,
+                              self.provenance, self.example or _val_example(self.plan))
+                self.reporter.event("done", global_step=self.position.global_step)
+            self.backend.barrier()
+            return summary
+        finally:
+            self.reporter.close()
+            self.stop.close()
+
+    def train_epoch(self, epoch: int, stream: Prefetcher) -> int:
+        """The steps of ``epoch`` not done yet; returns how many ran."""
+        if self.position.step == 0:
+            self.position.start_epoch(epoch)
+        self.train_model.train()
+        ran = 0
+        for step in range(self.position.step, self.steps):
+            started, waited = time.perf_counter(), stream.wait_s
+            got_epoch, got_step, batch = next(stream)
+            assert (got_epoch, got_step) == (epoch, step), f"data stream at {(got_epoch, got_step)}, loop at {(epoch, step)}"
+            batch = batch.to(self.device)
+            self.example = (batch.points[:1].cpu(), batch.valid[:1].cpu())
+            local_loss = self.forward_backward(batch)
+            mean_loss, stop_requested = self.agree(local_loss, epoch, step)
+            self.optimizer_step()
+            self.record_step(epoch, step, mean_loss, len(batch), time.perf_counter() - started, stream.wait_s - waited)
+            ran += 1
+            if stop_requested:
+                self.save_checkpoint(torchscript=False)  # quick: the launcher's grace period is short
+                self.backend.barrier()  # no rank exits (and gets its peers killed) before the checkpoint is on disk
+                raise Terminated(f"stopped by a signal at epoch {epoch + 1} step {step + 1}; "
+                                 f"checkpoint at global step {self.position.global_step}")
+            if self.position.global_step % self.cfg["checkpoint_every"] == 0 and step + 1 < self.steps:
+                self.save_checkpoint()
+        return ran
+
+    def forward_backward(self, batch: Batch) -> float:
+        """Gradients of this rank's batch loss; returns the loss."""
+        self.optimizer.zero_grad()  # set_to_none by default; Horovod's wrapper takes no arguments
+        logits = self.train_model(batch.points, batch.valid)
+        loss = self.loss_fn(logits, batch.labels, batch.sample_weight)
+        loss.backward()
+        return float(loss.detach())
+
+    def agree(self, local_loss: float, epoch: int, step: int) -> tuple[float, bool]:
+        """One small allreduce per step: every rank learns the mean loss, whether any rank's loss is not
+        finite (``Diverged``, before the optimizer applies it) and whether any rank was asked to stop -
+        and so all decide the same way. Returns (mean loss, stop requested)."""
+        finite = math.isfinite(local_loss)
+        flags = self.backend.allreduce_sum(torch.tensor(
+            [local_loss if finite else 0.0, 0.0 if finite else 1.0, 1.0 if self.stop.event.is_set() else 0.0],
+            dtype=torch.float64, device=self.device)).cpu().tolist()
+        if flags[1] > 0:
+            raise Diverged(f"the training loss is not finite at epoch {epoch + 1} step {step + 1} "
+                           f"(global step {self.position.global_step + 1}) on {int(flags[1])} of {self.world} ranks")
+        return flags[0] / self.world, flags[2] > 0
+
+    def optimizer_step(self) -> None:
+        """Apply the (averaged) gradients and advance the learning-rate schedule."""
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def record_step(self, epoch: int, step: int, mean_loss: float, batch_size: int, step_s: float,
+                    wait_s: float) -> None:
+        """Advance the position and its running totals; TensorBoard scalars and a progress event."""
+        position, world = self.position, self.world
+        position.step, position.global_step = step + 1, position.global_step + 1
+        position.loss_sum += mean_loss
+        position.steps_done += 1
+        position.samples += batch_size * world
+        position.step_s += step_s
+        position.wait_s += wait_s
+        self.reporter.scalars(position.global_step, train__loss=mean_loss, train__lr=self.scheduler.get_last_lr()[0],
+                              train__samples_per_s=batch_size * world / max(step_s, 1e-9),
+                              train__data_wait_fraction=wait_s / max(step_s, 1e-9))
+        self.reporter.event("step", epoch=epoch, step=step + 1, steps=self.steps, global_step=position.global_step,
+                            total_steps=self.total_steps, loss=mean_loss)
+
+    def validate_epoch(self) -> dict[str, Any]:
+        """mIoU on the val split, on rank 0's weights and statistics."""
+        self.backend.broadcast_buffers(self.model)
+        return validate(self.model, self.plan, self.backend, self.device)
+
+    def report_epoch(self, epoch: int, val: dict[str, Any]) -> None:
+        """The epoch's record (into the history, hence the checkpoint and metrics.json), scalars, an
+        event and a log line."""
+        position = self.position
+        record = {
+            "epoch": epoch + 1, "steps": self.steps, "global_step": position.global_step,
+            "loss": position.loss_sum / max(1, position.steps_done),
+            "val_miou": val["miou"], "val_iou": val["iou"], "val_points": val["points"],
+            "val_label_points": val["label_points"],
+            "samples_per_s": position.samples / max(position.step_s, 1e-9),
+            "step_s": position.step_s / max(1, position.steps_done),
+            "data_wait_fraction": position.wait_s / max(position.step_s, 1e-9),
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+        position.history.append(record)
+        self.reporter.scalars(position.global_step, epoch__loss=record["loss"], val__miou=val["miou"],
+                              epoch__samples_per_s=record["samples_per_s"],
+                              epoch__data_wait_fraction=record["data_wait_fraction"],
+                              **{f"val__iou__{name}": iou for name, iou in val["iou"].items()})
+        self.reporter.event("epoch", **{k: v for k, v in record.items() if k != "val_iou"}, epochs=self.epochs)
+        log.info("epoch %d/%d: loss %.4f, val mIoU %s, %.1f samples/s, data wait %.1f%%", epoch + 1, self.epochs,
+                 record["loss"], "n/a" if val["miou"] is None else f"{val['miou']:.3f}",
+                 record["samples_per_s"], 100 * record["data_wait_fraction"])
+
+    def save_checkpoint(self, torchscript: bool = True) -> None:
         """All ranks: gather RNG states; rank 0: write the checkpoint, then ``model.ts`` beside it."""
-        rng = _gather_rng(backend)
-        if not is_chief:
+        example = None
+        if torchscript and self.is_chief:
+            example = self.example if self.example is not None else _val_example(self.plan)
+        rng = _gather_rng(self.backend)
+        if not self.is_chief:
             return
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "position": position.as_dict(), "rng": rng, "world": world, "backend": backend.name,
-                 "model_name": cfg["model"], "model_options": model_config, "run_id": job.spec.get("run_id", "")}
-        path = ckpt.save(job.state_dir, state, position.global_step, keep=cfg["keep_checkpoints"])
+        position = self.position
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "position": position.as_dict(), "rng": rng,
+                 "world": self.world, "backend": self.backend.name, "model_name": self.cfg["model"],
+                 "model_options": self.model_config, "run_id": self.job.spec.get("run_id", "")}
+        path = ckpt.save(self.job.state_dir, state, position.global_step, keep=self.cfg["keep_checkpoints"])
         check = {}
-        if torchscript and example is not None:
-            meta = {**provenance, "epoch": position.epoch, "step": position.step, "global_step": position.global_step,
-                    "checkpoint": os.path.basename(path), "created_at": time.time()}
-            check = ckpt.save_torchscript(model, os.path.join(job.state_dir, "model.ts"), meta, example)
-        reporter.event("checkpoint", path=path, global_step=position.global_step, **check)
+        if example is not None:
+            meta = {**self.provenance, "epoch": position.epoch, "step": position.step,
+                    "global_step": position.global_step, "checkpoint": os.path.basename(path),
+                    "created_at": time.time()}
+            check = ckpt.save_torchscript(self.model, os.path.join(self.job.state_dir, "model.ts"), meta, example)
+        self.reporter.event("checkpoint", path=path, global_step=position.global_step, **check)
         log.info("checkpoint %s (epoch %d, step %d)%s", path, position.epoch, position.step,
                  "" if not check else f", TorchScript max |diff| {check['torchscript_max_abs_diff']:.2e}")
 
-    # 4. Epochs.
-    stream = Prefetcher(train_stream(plan, position.epoch, epochs, skip=position.step), depth=cfg["prefetch_batches"],
-                        name=f"prefetch-rank{rank}")
-    steps_run: list[int] = []
-    example = None
-    try:
-        for epoch in range(position.epoch, epochs):
-            if position.step == 0:
-                position.start_epoch(epoch)
-            train_model.train()
-            ran = 0
-            for step in range(position.step, steps):
-                started, waited = time.perf_counter(), stream.wait_s
-                got_epoch, got_step, batch = next(stream)
-                assert (got_epoch, got_step) == (epoch, step), f"data stream at {(got_epoch, got_step)}, loop at {(epoch, step)}"
-                batch = batch.to(device)
-                example = (batch.points[:1].cpu(), batch.valid[:1].cpu())
-
-                optimizer.zero_grad()  # set_to_none by default; Horovod's wrapper takes no arguments
-                logits = train_model(batch.points, batch.valid)
-                loss = loss_fn(logits, batch.labels, batch.sample_weight)
-                loss.backward()
-                # One small allreduce per step: every rank learns the mean loss, whether any rank's loss
-                # is not finite, and whether any rank was asked to stop - and so decides the same way.
-                local_loss = float(loss.detach())
-                finite = math.isfinite(local_loss)
-                flags = backend.allreduce_sum(torch.tensor(
-                    [local_loss if finite else 0.0, 0.0 if finite else 1.0, 1.0 if stop.event.is_set() else 0.0],
-                    dtype=torch.float64, device=device)).cpu().tolist()
-                if flags[1] > 0:
-                    raise Diverged(f"the training loss is not finite at epoch {epoch + 1} step {step + 1} "
-                                   f"(global step {position.global_step + 1}) on {int(flags[1])} of {world} ranks")
-                optimizer.step()
-                scheduler.step()
-
-                mean_loss = flags[0] / world
-                step_s = time.perf_counter() - started
-                wait_s = stream.wait_s - waited
-                position.step, position.global_step = step + 1, position.global_step + 1
-                position.loss_sum += mean_loss
-                position.steps_done += 1
-                position.samples += len(batch) * world
-                position.step_s += step_s
-                position.wait_s += wait_s
-                ran += 1
-                reporter.scalars(position.global_step, train__loss=mean_loss, train__lr=scheduler.get_last_lr()[0],
-                                 train__samples_per_s=len(batch) * world / max(step_s, 1e-9),
-                                 train__data_wait_fraction=wait_s / max(step_s, 1e-9))
-                reporter.event("step", epoch=epoch, step=step + 1, steps=steps, global_step=position.global_step,
-                               total_steps=total_steps, loss=mean_loss)
-
-                if flags[2] > 0:
-                    save_checkpoint(example, torchscript=False)  # quick: the launcher's grace period is short
-                    backend.barrier()  # no rank exits (and gets its peers killed) before the checkpoint is on disk
-                    raise Terminated(f"stopped by a signal at epoch {epoch + 1} step {step + 1}; "
-                                     f"checkpoint at global step {position.global_step}")
-                if position.global_step % cfg["checkpoint_every"] == 0 and step + 1 < steps:
-                    save_checkpoint(example)
-            steps_run.append(ran)
-
-            # 6. Validation, on rank 0's weights and statistics.
-            backend.broadcast_buffers(model)
-            val = validate(model, plan, backend, device)
-            epoch_record = {
-                "epoch": epoch + 1, "steps": steps, "global_step": position.global_step,
-                "loss": position.loss_sum / max(1, position.steps_done),
-                "val_miou": val["miou"], "val_iou": val["iou"], "val_points": val["points"],
-                "val_label_points": val["label_points"],
-                "samples_per_s": position.samples / max(position.step_s, 1e-9),
-                "step_s": position.step_s / max(1, position.steps_done),
-                "data_wait_fraction": position.wait_s / max(position.step_s, 1e-9),
-                "lr": scheduler.get_last_lr()[0],
-            }
-            position.history.append(epoch_record)
-            reporter.scalars(position.global_step, epoch__loss=epoch_record["loss"], val__miou=val["miou"],
-                             epoch__samples_per_s=epoch_record["samples_per_s"],
-                             epoch__data_wait_fraction=epoch_record["data_wait_fraction"],
-                             **{f"val__iou__{name}": iou for name, iou in val["iou"].items()})
-            reporter.event("epoch", **{k: v for k, v in epoch_record.items() if k != "val_iou"}, epochs=epochs)
-            log.info("epoch %d/%d: loss %.4f, val mIoU %s, %.1f samples/s, data wait %.1f%%", epoch + 1, epochs,
-                     epoch_record["loss"], "n/a" if val["miou"] is None else f"{val['miou']:.3f}",
-                     epoch_record["samples_per_s"], 100 * epoch_record["data_wait_fraction"])
-            position.start_epoch(epoch + 1)
-            save_checkpoint(example if example is not None else _val_example(plan))
-    finally:
-        stream.close()
-
-    # 7. Outputs.
-    summary = {"rank": rank, "world": world, "backend": backend.name, "steps_per_epoch": steps,
-               "steps_run": steps_run, "train_rows": plan.rows("train"), "global_step": position.global_step,
-               "parameters_sha256": parameters_digest(model), "state_sha256": parameter_digest(model),
-               "resumed_from": resumed_from, "peak_rss_mb": peak_memory_mb(),
-               "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
-    if is_chief:
-        write_outputs(job, model, model_config, position, train_counts, provenance, example or _val_example(plan))
-        reporter.event("done", global_step=position.global_step)
-    reporter.close()
-    backend.barrier()
-    return summary
+    def summary(self, steps_run: list[int]) -> dict[str, Any]:
+        """This rank's record of the run: steps run, parameter digests, memory."""
+        device = self.device
+        return {"rank": self.rank, "world": self.world, "backend": self.backend.name, "steps_per_epoch": self.steps,
+                "steps_run": steps_run, "train_rows": self.plan.rows("train"),
+                "global_step": self.position.global_step, "parameters_sha256": parameters_digest(self.model),
+                "state_sha256": parameter_digest(self.model), "resumed_from": self.resumed_from,
+                "peak_rss_mb": peak_memory_mb(),
+                "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
 
 
 def validate(model: nn.Module, plan: ShardPlan, backend: Backend, device: torch.device) -> dict[str, Any]:
     """mIoU of ``model`` on the val split: every rank scores its shard, confusion matrices are summed."""
     model.eval()
-    confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, dtype=torch.int64, device=device)
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
     batches = Prefetcher(val_batches(plan), depth=2, name=f"val-rank{plan.rank}")
     try:
         with torch.no_grad():
@@ -618,15 +651,13 @@ def validate(model: nn.Module, plan: ShardPlan, backend: Backend, device: torch.
                 batch = batch.to(device)
                 predicted = model(batch.points, batch.valid).argmax(dim=-1)
                 scored = batch.valid & (batch.labels != IGNORE)
-                index = batch.labels[scored] * NUM_CLASSES + predicted[scored]
-                confusion += torch.bincount(index, minlength=NUM_CLASSES * NUM_CLASSES)
+                confusion += confusion_matrix(batch.labels[scored].cpu().numpy(), predicted[scored].cpu().numpy())
     finally:
         batches.close()
     model.train()
-    total = backend.allreduce_sum(confusion).cpu().numpy().reshape(NUM_CLASSES, NUM_CLASSES)
-    ious, miou = confusion_to_iou(total)
-    return {"miou": miou, "iou": dict(zip(CLASSES, ious)), "label_points": total.sum(axis=1).tolist(),
-            "points": int(total.sum())}
+    total = backend.allreduce_sum(torch.from_numpy(confusion).to(device)).cpu().numpy()
+    ious, miou = class_iou(total)
+    return {"miou": miou, "iou": ious, "label_points": total.sum(axis=1).tolist(), "points": int(total.sum())}
 
 
 def _val_example(plan: ShardPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -710,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = None
     try:
         backend = make_backend(job.spec["backend"], job.spec["device"])
-        summary = train(job, backend)
+        summary = Trainer(job, backend).run()
         atomic_write_json(os.path.join(job.logs_dir, f"rank-{backend.rank}.json"), summary)
     except Diverged as exc:
         code, error = EXIT_DIVERGED, {"kind": "diverged", "message": str(exc)}

@@ -13,27 +13,35 @@ import importlib
 import pkgutil
 
 from training.models.registry import (
+    DEFAULT_TRAIN_SPEC,
     ModelSpec,
+    TrainSpec,
     build_model,
     config_to_dict,
     count_parameters,
     get_model_spec,
+    get_train_spec,
     list_models,
     make_config,
     model_info,
     register_model,
+    register_train_spec,
 )
 
 __all__ = [
+    "DEFAULT_TRAIN_SPEC",
     "ModelSpec",
+    "TrainSpec",
     "build_model",
     "config_to_dict",
     "count_parameters",
     "get_model_spec",
+    "get_train_spec",
     "list_models",
     "make_config",
     "model_info",
     "register_model",
+    "register_train_spec",
 ]
 
 

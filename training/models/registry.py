@@ -15,6 +15,16 @@ package, so adding a model means adding exactly one file.
 Overrides are coerced into the config dataclass's field types (so strings from ``--set`` flags or
 environment variables and lists from a JSON checkpoint both work); an unknown model name or config key
 is a ``ValueError`` that names what is allowed.
+
+How a model is *trained* is its ``TrainSpec`` (torchtitan's TrainSpec): builders for the loss, the
+optimizer and the learning-rate schedule. A model that needs its own registers one next to its
+``register_model`` call::
+
+    register_train_spec("my_net", TrainSpec(build_loss=my_loss, build_optimizer=objectives.adamw,
+                                            build_lr_scheduler=objectives.warmup_cosine_schedule))
+
+and the trainer asks ``get_train_spec(name)``; a model that registers none gets ``DEFAULT_TRAIN_SPEC``
+(``PointLoss``, AdamW, warm-up + cosine; ``training.objectives``).
 """
 
 from __future__ import annotations
@@ -25,13 +35,20 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+import numpy as np
+import torch
 from torch import nn
 
 from pipeline.config import coerce
+from training import objectives
 
 __all__ = [
     "ModelSpec",
+    "TrainSpec",
+    "DEFAULT_TRAIN_SPEC",
     "register_model",
+    "register_train_spec",
+    "get_train_spec",
     "get_model_spec",
     "list_models",
     "make_config",
@@ -144,6 +161,42 @@ def build_model(name: str, overrides: Mapping[str, Any] | None = None) -> nn.Mod
     model.model_name = name
     model.config = config
     return model
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """How a model is trained: builders the trainer calls once, identically on every rank.
+
+    * ``build_loss(train_counts)``: the train split's points per class (``[NUM_CLASSES]``) -> a module
+      called as ``loss(logits [B, N, C], labels [B, N], sample_weight [B])`` -> a scalar.
+    * ``build_optimizer(model, train)``: the model and the job's train settings (``lr``,
+      ``weight_decay``, ...) -> the optimizer.
+    * ``build_lr_scheduler(optimizer, total_steps)``: stepped once per optimizer step.
+    """
+
+    build_loss: Callable[[np.ndarray], nn.Module]
+    build_optimizer: Callable[[nn.Module, Mapping[str, Any]], torch.optim.Optimizer]
+    build_lr_scheduler: Callable[[torch.optim.Optimizer, int], torch.optim.lr_scheduler.LRScheduler]
+
+
+DEFAULT_TRAIN_SPEC = TrainSpec(build_loss=objectives.point_loss, build_optimizer=objectives.adamw,
+                               build_lr_scheduler=objectives.warmup_cosine_schedule)
+_TRAIN_SPECS: dict[str, TrainSpec] = {}
+
+
+def register_train_spec(name: str, spec: TrainSpec) -> TrainSpec:
+    """Train model ``name`` (registered already) with ``spec`` instead of ``DEFAULT_TRAIN_SPEC``."""
+    get_model_spec(name)
+    if not isinstance(spec, TrainSpec):
+        raise ValueError(f"model {name!r}: the train spec must be a TrainSpec, got {type(spec).__name__}")
+    _TRAIN_SPECS[name] = spec
+    return spec
+
+
+def get_train_spec(name: str) -> TrainSpec:
+    """The train spec of model ``name``: its own if it registered one, else ``DEFAULT_TRAIN_SPEC``."""
+    get_model_spec(name)
+    return _TRAIN_SPECS.get(name, DEFAULT_TRAIN_SPEC)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
