@@ -151,6 +151,16 @@ class ServeConfig:
 
 
 @dataclass
+class RegistryConfig:
+    """How a build holds on to its record (the database itself is ``registry_url``)."""
+
+    # A build owns its record for lease_s and renews it every lease_renew_s; a lease left to expire (host
+    # lost, process frozen or cut off from the database) lets another process abort the build and take over.
+    lease_s: float = 60.0
+    lease_renew_s: float = 10.0
+
+
+@dataclass
 class PipelineConfig:
     """The whole pipeline: one home for everything it writes, one registry, one section per stage."""
 
@@ -158,6 +168,7 @@ class PipelineConfig:
     registry_url: str = ""  # empty: sqlite:///<home>/registry.db
     seed: int = 0
     force: bool = False  # rebuild even when a succeeded artifact has the same content key
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)
@@ -261,6 +272,11 @@ def _check_invariants(cfg: PipelineConfig) -> None:
                         ("train.batch_size", cfg.train.batch_size)):
         if value < 1:
             raise ConfigError(f"config field {path}: {value} must be at least 1")
+    if not 0 < cfg.registry.lease_renew_s < cfg.registry.lease_s:
+        raise ConfigError(
+            f"config fields registry.lease_renew_s and registry.lease_s: need 0 < lease_renew_s < lease_s, got "
+            f"{cfg.registry.lease_renew_s} and {cfg.registry.lease_s}"
+        )
 
 
 def load(overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> PipelineConfig:
