@@ -283,6 +283,9 @@ class Registry:
     """The registry over one database. ``home`` is where artifact folders are created."""
 
     def __init__(self, url: str, home: Home, lease_s: float = 60.0, lease_renew_s: float = 10.0):
+        if not 0 < lease_renew_s < lease_s:
+            raise RegistryError(f"registry.lease_renew_s ({lease_renew_s}) must be above 0 and below "
+                                f"registry.lease_s ({lease_s}): a lease is renewed several times before it expires")
         self.url = url
         self.home = home
         self.lease_s = lease_s
