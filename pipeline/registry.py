@@ -286,7 +286,7 @@ class Registry:
         if not 0 < lease_renew_s < lease_s:
             raise RegistryError(f"registry.lease_renew_s ({lease_renew_s}) must be above 0 and below "
                                 f"registry.lease_s ({lease_s}): a lease is renewed several times before it expires")
-        self.url = url
+        self.url = _engine_url(url).render_as_string(hide_password=True)  # for messages: no password
         self.home = home
         self.lease_s = lease_s
         self.lease_renew_s = lease_renew_s

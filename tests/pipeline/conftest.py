@@ -28,11 +28,13 @@ INSTALL_HINT = ("install the server with `apt-get install postgresql` as root (`
 
 def _pg_bin_dir() -> Path | None:
     """AVP_PG_BIN, else the newest /usr/lib/postgresql/<major>/bin (Debian), else initdb on PATH."""
-    candidates = [Path(os.environ["AVP_PG_BIN"])] if os.environ.get("AVP_PG_BIN") else []
-    debian = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/initdb") if p.parent.parent.name.isdigit()]
-    candidates += sorted(debian, key=lambda p: int(p.parent.name), reverse=True)
-    if shutil.which("initdb"):
-        candidates.append(Path(shutil.which("initdb")).parent)
+    if os.environ.get("AVP_PG_BIN"):
+        candidates = [Path(os.environ["AVP_PG_BIN"])]
+    else:
+        debian = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/initdb") if p.parent.parent.name.isdigit()]
+        candidates = sorted(debian, key=lambda p: int(p.parent.name), reverse=True)
+        if shutil.which("initdb"):
+            candidates.append(Path(shutil.which("initdb")).parent)
     return next((d for d in candidates if (d / "initdb").exists() and (d / "postgres").exists()), None)
 
 

@@ -193,14 +193,20 @@ def test_two_processes_register_and_promote_concurrently(cfg):
     assert [p.status for p in promos].count("production") == 1
 
 
-def test_avp_registry_list_reads_a_postgresql_registry(postgres_url, avp_env):
+def test_avp_stage_and_registry_list_on_postgresql(postgres_url, avp_env):
     cfg = config.load({"home": avp_env["AVP_HOME"], "registry_url": postgres_url}, env={})
     art = _build(Registry.open(cfg), name="on-postgres")
-    env = dict(avp_env, AVP_REGISTRY_URL=postgres_url, COLUMNS="250")  # wide enough for the whole table
-    out = subprocess.run([str(VENV_BIN / "avp"), "registry", "list"], env=env, capture_output=True, text=True,
-                         timeout=120)
+    # the plain scheme (psycopg is the driver) and a password (the test server trusts; never printed)
+    plain = postgres_url.replace("postgresql+psycopg://avp@", "postgresql://avp:s3cret@")
+    env = dict(avp_env, AVP_REGISTRY_URL=plain, COLUMNS="250")  # wide enough for the whole table
+    avp = str(VENV_BIN / "avp")
+    out = subprocess.run([avp, "simulate", "--logs", "1", "--frames", "2"], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(f"artifacts in {postgres_url}")
-    assert art.name in out.stdout and "succeeded" in out.stdout
+    assert len(list(Path(avp_env["AVP_HOME"], "logs").glob("*.mcap"))) == 1
+    out = subprocess.run([avp, "registry", "list"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"artifacts in {postgres_url.replace('avp@', 'avp:***@')}")
+    assert art.name in out.stdout and "s3cret" not in out.stdout
     # nothing went to the home's SQLite file instead
     assert not Path(avp_env["AVP_HOME"], "registry.db").exists()
