@@ -291,6 +291,10 @@ class Registry:
         self.lease_s = lease_s
         self.lease_renew_s = lease_renew_s
         connect_args: dict[str, Any] = {}
+        if self.url.startswith("postgresql"):
+            # A client frozen or cut off inside a transaction would hold the write lock for everyone: the
+            # server ends such a session once it has sat idle in its transaction for a lease.
+            connect_args = {"options": f"-c idle_in_transaction_session_timeout={int(lease_s * 1000)}"}
         if url.startswith("sqlite"):
             connect_args = {"timeout": 120}
             path = url.split("///", 1)[-1]

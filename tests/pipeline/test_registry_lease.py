@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline import config, provenance
-from pipeline.registry import BuildInProgress, Registry, RegistryError, _now, artifacts_table
+from pipeline.registry import PG_WRITE_LOCK, BuildInProgress, Registry, RegistryError, _now, artifacts_table
 
 REPO = Path(__file__).resolve().parents[2]
 LEASE_S, RENEW_S = 3.0, 0.3
@@ -58,6 +58,38 @@ def _build_elsewhere(cfg, go_file):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "STARTED", proc.stderr.read()
     return proc
+
+
+def _freeze(proc, registry):
+    """SIGSTOP the builder at a moment it holds no registry write lock. It renews its lease in short write
+    transactions; frozen inside one it would block every writer until resumed (or, on PostgreSQL, until the
+    server ends its idle transaction), which is not what these tests are about."""
+    while True:
+        proc.send_signal(signal.SIGSTOP)
+        while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+            time.sleep(0.01)
+        if _write_lock_free(registry):
+            return
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.05)
+
+
+def _write_lock_free(registry) -> bool:
+    if registry.engine.dialect.name == "sqlite":
+        db = sqlite3.connect(registry.engine.url.database, timeout=0.2, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ROLLBACK")
+            return True
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            db.close()
+    with registry.engine.connect() as conn:
+        free = conn.execute(sa.text("SELECT pg_try_advisory_lock(:key)"), {"key": PG_WRITE_LOCK}).scalar()
+        if free:
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:key)"), {"key": PG_WRITE_LOCK})
+        return free
 
 
 def _rebuild(registry):
@@ -107,7 +139,7 @@ def test_frozen_build_on_another_host_is_taken_over_only_after_its_lease(cfg, tm
         registry = _registry(cfg)
         [art] = registry.list("dataset", "victim")
         assert art.host == OTHER_HOST and art.host != provenance.host() and art.state == "building"
-        proc.send_signal(signal.SIGSTOP)
+        _freeze(proc, registry)
         _assert_held_then_taken_over(registry, art)
 
         # The frozen builder wakes up and finishes: it finds its lease gone and publishes nothing.
@@ -187,3 +219,10 @@ def test_missing_lease_column_is_added_on_open(cfg):
 def test_lease_must_be_renewed_before_it_expires(cfg):
     with pytest.raises(RegistryError, match=r"registry.lease_renew_s \(60.0\) must be above 0 and below registry.lease_s"):
         _registry(cfg, lease_s=60, renew_s=60)
+
+
+def test_postgresql_ends_a_session_left_idle_in_its_transaction_for_a_lease(postgres_url, tmp_path):
+    # a frozen client inside a write transaction must not hold the registry's write lock forever
+    cfg = config.load({"home": str(tmp_path / "home"), "registry_url": postgres_url}, env={})
+    with _registry(cfg, lease_s=2, renew_s=1).engine.connect() as conn:
+        assert conn.execute(sa.text("SHOW idle_in_transaction_session_timeout")).scalar() == "2s"
