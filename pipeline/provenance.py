@@ -54,6 +54,12 @@ def user() -> str:
         return str(os.getuid())
 
 
+def host() -> str:
+    """This machine's name as recorded in the registry: ``AVP_HOSTNAME`` when set (a container's or a
+    test's stand-in for another machine), else the OS host name."""
+    return os.environ.get("AVP_HOSTNAME") or socket.gethostname()
+
+
 def airflow_context() -> dict[str, str]:
     """Airflow exports these to every task process; empty outside Airflow."""
     keys = {"dag_id": "AIRFLOW_CTX_DAG_ID", "run_id": "AIRFLOW_CTX_DAG_RUN_ID", "task_id": "AIRFLOW_CTX_TASK_ID"}
@@ -66,7 +72,7 @@ def snapshot() -> dict[str, object]:
         "git_sha": git_sha(),
         "diff_hash": diff_hash(),
         "user": user(),
-        "host": socket.gethostname(),
+        "host": host(),
         "pid": os.getpid(),
         **{f"airflow_{k}": v for k, v in airflow_context().items()},
     }
