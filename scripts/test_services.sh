@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# make test / make test-fast: make sure the servers the tests start for themselves are installed. Today that
-# is PostgreSQL (Debian's `postgresql` package) for the registry tests, which run an initdb'd throwaway
-# cluster on a free 127.0.0.1 port (tests/pipeline/conftest.py). Quiet when it is there; as root (CI) a
-# missing server is installed with apt-get; otherwise it says how, and under CI=true a missing server fails.
+# make test / make test-fast: make sure the servers the tests start for themselves are installed: PostgreSQL
+# (Debian's `postgresql` package) for the registry tests and the Celery cluster test, Redis (`redis-server`)
+# as that cluster's broker. Both are started on free 127.0.0.1 ports by pipeline/servers.py. Quiet when they
+# are there; as root (CI) missing ones are installed with apt-get; otherwise it says how, and under CI=true a
+# missing server fails.
 set -euo pipefail
 
 have_postgres() {
@@ -10,17 +11,25 @@ have_postgres() {
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null 2>&1
 }
 
-have_postgres && exit 0
+have_redis() {
+  if [ -n "${AVP_REDIS_SERVER:-}" ]; then [ -x "$AVP_REDIS_SERVER" ]; return; fi
+  command -v redis-server >/dev/null 2>&1
+}
+
+missing=()
+have_postgres || missing+=(postgresql)
+have_redis || missing+=(redis-server)
+[ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "test services: installing PostgreSQL (apt-get install postgresql) for the registry tests"
+  echo "test services: installing ${missing[*]} (apt-get install) for the registry and cluster tests"
   export DEBIAN_FRONTEND=noninteractive
-  if apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends postgresql >/dev/null; then
-    have_postgres && exit 0
+  if apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; then
+    have_postgres && have_redis && exit 0
   fi
 fi
-msg="no PostgreSQL server binaries (initdb, postgres): install them with 'sudo apt-get install postgresql' or set AVP_PG_BIN"
+msg="missing server binaries (${missing[*]}): install them with 'sudo apt-get install ${missing[*]}' or set AVP_PG_BIN / AVP_REDIS_SERVER"
 if [ "${CI:-}" = "true" ]; then
   echo "test services: $msg (required in CI)" >&2
   exit 2
 fi
-echo "test services: $msg; the PostgreSQL registry tests will be skipped" >&2
+echo "test services: $msg; the tests that need them will be skipped" >&2
