@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 AVP := $(VENV)/bin/avp
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench airflow constraints clean
+.PHONY: setup demo test test-fast bench airflow airflow-cluster constraints clean
 
 setup:
 	@bash scripts/setup.sh
@@ -15,6 +15,10 @@ demo: setup
 
 airflow: setup  ## the Airflow UI with the avp_daily DAG on http://127.0.0.1:8080 (Ctrl-C stops it)
 	@bash scripts/airflow_standalone.sh
+
+airflow-cluster: setup  ## CeleryExecutor: PostgreSQL, Redis, scheduler & co, 2 workers (docs/deploy.md; Ctrl-C stops it)
+	@bash scripts/test_services.sh
+	@bash scripts/airflow_cluster.sh
 
 test: setup  ## also installs the servers tests start (PostgreSQL) when missing and run as root
 	@bash scripts/test_services.sh

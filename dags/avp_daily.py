@@ -19,7 +19,8 @@ pipeline home (`AVP_HOME`).
 * **Params** (Trigger DAG w/ config): epochs, backend, np, force, window, window_days, split, spark_master
   (declared by the stage specs in `pipeline/stages.py`); any other config field by its full name, e.g.
   `{"ingest.train_share": 0.8, "ingest.test_share": 0.1}`.
-* One training at a time through the `avp_training` pool.
+* One training at a time through the `avp_training` pool; with `AVP_TRAINING_QUEUE` set (CeleryExecutor,
+  see docs/deploy.md) `train` goes to that queue's workers (GPU hosts), every other task to the default one.
 * **Spark cluster**: with `AVP_SPARK_CONN_ID` set (to an Airflow Spark connection, e.g.
   `AIRFLOW_CONN_AVP_SPARK=spark://spark-master:7077`) in the environment of the DAG processor and
   workers, ingest becomes `plan_ingest -> spark_submit_ingest -> ingest`: `SparkSubmitOperator` runs
@@ -41,6 +42,9 @@ MODEL_ASSET = Asset("avp://model/bev_segnet")
 PACKAGE_ASSET = Asset("avp://package/bev_segnet")
 # An Airflow Spark connection id: ingest runs through spark-submit on its master (see doc_md).
 SPARK_CONN_ID = os.environ.get("AVP_SPARK_CONN_ID", "")
+# The Celery queue `train` is sent to (the GPU workers' queue, e.g. "training"); unset: the default queue.
+# Executors without queues (LocalExecutor) ignore it.
+TRAINING_QUEUE = os.environ.get("AVP_TRAINING_QUEUE", "")
 
 
 @dag(
@@ -96,7 +100,7 @@ def avp_daily():
         run_stage("validate", params, data_interval_start, data_interval_end, dataset=dataset)
         return dataset
 
-    @task(pool="avp_training", outlets=[MODEL_ASSET])
+    @task(pool="avp_training", outlets=[MODEL_ASSET], **({"queue": TRAINING_QUEUE} if TRAINING_QUEUE else {}))
     def train(dataset: str, params=None, data_interval_start=None, data_interval_end=None) -> str:
         """Data-parallel training (Horovod or DDP) on the validated dataset; resumes from its checkpoint."""
         from pipeline.orchestration import run_stage
