@@ -73,3 +73,25 @@ def test_spark_connection_turns_ingest_into_spark_submit(tmp_path):
     assert found["app"] == str(REPO / "spark_jobs" / "ingest.py") and os.path.isfile(found["app"])
     assert found["args0"] == "--request" and found["env"] == ["PYSPARK_DRIVER_PYTHON", "PYSPARK_PYTHON"]
     assert found["outlets"] == ["avp://dataset/fleet-lidar"]
+
+
+@pytest.mark.parametrize("queue", ["", "training"])
+def test_training_queue_routes_only_train(tmp_path, queue):
+    """AVP_TRAINING_QUEUE sends `train` (only) to that Celery queue; unset, every task is on the default queue."""
+    code = """if True:
+        import json, os
+        from airflow.configuration import conf
+        from airflow.dag_processing.dagbag import DagBag
+        dag = DagBag(dag_folder=os.path.join(os.getcwd(), "dags")).dags["avp_daily"]
+        print(json.dumps({"default": conf.get("operators", "default_queue"),
+                          "queues": {t.task_id: t.queue for t in dag.tasks}}))
+    """
+    env = {**os.environ, "AVP_TRAINING_QUEUE": queue, "AIRFLOW_HOME": str(tmp_path),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    default = found["default"]
+    assert found["queues"] == {task: (queue or default) if task == "train" else default
+                               for task in ("ingest", "validate", "train", "evaluate", "serve")}
