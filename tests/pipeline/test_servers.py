@@ -1,0 +1,70 @@
+"""pipeline.servers: real PostgreSQL and Redis servers on free 127.0.0.1 ports, stopped by PID, and a clear
+error when a server is not installed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from pipeline import servers
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+@pytest.fixture
+def server_root():
+    if servers.pg_bin_dir() is None or servers.redis_server_binary() is None:
+        pytest.skip("needs PostgreSQL and redis-server (`make test` as root installs them)")
+    root = Path(tempfile.mkdtemp(prefix="avp-servers-"))  # reachable by the postgres user when run as root
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_redis_serves_then_stops_by_pid(server_root):
+    import redis
+
+    with servers.start_redis(server_root / "redis") as server:
+        client = redis.Redis.from_url(server.url())
+        client.set("avp", "42")
+        assert client.get("avp") == b"42"
+    assert _gone(server.pid) and _port_free(server.port)
+
+
+def test_postgres_keeps_its_databases_across_a_restart(server_root):
+    with servers.start_postgres(server_root / "pg") as first:
+        first.create_database("avp")
+        first.create_database("avp")  # already there: nothing to do
+        with first.admin() as conn:
+            conn.execute("SELECT 1")
+    assert _gone(first.pid) and _port_free(first.port)
+    with servers.start_postgres(server_root / "pg") as second:  # the same data folder: no second initdb
+        with second.admin() as conn:
+            names = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
+    assert "avp" in names
+    assert _gone(second.pid)
+
+
+def test_a_missing_server_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("AVP_REDIS_SERVER", str(tmp_path / "no-redis-server"))
+    monkeypatch.setenv("AVP_PG_BIN", str(tmp_path))
+    with pytest.raises(servers.ServerUnavailable, match="apt-get install redis-server"):
+        servers.start_redis(tmp_path / "redis")
+    with pytest.raises(servers.ServerUnavailable, match="apt-get install postgresql"):
+        servers.start_postgres(tmp_path / "pg")
