@@ -44,6 +44,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from pipeline.contracts import Manifest
 from pipeline.taxonomy import CLASSES, IGNORE, NUM_CLASSES
 from spark_jobs import dataset_stats as stats_mod
 from spark_jobs.split import SPLITS
@@ -178,7 +179,7 @@ def drift_scopes(current: dict, previous: dict, vcfg) -> dict[str, tuple[dict[in
     return out
 
 
-def build_tables(statistics: dict, manifest: dict, previous: dict | None, vcfg) -> dict[str, pd.DataFrame]:
+def build_tables(statistics: dict, manifest: Manifest, previous: dict | None, vcfg) -> dict[str, pd.DataFrame]:
     """The small DataFrames the suite runs on, one per subject, each with a readable ``key`` column
     (shown in the Data Docs next to failing rows and used to find the row again for the sentence)."""
     splits = statistics["splits"]
@@ -250,7 +251,7 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def build_checks(statistics: dict, manifest: dict, previous: dict | None, vcfg,
+def build_checks(statistics: dict, manifest: Manifest, previous: dict | None, vcfg,
                  target_shares: dict[str, float]) -> list[Check]:
     """The suite for one dataset: thresholds from ``vcfg`` (``ValidateConfig``), target split shares from
     the dataset's manifest, the previous version's distribution (or None: no drift checks)."""
@@ -294,7 +295,7 @@ def build_checks(statistics: dict, manifest: dict, previous: dict | None, vcfg,
             lambda r, split=split, target=target: (
                 f"{split} has {r[f'{split}_logs']} of {r['logs']} logs ({_pct(r[f'{split}_log_share'])}), "
                 f"target {_pct(target)} +- {_pct(vcfg.split_tolerance)}")))
-    manifest_logs = sorted(manifest.get("logs", {}))
+    manifest_logs = sorted(manifest.logs)
     checks += [
         Check("frames_per_log", "logs",
               f"every log has {vcfg.min_frames_per_log}..{vcfg.max_frames_per_log} frames",
