@@ -69,6 +69,8 @@ def _type_name(hint: Any) -> str:
 
 def _convert(value: Any, hint: Any, where: str) -> Any:
     """``value`` checked against the type ``hint`` (nested records built from their dicts)."""
+    if hint is Any:
+        return value
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
