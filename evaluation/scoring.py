@@ -8,7 +8,6 @@ same code on exactly the same frames, so the blessing compares like with like.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -20,6 +19,7 @@ from evaluation import objects as objects_mod
 from evaluation import planner as planner_mod
 from evaluation import segmentation as seg
 from evaluation.frames import LoggedFrame
+from pipeline.contracts import ModelSpec
 from pipeline.taxonomy import CLASSES
 
 # Bump when a metric's definition changes: stored metrics of another version are not reused as a baseline.
@@ -53,13 +53,12 @@ class Settings:
                 "metrics_version": METRICS_VERSION}
 
 
-def load_model(location: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_model(location: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, ModelSpec]:
     """The eager model of a model artifact folder (``model.json`` + ``model.pt``), in eval mode."""
     from training.models import build_model
 
-    with open(os.path.join(location, "model.json")) as fh:
-        spec = json.load(fh)
-    model = build_model(spec["model"], spec.get("options") or {})
+    spec = ModelSpec.load_from(location)
+    model = build_model(spec.model, spec.options)
     state = torch.load(os.path.join(location, "model.pt"), map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval(), spec

@@ -3,7 +3,7 @@
     import serving
     model = serving.load("path/to/package")        # or the package's .tar.gz
     classes = model.predict(points)                 # points: (N, 4) float32 -> classes: (N,) int64
-    model.metadata["class_map"], model.metadata["model"]["ref"]
+    model.metadata.class_map, model.metadata.model["ref"]
 
 ``serving.package`` builds and verifies packages, ``serving.runtime`` loads them, ``serving.entry`` is
 the stage (``avp serve``), ``serving.http`` the FastAPI server (``avp serve-http``) and ``serving/cpp``

@@ -38,13 +38,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.contracts import ModelSpec, PackageMetadata
 from pipeline.errors import UserError
 from pipeline.files import atomic_file
 
 FORMAT = "avp-serving-package"
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.sha256"
-METADATA = "metadata.json"
+METADATA = PackageMetadata.FILE
 TORCHSCRIPT = "model.ts"
 PT2 = "model.pt2"
 EXAMPLE_INPUT = "example_input.bin"
@@ -241,9 +242,8 @@ def load_eager_model(model_dir: str):
 
     from training.models import build_model
 
-    with open(os.path.join(model_dir, "model.json")) as fh:
-        spec = json.load(fh)
-    model = build_model(spec["model"], spec.get("options") or None)
+    spec = ModelSpec.load_from(model_dir)
+    model = build_model(spec.model, spec.options or None)
     state = torch.load(os.path.join(model_dir, "model.pt"), map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     return model.eval(), spec
@@ -388,7 +388,7 @@ def _write_raw(path: str, array: np.ndarray, dtype: str) -> None:
 
 def build_package(folder: str, *, model_dir: str, facts: dict[str, Any], max_points: int, example_points: int,
                   example_seed: int, latency_runs: int, aot_inductor: bool,
-                  say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+                  say: Callable[[str], None] = lambda _m: None) -> PackageMetadata:
     """Write a complete package into ``folder`` (which must exist and be empty); returns its metadata.
 
     ``facts`` carries what the registry knows (package/model/dataset/metrics references, provenance,
@@ -458,11 +458,11 @@ def build_package(folder: str, *, model_dir: str, facts: dict[str, Any], max_poi
     _write_raw(os.path.join(folder, EXPECTED_CLASSES), classes, "<i8")
     _write_raw(os.path.join(folder, EXPECTED_LOGITS), eager_logits, "<f4")
     num_classes = int(eager_logits.shape[-1])
-    metadata = {
+    metadata = PackageMetadata.from_dict({
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         **facts,
-        "model": {**facts["model"], "config": model_config, "spec": spec},
+        "model": {**facts["model"], "config": model_config, "spec": spec.to_dict()},
         "classes": list(CLASSES)[:num_classes], "class_map": {str(i): c for i, c in enumerate(CLASSES[:num_classes])},
         "input": {
             "points": {"dtype": "float32", "byte_order": "little", "shape": ["N", 4],
@@ -501,10 +501,8 @@ def build_package(folder: str, *, model_dir: str, facts: dict[str, Any], max_poi
         },
         "agreement": agreement,
         "performance": performance,
-    }
-    with open(os.path.join(folder, METADATA), "w") as fh:
-        json.dump(metadata, fh, indent=2, sort_keys=True, default=str)
-        fh.write("\n")
+    }, METADATA)
+    metadata.save_to(folder)
     return metadata
 
 

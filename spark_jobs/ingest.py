@@ -34,14 +34,13 @@ from dataclasses import asdict
 from typing import Any, Callable, Iterable
 
 from pipeline.config import PipelineConfig, resolved
+from pipeline.contracts import Manifest, SplitInfo
 from pipeline.errors import UserError
 from pipeline.files import atomic_path
 from pipeline.home import Home, check_name
 from pipeline.registry import Artifact, Registry
 from spark_jobs import split as splitting
 from spark_jobs.extract import LogTask, process_log, source_module
-
-MANIFEST = "manifest.json"
 
 
 # ----------------------------------------------------------------------------------------- select
@@ -233,8 +232,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     art = registry.build("dataset", ing.dataset_name, entry_point="spark_jobs.ingest:run", config=key_config,
                          builder=build, parents=log_artifacts, code_packages=("spark_jobs", "pipeline"),
                          force=cfg.force, say=say)
-    manifest = json.loads(open(os.path.join(art.location, MANIFEST)).read())
-    return summarize(art, manifest)
+    return summarize(art, Manifest.load_from(art.location))
 
 
 def _sample_weights(home: Home, log_ids: list[str]) -> dict[str, float]:
@@ -275,38 +273,36 @@ def _extract_and_write(cfg: PipelineConfig, staging: str, tasks: list[LogTask], 
         os.makedirs(os.path.join(staging, split), exist_ok=True)
         row_groups[split] = arrange_split(staging, logs, split, ranks)
     checksums = {t.log_id: t.sha256 for t in tasks}
-    manifest = {
-        "dataset": record.ref, "source": ing.source, "split_mode": ing.split,
-        "date_from": ing.date_from, "date_to": ing.date_to,
-        "shares": {"train": ing.train_share, "test": ing.test_share, "val": ing.val_share},
-        "reader_ranks": ranks,
-        "splits": {split: {
-            "logs": [s["log_id"] for s in logs if s["split"] == split],
-            "frames": sum(s["frames"] for s in logs if s["split"] == split),
-            "points": sum(s["points"] for s in logs if s["split"] == split),
-            "row_groups": row_groups[split],
-            "path": split,
-        } for split in splitting.SPLITS},
-        "logs": {s["log_id"]: {**{k: v for k, v in s.items() if k != "groups"}, "sha256": checksums[s["log_id"]]}
-                 for s in logs},
-        "quarantined": sorted(quarantined, key=lambda q: q["log_id"]),
-    }
-    with open(os.path.join(staging, MANIFEST), "w") as fh:
-        json.dump(manifest, fh, indent=2, sort_keys=True)
+    manifest = Manifest(
+        dataset=record.ref, source=ing.source, split_mode=ing.split, date_from=ing.date_from, date_to=ing.date_to,
+        shares={"train": ing.train_share, "test": ing.test_share, "val": ing.val_share},
+        reader_ranks=ranks,
+        splits={split: SplitInfo(
+            logs=[s["log_id"] for s in logs if s["split"] == split],
+            frames=sum(s["frames"] for s in logs if s["split"] == split),
+            points=sum(s["points"] for s in logs if s["split"] == split),
+            row_groups=row_groups[split],
+            path=split,
+        ) for split in splitting.SPLITS},
+        logs={s["log_id"]: {**{k: v for k, v in s.items() if k != "groups"}, "sha256": checksums[s["log_id"]]}
+              for s in logs},
+        quarantined=sorted(quarantined, key=lambda q: q["log_id"]),
+    )
+    manifest.save_to(staging)
     elapsed = time.time() - started
     frames = sum(s["frames"] for s in logs)
     say(f"wrote {frames} frames from {len(logs)} logs in {elapsed:.1f} s ({frames / max(elapsed, 1e-9):.1f} frames/s)")
     return {"frames": frames, "logs": len(logs), "quarantined": len(quarantined), "job_seconds": round(elapsed, 3),
             "spark_master": spark.sparkContext.master,
-            "splits": {k: {"logs": len(v["logs"]), "frames": v["frames"]} for k, v in manifest["splits"].items()}}
+            "splits": {k: {"logs": len(v.logs), "frames": v.frames} for k, v in manifest.splits.items()}}
 
 
-def summarize(art: Artifact, manifest: dict) -> dict[str, Any]:
-    rows = [[split, len(s["logs"]), s["frames"], len(s["row_groups"])] for split, s in manifest["splits"].items()]
+def summarize(art: Artifact, manifest: Manifest) -> dict[str, Any]:
+    rows = [[split, len(s.logs), s.frames, len(s.row_groups)] for split, s in manifest.splits.items()]
     tables = [(f"{art.ref}" + (" (cache hit)" if art.cached else ""), ["split", "logs", "frames", "row groups"], rows)]
-    if manifest["quarantined"]:
+    if manifest.quarantined:
         tables.append(("quarantined logs", ["log", "reason"],
-                       [[q["log_id"], q["reason"]] for q in manifest["quarantined"]]))
+                       [[q["log_id"], q["reason"]] for q in manifest.quarantined]))
     return {"ref": art.ref, "cached": art.cached, "location": art.location, "tables": tables}
 
 

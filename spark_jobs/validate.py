@@ -28,13 +28,13 @@ import os
 from typing import Any, Callable
 
 from pipeline.config import PipelineConfig, resolved
+from pipeline.contracts import Manifest
 from pipeline.errors import StageFailed, UserError
 from pipeline.home import Home
 from pipeline.registry import Artifact, NotFound, Registry, parse_ref
 from spark_jobs import expectations as suite_mod
 from spark_jobs import dataset_stats as stats_mod
 from spark_jobs import validation_report as report_mod
-from spark_jobs.ingest import MANIFEST
 from spark_jobs.split import SPLITS
 
 CODE_PACKAGES = ("spark_jobs", "pipeline")
@@ -46,7 +46,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     vcfg = cfg.validate
     # 1. resolve
     data = resolve_dataset(registry, cfg, dataset)
-    manifest = read_json(os.path.join(data.location, MANIFEST), f"the manifest of {data.ref}")
+    manifest = Manifest.load_from(data.location)
     say(f"validating {data.ref}")
 
     # 2. statistics
@@ -71,8 +71,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
             say(f"no per-city drift check for {city}: {why} (it still counts in the whole-dataset check)")
 
     # 4 + 5. suite and report, inside the validation artifact (content-keyed like everything else)
-    target_shares = manifest.get("shares") or {"train": cfg.ingest.train_share, "test": cfg.ingest.test_share,
-                                               "val": cfg.ingest.val_share}
+    target_shares = manifest.shares
 
     def build(staging: str, record: Artifact) -> dict:
         inputs = suite_mod.SuiteInputs(statistics, manifest, previous_statistics, vcfg, target_shares)

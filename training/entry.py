@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 from pipeline import config as config_mod
 from pipeline import provenance
 from pipeline.config import PipelineConfig
+from pipeline.contracts import JobDataset, Manifest, ModelSpec, TrainJob, TrainMetrics
 from pipeline.errors import StageFailed, UserError
 from pipeline.registry import Artifact, Registry
 from pipeline.stages import resolve_input
@@ -40,7 +41,7 @@ from pipeline.stages import resolve_input
 # content key. (np and backend stay in: averaging over a different number of ranks changes the sums,
 # and the Horovod == DDP equality is only shown for the same np on CPU.)
 EXECUTION_ONLY = ("checkpoint_every", "keep_checkpoints", "prefetch_batches")
-OUTPUT_FILES = ("model.pt", "model.json", "model.ts", "metrics.json")
+OUTPUT_FILES = ("model.pt", ModelSpec.FILE, "model.ts", TrainMetrics.FILE)
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -99,7 +100,7 @@ def resolve_device(cfg: PipelineConfig) -> str:
     return wanted
 
 
-def check_request(cfg: PipelineConfig, manifest: dict[str, Any], dataset: Artifact) -> int:
+def check_request(cfg: PipelineConfig, manifest: Manifest, dataset: Artifact) -> int:
     """Refuse what cannot run before any process starts; returns the steps per epoch."""
     from training.data import rows_per_rank, steps_per_epoch
 
@@ -113,7 +114,7 @@ def check_request(cfg: PipelineConfig, manifest: dict[str, Any], dataset: Artifa
         raise UserError(f"config field train.lr: {t.lr} must be > 0")
     if t.backend == "horovod" and importlib.util.find_spec("horovod") is None:
         raise UserError("Horovod is not installed in this environment; use --backend ddp")
-    groups = manifest["splits"]["train"]["row_groups"]
+    groups = manifest.splits["train"].row_groups
     steps = steps_per_epoch(groups, t.np, t.batch_size) if groups else 0
     if steps < 1:
         rows = rows_per_rank(groups, t.np) if groups else [0] * t.np
@@ -141,11 +142,9 @@ def checkpoint_dir(registry: Registry, model: str, content_key: str) -> str:
 def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = print, run_id: str = "",
         dataset: str | None = None, resume: bool = False) -> dict[str, Any]:
     """The train stage; returns the model reference, a per-epoch summary table and the output paths."""
-    from training.data import load_manifest
-
     data = resolve_dataset(cfg, registry, dataset)
     require_validated(data)
-    manifest = load_manifest(data.location)
+    manifest = Manifest.load_from(data.location)
     steps = check_request(cfg, manifest, data)
     options = model_options(cfg)
     device = resolve_device(cfg)
@@ -166,13 +165,11 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
         # Published: the weights, TorchScript model, events and logs are in the artifact now, and the
         # checkpoints have done their job (a failed or stopped build keeps them for --resume).
         shutil.rmtree(state_dir, ignore_errors=True)
-    with open(os.path.join(art.location, "metrics.json")) as fh:
-        metrics = json.load(fh)
-    return summarize(art, metrics)
+    return summarize(art, TrainMetrics.load_from(art.location))
 
 
 def _train_into(staging: str, record: Artifact, cfg: PipelineConfig, registry: Registry, data: Artifact,
-                manifest: dict[str, Any], options: dict[str, Any], device: str, run_id: str, resume: bool,
+                manifest: Manifest, options: dict[str, Any], device: str, run_id: str, resume: bool,
                 say: Callable[[str], None]) -> dict[str, Any]:
     """The registry builder: run the distributed job, then copy its outputs into ``staging``."""
     state_dir = checkpoint_dir(registry, cfg.train.model, record.content_key)
@@ -194,11 +191,10 @@ def _exclusive(state_dir: str) -> Iterator[None]:
         yield
 
 
-def _run_job(staging: str, record: Artifact, cfg: PipelineConfig, data: Artifact, manifest: dict[str, Any],
+def _run_job(staging: str, record: Artifact, cfg: PipelineConfig, data: Artifact, manifest: Manifest,
              options: dict[str, Any], device: str, run_id: str, resume: bool, say: Callable[[str], None],
              state_dir: str, logs_dir: str) -> dict[str, Any]:
     """Prepare the checkpoint folder and the job file, launch the ranks, publish their outputs."""
-    from pipeline.files import atomic_write_json
     from training.checkpoint import list_checkpoints
     from training.launch import launch
 
@@ -219,20 +215,18 @@ def _run_job(staging: str, record: Artifact, cfg: PipelineConfig, data: Artifact
     os.makedirs(logs_dir, exist_ok=True)
 
     snap = provenance.snapshot()
-    job = {
-        "run_id": run_id, "backend": cfg.train.backend, "world": cfg.train.np, "device": device,
-        "train": config_mod.resolved(cfg.train), "model_options": options,
-        "dataset": {"ref": data.ref, "location": data.location, "content_key": data.content_key,
-                    "manifest": manifest},
-        "state_dir": state_dir, "final_dir": final_dir, "logs_dir": logs_dir,
-        "progress_file": os.path.join(logs_dir, "progress.jsonl"), "resume": resume,
-        "provenance": {"git_sha": snap["git_sha"], "diff_hash": snap["diff_hash"], "user": snap["user"],
-                       "host": snap["host"], "model_ref": record.ref},
-        "config": config_mod.resolved(cfg),
-    }
-    job_path = os.path.join(logs_dir, "job.json")
-    atomic_write_json(job_path, job)
-    result = launch(job_path, cfg.train.backend, cfg.train.np, logs_dir, job["progress_file"], say=say)
+    job = TrainJob(
+        run_id=run_id, backend=cfg.train.backend, world=cfg.train.np, device=device,
+        train=config_mod.resolved(cfg.train), model_options=options,
+        dataset=JobDataset(ref=data.ref, location=data.location, content_key=data.content_key, manifest=manifest),
+        state_dir=state_dir, final_dir=final_dir, logs_dir=logs_dir,
+        progress_file=os.path.join(logs_dir, "progress.jsonl"), resume=resume,
+        provenance={"git_sha": snap["git_sha"], "diff_hash": snap["diff_hash"], "user": snap["user"],
+                    "host": snap["host"], "model_ref": record.ref},
+        config=config_mod.resolved(cfg),
+    )
+    job_path = job.save_to(logs_dir)
+    result = launch(job_path, cfg.train.backend, cfg.train.np, logs_dir, job.progress_file, say=say)
     if result.returncode != 0:
         raise _failure(result, logs_dir, state_dir)
     missing = [f for f in OUTPUT_FILES if not os.path.exists(os.path.join(final_dir, f))]
@@ -244,13 +238,12 @@ def _run_job(staging: str, record: Artifact, cfg: PipelineConfig, data: Artifact
     if os.path.isdir(os.path.join(state_dir, "tensorboard")):
         shutil.copytree(os.path.join(state_dir, "tensorboard"), os.path.join(staging, "tensorboard"))
     shutil.copytree(logs_dir, os.path.join(staging, "logs"))
-    with open(os.path.join(final_dir, "metrics.json")) as fh:
-        metrics = json.load(fh)
-    baseline = metrics.get("majority_baseline") or {}
+    metrics = TrainMetrics.load_from(final_dir)
+    baseline = metrics.majority_baseline or {}
     return {"dataset": data.ref, "run_id": run_id, "backend": cfg.train.backend, "np": cfg.train.np,
-            "device": device, "epochs": len(metrics["epochs"]), "first_epoch_loss": metrics["first_epoch_loss"],
-            "final_loss": metrics["final"]["loss"], "val_miou": metrics["final"]["val_miou"],
-            "baseline_miou": baseline.get("miou"), "parameters_sha256": metrics["parameters_sha256"],
+            "device": device, "epochs": len(metrics.epochs), "first_epoch_loss": metrics.first_epoch_loss,
+            "final_loss": metrics.final["loss"], "val_miou": metrics.final["val_miou"],
+            "baseline_miou": baseline.get("miou"), "parameters_sha256": metrics.parameters_sha256,
             "logs": logs_dir, "train_seconds": round(result.elapsed_s, 1)}
 
 
@@ -286,19 +279,19 @@ def _tail(path: str, lines: int = 15) -> str:
         return ""
 
 
-def summarize(art: Artifact, metrics: dict[str, Any]) -> dict[str, Any]:
+def summarize(art: Artifact, metrics: TrainMetrics) -> dict[str, Any]:
     """The stage result: reference, per-epoch table, baseline comparison and where everything is."""
     rows = [[e["epoch"], f"{e['loss']:.4f}", "n/a" if e["val_miou"] is None else f"{e['val_miou']:.3f}",
-             f"{e['samples_per_s']:.1f}", f"{100 * e['data_wait_fraction']:.1f}%"] for e in metrics["epochs"]]
+             f"{e['samples_per_s']:.1f}", f"{100 * e['data_wait_fraction']:.1f}%"] for e in metrics.epochs]
     title = art.ref + (" (cache hit)" if art.cached else "")
     tables = [(title, ["epoch", "loss", "val mIoU", "samples/s", "data wait"], rows)]
-    baseline = metrics.get("majority_baseline")
+    baseline = metrics.majority_baseline
     if baseline:
-        final = metrics["final"]["val_miou"]
+        final = metrics.final["val_miou"]
         tables.append(("validation mIoU against the majority-class baseline", ["predictor", "val mIoU"], [
-            [f"{metrics['model']} (last epoch)", "n/a" if final is None else f"{final:.3f}"],
+            [f"{metrics.model} (last epoch)", "n/a" if final is None else f"{final:.3f}"],
             [f"always '{baseline['class']}'", "n/a" if baseline["miou"] is None else f"{baseline['miou']:.3f}"]]))
     loc = art.location
     return {"ref": art.ref, "cached": art.cached, "location": loc, "model": os.path.join(loc, "model.pt"),
-            "torchscript": os.path.join(loc, "model.ts"), "metrics": os.path.join(loc, "metrics.json"),
+            "torchscript": os.path.join(loc, "model.ts"), "metrics": os.path.join(loc, TrainMetrics.FILE),
             "tensorboard": os.path.join(loc, "tensorboard"), "logs": os.path.join(loc, "logs"), "tables": tables}

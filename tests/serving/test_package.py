@@ -52,25 +52,25 @@ def test_round_trip_loads_verifies_and_predicts_like_the_model(served):
 def test_metadata_carries_provenance_evaluation_and_input_spec(served):
     _cfg, registry, model_art, result = served
     meta = load(result["location"]).metadata
-    assert meta["package"]["ref"] == result["ref"] == "package:bev_segnet@v1"
-    assert meta["model"]["ref"] == model_art.ref and meta["model"]["version"] == model_art.version
-    assert meta["model"]["training_run_id"] == "train-0"
-    assert meta["dataset"]["ref"] == "dataset:fleet-lidar@v1"
-    prov = meta["provenance"]
+    assert meta.package["ref"] == result["ref"] == "package:bev_segnet@v1"
+    assert meta.model["ref"] == model_art.ref and meta.model["version"] == model_art.version
+    assert meta.model["training_run_id"] == "train-0"
+    assert meta.dataset["ref"] == "dataset:fleet-lidar@v1"
+    prov = meta.provenance
     assert prov["run_id"] == "test-run" and prov["user"] and len(prov["git_sha"]) >= 7 and "diff_hash" in prov
-    evaluation = meta["evaluation"]
+    evaluation = meta.evaluation
     assert evaluation["verdict"] == "blessed" and evaluation["metrics_ref"] == "metrics:bev_segnet@v1"
-    assert evaluation["summary"]["miou"] == 0.41 and evaluation["summary"]["per_class_iou"]["vehicle"] == 0.5
+    assert evaluation["summary"]["miou"] == 0.41 and evaluation["summary"]["class_iou"]["vehicle"] == 0.5
     assert "confusion" not in evaluation["summary"]  # matrices stay in the evaluation report
-    perf = meta["performance"]
+    perf = meta.performance
     assert perf["macs"] > 0 and perf["parameters"] > 0
     assert perf["torchscript_latency_ms"]["p50"] > 0 and perf["pt2_latency_ms"]["runs"] == 3
-    assert meta["class_map"]["5"] == "vehicle" and len(meta["classes"]) == 8
-    assert meta["input"]["points"]["shape"] == ["N", 4] and meta["input"]["max_points"] == 50_000
-    assert meta["preprocessing"]["bev_grid"]["cell_size_m"] == 0.4
-    assert meta["example"]["input"]["shape"] == [2000, 4] and meta["example"]["expected_classes"]["dtype"] == "int64"
+    assert meta.class_map["5"] == "vehicle" and len(meta.classes) == 8
+    assert meta.input["points"]["shape"] == ["N", 4] and meta.input["max_points"] == 50_000
+    assert meta.preprocessing["bev_grid"]["cell_size_m"] == 0.4
+    assert meta.example["input"]["shape"] == [2000, 4] and meta.example["expected_classes"]["dtype"] == "int64"
     for pair in ("torchscript_vs_eager", "pt2_vs_eager", "pt2_vs_torchscript"):
-        assert meta["agreement"][pair]["agrees"] and meta["agreement"][pair]["class_match_rate"] == 1.0
+        assert meta.agreement[pair]["agrees"] and meta.agreement[pair]["class_match_rate"] == 1.0
     # The TorchScript file carries provenance of its own.
     extra = {"metadata.json": ""}
     torch.jit.load(os.path.join(result["location"], "model.ts"), _extra_files=extra)
