@@ -11,20 +11,9 @@ import os
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from serving import artifacts
-
-
-class PointLinear(nn.Module):
-    """The model contract at its smallest: one linear layer from each point's 4 values to 8 logits."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(4, 8)
-
-    def forward(self, points: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        return self.linear(points) * valid.unsqueeze(-1).to(points.dtype)
+from tests.evaluation.test_hardware import PointLinear  # the model contract at its smallest
 
 
 def test_latency_stats_of_known_samples():
