@@ -3,17 +3,22 @@ the cost of exporting and compiling the model for the metrics and for the packag
 
     PYTHONPATH=$PWD .venv/bin/python -m bench.evaluate_serve_bench [--repeats 2] [--steps 10]
 
-Each repeat uses a fresh home: a tiny simulated dataset and a tiny ``bev_segnet`` trained in-process for
-``--steps`` steps (``tests.evaluation.builders``, the evaluate tests' own fixtures), then ``avp evaluate``
-and ``avp serve`` through their stage entries (``evaluation.entry.run``, ``serving.entry.run``). Only the
-two stage calls are timed. Prints one markdown row per repeat for docs/benchmarks.md. To compare two
-versions of the code, run it from each checkout (``PYTHONPATH`` picks the code) in the same session.
+Each repeat runs in a fresh process with a fresh, empty TorchInductor cache (``TORCHINDUCTOR_CACHE_DIR``:
+nothing compiled by an earlier repeat is reused, like a first ``make demo``) and a fresh home: a tiny
+simulated dataset and a tiny ``bev_segnet`` trained in-process for ``--steps`` steps
+(``tests.evaluation.builders``, the evaluate tests' own fixtures), then ``avp evaluate`` and ``avp serve``
+through their stage entries (``evaluation.entry.run``, ``serving.entry.run``). Only the two stage calls
+are timed. Prints one markdown row per repeat for docs/benchmarks.md. To compare two versions of the
+code, run it from each checkout (``PYTHONPATH`` picks the code) in the same session.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -46,20 +51,30 @@ def one_run(steps: int) -> dict[str, float]:
             raise SystemExit(f"the bench model was not blessed: {json.dumps(result, default=str)[:500]}")
         package = serve.run(cfg, registry, say=lambda _m: None, model=model.ref)
         served = time.perf_counter()
+        with open(os.path.join(package["location"], "metadata.json")) as fh:
+            pt2 = json.load(fh)["runtimes"]["pt2"]
         return {"evaluate_s": evaluated - began, "serve_s": served - evaluated, "total_s": served - began,
-                "pt2_format": package["pt2_format"]}
+                "pt2": f"{pt2['format']}, compiled by {pt2.get('compiled_by', 'serve')}"}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--one", action="store_true", help="run one repeat in this process, print JSON")
     args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one_run(args.steps)))
+        return
     print("| repeat | evaluate s | serve s | evaluate + serve s | .pt2 |")
     print("| --- | ---: | ---: | ---: | --- |")
     for i in range(args.repeats):
-        r = one_run(args.steps)
-        print(f"| {i + 1} | {r['evaluate_s']:.1f} | {r['serve_s']:.1f} | {r['total_s']:.1f} | {r['pt2_format']} |",
+        with tempfile.TemporaryDirectory(prefix="avp-bench-inductor-") as cache:
+            out = subprocess.run([sys.executable, "-m", "bench.evaluate_serve_bench", "--one", "--steps",
+                                  str(args.steps)], env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache},
+                                 capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"| {i + 1} | {r['evaluate_s']:.1f} | {r['serve_s']:.1f} | {r['total_s']:.1f} | {r['pt2']} |",
               flush=True)
 
 

@@ -211,8 +211,13 @@ def reuse_compiled(folder: str | None, record: dict[str, Any], target: str) -> t
     Returns (``{format, aoti_error, compile_seconds}``, why) on reuse, or (None, why not)."""
     if not folder or not os.path.isfile(os.path.join(folder, COMPILED_RECORD)):
         return None, "no compiled model.pt2 from the evaluation"
-    with open(os.path.join(folder, COMPILED_RECORD)) as fh:
-        stored = json.load(fh)
+    try:
+        with open(os.path.join(folder, COMPILED_RECORD)) as fh:
+            stored = json.load(fh)
+    except (OSError, json.JSONDecodeError) as exc:
+        return None, f"the evaluation's {COMPILED_RECORD} is unreadable ({exc})"
+    if not isinstance(stored, dict):
+        return None, f"the evaluation's {COMPILED_RECORD} is not a JSON object"
     if stored.get("format") != "aoti":
         return None, "the evaluation did not compile with AOTInductor"
     for key, value in record.items():

@@ -120,3 +120,11 @@ def test_nothing_to_reuse_without_an_aot_inductor_compile(tmp_path):
     folder = compiled_folder(tmp_path, record, format="exported_program")
     info, why = artifacts.reuse_compiled(str(folder), record, str(tmp_path / "x"))
     assert info is None and "did not compile with AOTInductor" in why and not os.path.exists(tmp_path / "x")
+
+
+def test_an_unreadable_record_means_compiling_again(tmp_path):
+    record = artifacts.compiled_record(PointLinear(), artifacts.ExportSpec(1000), "cpu")
+    folder = compiled_folder(tmp_path, record)
+    (folder / artifacts.COMPILED_RECORD).write_text("{not json")
+    info, why = artifacts.reuse_compiled(str(folder), record, str(tmp_path / "x"))
+    assert info is None and "export.json is unreadable" in why and not os.path.exists(tmp_path / "x")
