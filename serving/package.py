@@ -15,8 +15,8 @@ A package is one folder (and a reproducible ``.tar.gz`` of it) holding::
 ``build_package`` writes all of it from a model artifact folder and checks that eager, TorchScript and
 the ``.pt2`` agree on the example. Loading, scripting, exporting, compiling, timing and MAC counting are
 ``serving.artifacts``'s (shared with the evaluate stage, whose compiled ``model.pt2`` is shipped when it
-was compiled for the same model and export spec). ``verify_package`` is the gate every consumer passes first: every
-listed file has its checksum, no file is missing or unlisted, no name leaves the folder, nothing is a
+was compiled for the same model and export spec). ``verify_package`` is the gate every consumer passes
+first: every listed file has its checksum, no file is missing or unlisted, no name leaves the folder, nothing is a
 link. It guards against corruption and accidental edits; authenticity comes from comparing the
 manifest's own digest with the one the registry recorded (``manifest_sha256`` in the package record).
 
