@@ -29,9 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
-import shutil
 import socket
-import tempfile
 from typing import Any, Callable
 
 from evaluation import blessing, feedback, hardware, report, scoring
@@ -41,8 +39,9 @@ from pipeline.contracts import EvaluationMetrics, Manifest
 from pipeline.errors import UserError
 from pipeline.registry import Artifact, Registry
 from pipeline.stages import resolve_input
+from serving import artifacts
 
-CODE_PACKAGES = ("evaluation", "pipeline")
+CODE_PACKAGES = ("evaluation", "pipeline", "serving")
 
 
 # ----------------------------------------------------------------------------------------- 1. resolve
@@ -127,7 +126,8 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     # 3. build the metrics artifact
     key = settings_key(settings.as_dict())
     key_config = {"evaluate": resolved(cfg.evaluate), "device": device.type, "split": split,
-                  "production": production.ref if production else None, "namespace": cfg.serve.namespace}
+                  "production": production.ref if production else None, "namespace": cfg.serve.namespace,
+                  "max_points": cfg.serve.max_points}
 
     def build(staging: str, record: Artifact) -> dict[str, Any]:
         metrics = evaluate_into(staging, cfg, registry, candidate, data, manifest, production, settings, key,
@@ -165,17 +165,14 @@ def evaluate_into(staging: str, cfg: PipelineConfig, registry: Registry, candida
     say(f"read {len(frames)} {split} frames ({sum(len(f.points) for f in frames):,} points)")
 
     # the candidate: model and system metrics, then hardware metrics on a spread of logged frames
-    model, spec = scoring.load_model(candidate.location, device)
+    model, spec = artifacts.load_model(candidate.location, device)
     result = scoring.score_model(model, frames, settings, device, say)
     picks = sorted({round(i * (len(frames) - 1) / max(1, ev.latency_frames - 1)) for i in range(ev.latency_frames)})
-    workdir = tempfile.mkdtemp(prefix="evaluate-", dir=registry.home.scratch)
-    try:
-        result["hardware"] = hardware.measure(
-            model, os.path.join(candidate.location, "model.ts"), [frames[i].points for i in picks],
-            runs=ev.latency_runs, warmup=ev.latency_warmup, device=device, aot_inductor=ev.aot_inductor,
-            workdir=workdir, say=say)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    # the compiled model.pt2 stays with the metrics: the serve stage ships it instead of compiling again
+    result["hardware"] = hardware.measure(
+        model, os.path.join(candidate.location, "model.ts"), [frames[i].points for i in picks],
+        runs=ev.latency_runs, warmup=ev.latency_warmup, device=device, aot_inductor=ev.aot_inductor,
+        max_points=cfg.serve.max_points, compiled_dir=os.path.join(staging, artifacts.COMPILED_DIR), say=say)
 
     # the production model on the same frames (or its stored metrics on the same dataset)
     baseline, baseline_source = None, None
@@ -187,7 +184,7 @@ def evaluate_into(staging: str, cfg: PipelineConfig, registry: Registry, candida
             baseline, baseline_source = stored[1], f"reused {stored[0].ref}"
         else:
             say(f"scoring production {production.ref} on the same {len(frames)} frames")
-            production_net, _ = scoring.load_model(production.location, device)
+            production_net, _ = artifacts.load_model(production.location, device)
             baseline = scoring.score_model(production_net, frames, settings, device, say)
             baseline_source = "scored in this run"
 

@@ -194,7 +194,8 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
         s = cfg.serve
         metadata = build_package(folder, model_dir=model_art.location, facts=facts, max_points=s.max_points,
                                  example_points=s.example_points, example_seed=s.example_seed,
-                                 latency_runs=s.latency_runs, aot_inductor=s.aot_inductor, say=say)
+                                 latency_runs=s.latency_runs, aot_inductor=s.aot_inductor, say=say,
+                                 evaluation_dir=metrics_art.location if metrics_art else None)
         manifest_sha256 = write_manifest(folder)
         # What is published passes the very check every consumer runs.
         verify_package(folder, manifest_sha256)

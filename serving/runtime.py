@@ -12,7 +12,6 @@ turns it into a 4xx.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import tempfile
@@ -31,7 +30,6 @@ from serving.package import (
     PackageError,
     compare_logits,
     extract_tarball,
-    load_pt2,
     read_verified,
     verify_package,
 )
@@ -195,16 +193,19 @@ def load(path: str, runtime: str = "torchscript", expected_manifest_sha256: str 
 
 def _load_runtime(folder: str, files: dict[str, str], metadata: PackageMetadata, runtime: str) -> Any:
     """The model callable for ``runtime``, loaded only from verified files."""
-    import torch
+    from serving import artifacts
 
     if runtime == "torchscript":
         data = read_verified(folder, TORCHSCRIPT, files)
         try:
-            return torch.jit.load(io.BytesIO(data), map_location="cpu")
+            return artifacts.load_torchscript(data)
         except RuntimeError as exc:
             raise PackageError(f"{TORCHSCRIPT}: TorchScript could not load it ({str(exc).splitlines()[0]})") from None
     pt2_format = metadata.runtimes["pt2"]["format"]
     # AOTInductor loads the package from a path (it extracts a shared library); the manifest check just
     # passed, and the read below re-checks the bytes right before handing the path over.
     read_verified(folder, PT2, files)
-    return load_pt2(os.path.join(folder, PT2), pt2_format)
+    try:
+        return artifacts.load_pt2(os.path.join(folder, PT2), pt2_format)
+    except ValueError as exc:
+        raise PackageError(f"{METADATA}: runtimes.pt2.format: {exc}") from None
