@@ -41,8 +41,7 @@ from pipeline.config import PipelineConfig, canonical_json, resolved
 from pipeline.errors import UserError
 from pipeline.registry import Artifact, Registry
 from pipeline.stages import resolve_input
-
-CODE_PACKAGES = ("evaluation", "pipeline")
+from training.models.registry import model_modules
 
 
 # ----------------------------------------------------------------------------------------- 1. resolve
@@ -147,8 +146,8 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
                 "miou": metrics["candidate"]["segmentation"]["miou"], "baseline": metrics["baseline_model"]}
 
     art = registry.build("metrics", candidate.name, entry_point="evaluation.entry:run", config=key_config,
-                         builder=build, parents=[candidate, data], code_packages=CODE_PACKAGES, force=cfg.force,
-                         say=say)
+                         builder=build, parents=[candidate, data], force=cfg.force, say=say,
+                         code_modules=("evaluation.entry", *model_modules(candidate.name)))
     with open(os.path.join(art.location, "metrics.json")) as fh:
         metrics = json.load(fh)
 

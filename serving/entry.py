@@ -188,6 +188,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
         model: str | None = None, **_: Any) -> dict[str, Any]:
     """The serve stage; returns the package reference, its folder and tarball, and summary tables."""
     from serving.package import build_package, make_tarball, verify_package, write_manifest
+    from training.models.registry import model_modules
 
     model_art = resolve_model(cfg, registry, model)
     require_blessed(model_art)
@@ -222,8 +223,8 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
 
     parents = [model_art] + ([metrics_art] if metrics_art else [])
     art = registry.build("package", model_art.name, entry_point="serving.entry:run", config=key_config(cfg),
-                         builder=build, parents=parents, code_packages=("serving", "training", "pipeline"),
-                         force=cfg.force, say=say)
+                         builder=build, parents=parents, force=cfg.force, say=say,
+                         code_modules=("serving.entry", *model_modules(model_art.name)))
     return summarize(art)
 
 
