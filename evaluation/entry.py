@@ -147,7 +147,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
 
     art = registry.build("metrics", candidate.name, entry_point="evaluation.entry:run", config=key_config,
                          builder=build, parents=[candidate, data], force=cfg.force, say=say,
-                         code_modules=("evaluation.entry", *model_modules(candidate.name)))
+                         code_modules=code_modules(candidate.name))
     with open(os.path.join(art.location, "metrics.json")) as fh:
         metrics = json.load(fh)
 
@@ -164,6 +164,12 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
 
     # 6. summary
     return summarize(art, metrics)
+
+
+def code_modules(model_name: str) -> tuple[str, ...]:
+    """The code behind the metrics: this module and its imports, and the model's modules (which the model
+    registry imports by discovery, out of sight of the import analysis)."""
+    return ("evaluation.entry", *model_modules(model_name))
 
 
 def evaluate_into(staging: str, cfg: PipelineConfig, registry: Registry, candidate: Artifact, data: Artifact,

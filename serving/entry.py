@@ -138,6 +138,14 @@ def key_config(cfg: PipelineConfig) -> dict[str, Any]:
     return {field: getattr(cfg.serve, field) for field in PACKAGE_FIELDS}
 
 
+def code_modules(model_name: str) -> tuple[str, ...]:
+    """The code that makes the package: this module and its imports (``serving.package`` among them), and
+    the model's modules (which the model registry imports by discovery, out of sight of the import analysis)."""
+    from training.models.registry import model_modules
+
+    return ("serving.entry", *model_modules(model_name))
+
+
 def check_request(cfg: PipelineConfig) -> None:
     """Refuse packaging settings that cannot work before any compiling starts."""
     s = cfg.serve
@@ -188,7 +196,6 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
         model: str | None = None, **_: Any) -> dict[str, Any]:
     """The serve stage; returns the package reference, its folder and tarball, and summary tables."""
     from serving.package import build_package, make_tarball, verify_package, write_manifest
-    from training.models.registry import model_modules
 
     model_art = resolve_model(cfg, registry, model)
     require_blessed(model_art)
@@ -224,7 +231,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     parents = [model_art] + ([metrics_art] if metrics_art else [])
     art = registry.build("package", model_art.name, entry_point="serving.entry:run", config=key_config(cfg),
                          builder=build, parents=parents, force=cfg.force, say=say,
-                         code_modules=("serving.entry", *model_modules(model_art.name)))
+                         code_modules=code_modules(model_art.name))
     return summarize(art)
 
 

@@ -211,7 +211,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     selected, unreadable = select_logs(cfg, home, say)
     splits = assign_splits(cfg, registry, selected) if selected else {}
     weights = _sample_weights(home, [s["meta"].log_id for s in selected])
-    importer = get_importer(ing.source).__name__
+    importer = get_importer(ing.source).__name__  # the Spark workers import it by name
 
     log_artifacts = [
         registry.record("log", check_name(s["meta"].log_id, "log id"), content_key=s["sha256"],
@@ -227,13 +227,17 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     def build(staging: str, record: Artifact) -> dict:
         return _extract_and_write(cfg, staging, tasks, unreadable, record, say)
 
-    # The code: this module's imports, the Spark workers' (``spark_jobs.extract``, imported by it), and the
-    # importer, which the registry and the workers load by name.
     art = registry.build("dataset", ing.dataset_name, entry_point="spark_jobs.ingest:run",
                          config=key_config(cfg, splits, weights), builder=build, parents=log_artifacts,
-                         code_modules=("spark_jobs.ingest", importer), force=cfg.force, say=say)
+                         code_modules=code_modules(cfg), force=cfg.force, say=say)
     manifest = json.loads(open(os.path.join(art.location, MANIFEST)).read())
     return summarize(art, manifest)
+
+
+def code_modules(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The code that writes the dataset: this module and its imports (``spark_jobs.extract``, what the Spark
+    workers run, among them) and the configured importer, which the registry and the workers load by name."""
+    return ("spark_jobs.ingest", get_importer(cfg.ingest.source).__name__)
 
 
 def key_config(cfg: PipelineConfig, splits: dict[str, str], weights: dict[str, float]) -> dict[str, Any]:

@@ -62,9 +62,11 @@ def register_importer(module: ModuleType) -> ModuleType:
     if not isinstance(module, ModuleType):
         raise TypeError(f"an importer is a module, got {type(module).__name__}")
     if not isinstance(module, Importer):
-        missing = [name for name in ("SOURCE", "list_logs", "source_files", "read_metadata", "read_log")
-                   if not hasattr(module, name)]
-        raise TypeError(f"importer module {module.__name__} lacks {', '.join(missing)} (see spark_jobs.sources.registry)")
+        members = [*Importer.__annotations__, *(k for k, v in vars(Importer).items()
+                                                 if callable(v) and not k.startswith("_"))]
+        missing = [name for name in members if not hasattr(module, name)]
+        raise TypeError(f"importer module {module.__name__} lacks {', '.join(missing)} "
+                        "(see spark_jobs.sources.registry.Importer)")
     name = module.SOURCE
     if not name or not isinstance(name, str):
         raise ValueError(f"importer module {module.__name__}: SOURCE must be a non-empty string, got {name!r}")
