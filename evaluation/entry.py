@@ -40,8 +40,7 @@ from pipeline.errors import UserError
 from pipeline.registry import Artifact, Registry
 from pipeline.stages import resolve_input
 from serving import artifacts
-
-CODE_PACKAGES = ("evaluation", "pipeline", "serving")
+from training.models.registry import model_modules
 
 
 # ----------------------------------------------------------------------------------------- 1. resolve
@@ -137,8 +136,8 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
                 "miou": metrics.candidate["segmentation"]["miou"], "baseline": metrics.baseline_model}
 
     art = registry.build("metrics", candidate.name, entry_point="evaluation.entry:run", config=key_config,
-                         builder=build, parents=[candidate, data], code_packages=CODE_PACKAGES, force=cfg.force,
-                         say=say)
+                         builder=build, parents=[candidate, data], force=cfg.force, say=say,
+                         code_modules=code_modules(candidate.name))
     metrics = EvaluationMetrics.load_from(art.location)
 
     # 4. verdict on the model
@@ -154,6 +153,12 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
 
     # 6. summary
     return summarize(art, metrics)
+
+
+def code_modules(model_name: str) -> tuple[str, ...]:
+    """The code behind the metrics: this module and its imports, and the model's modules (which the model
+    registry imports by discovery, out of sight of the import analysis)."""
+    return ("evaluation.entry", *model_modules(model_name))
 
 
 def evaluate_into(staging: str, cfg: PipelineConfig, registry: Registry, candidate: Artifact, data: Artifact,

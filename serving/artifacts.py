@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from pipeline.contracts import ModelSpec
-from serving.package import sha256_file
+from pipeline.files import sha256_file
 
 Inputs = tuple[torch.Tensor, torch.Tensor]
 Runner = Callable[[torch.Tensor, torch.Tensor], Any]

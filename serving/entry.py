@@ -128,6 +128,14 @@ def key_config(cfg: PipelineConfig) -> dict[str, Any]:
     return {field: getattr(cfg.serve, field) for field in PACKAGE_FIELDS}
 
 
+def code_modules(model_name: str) -> tuple[str, ...]:
+    """The code that makes the package: this module and its imports (``serving.package`` among them), and
+    the model's modules (which the model registry imports by discovery, out of sight of the import analysis)."""
+    from training.models.registry import model_modules
+
+    return ("serving.entry", *model_modules(model_name))
+
+
 def check_request(cfg: PipelineConfig) -> None:
     """Refuse packaging settings that cannot work before any compiling starts."""
     s = cfg.serve
@@ -211,8 +219,8 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
 
     parents = [model_art] + ([metrics_art] if metrics_art else [])
     art = registry.build("package", model_art.name, entry_point="serving.entry:run", config=key_config(cfg),
-                         builder=build, parents=parents, code_packages=("serving", "training", "pipeline"),
-                         force=cfg.force, say=say)
+                         builder=build, parents=parents, force=cfg.force, say=say,
+                         code_modules=code_modules(model_art.name))
     return summarize(art)
 
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from pipeline.contracts import PackageMetadata
 from pipeline.errors import UserError
-from pipeline.files import atomic_file
+from pipeline.files import atomic_file, sha256_file
 
 FORMAT = "avp-serving-package"
 FORMAT_VERSION = 1
@@ -71,15 +71,6 @@ class PackageError(UserError):
 
 
 # ----------------------------------------------------------------------------------------- manifest
-def sha256_file(path: str) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_member_name(name: str) -> str:
     """``name`` if it is a plain relative POSIX path that stays inside the package, else ``PackageError``."""
     parts = name.split("/")

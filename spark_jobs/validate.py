@@ -37,7 +37,7 @@ from spark_jobs import dataset_stats as stats_mod
 from spark_jobs import validation_report as report_mod
 from spark_jobs.split import SPLITS
 
-CODE_PACKAGES = ("spark_jobs", "pipeline")
+CODE_MODULES = ("spark_jobs.validate",)  # the statistics builder lives here too
 
 
 def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = print, run_id: str = "",
@@ -89,7 +89,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
                   "target_shares": target_shares, "report_format": report_mod.FORMAT}
     parents = [data, stats_art] + ([previous_stats_art] if previous_stats_art else [])
     validation = registry.build("validation", data.name, entry_point="spark_jobs.validate:run", config=key_config,
-                                builder=build, parents=parents, code_packages=CODE_PACKAGES, force=cfg.force,
+                                builder=build, parents=parents, code_modules=CODE_MODULES, force=cfg.force,
                                 say=say)
     summary = read_json(os.path.join(validation.location, report_mod.RESULT_FILE), validation.ref)
     report = os.path.join(validation.location, report_mod.REPORT_FILE)
@@ -174,7 +174,7 @@ def statistics_artifact(cfg: PipelineConfig, registry: Registry, data: Artifact,
     # spark_master does not change the numbers, so it is not part of the key
     return registry.build("statistics", data.name, entry_point="spark_jobs.dataset_stats:compute",
                           config={"format": stats_mod.FORMAT, "dataset": data.ref}, builder=build,
-                          parents=[data], code_packages=CODE_PACKAGES, force=cfg.force, say=say)
+                          parents=[data], code_modules=CODE_MODULES, force=cfg.force, say=say)
 
 
 # ----------------------------------------------------------------------------------------- output

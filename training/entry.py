@@ -132,6 +132,14 @@ def key_config(cfg: PipelineConfig, device: str, options: dict[str, Any]) -> dic
     return train
 
 
+def code_modules(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The code that produces the weights: this module and its imports, the trainer (run by
+    ``training.launch`` as ``python -m training.trainer``) and the model's modules (found by discovery)."""
+    from training.models.registry import model_modules
+
+    return ("training.entry", "training.trainer", *model_modules(cfg.train.model))
+
+
 def checkpoint_dir(registry: Registry, model: str, content_key: str) -> str:
     """Where the checkpoints of one training request live: outside the staging folder, keyed by the
     model's content key so ``--resume`` finds exactly the run it continues."""
@@ -159,7 +167,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
 
     art = registry.build("model", cfg.train.model, entry_point="training.entry:run",
                          config=key_config(cfg, device, options), builder=build, parents=[data],
-                         code_packages=("training", "pipeline"), force=cfg.force, say=say)
+                         code_modules=code_modules(cfg), force=cfg.force, say=say)
     state_dir = checkpoint_dir(registry, art.name, art.content_key)
     if not art.cached:
         # Published: the weights, TorchScript model, events and logs are in the artifact now, and the
