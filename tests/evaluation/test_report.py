@@ -32,8 +32,8 @@ def scored(frames, tmp_path_factory):
     model = build_model("bev_segnet", TINY_MODEL).eval()
     result = scoring.score_model(model, frames, scoring.Settings.from_config(EvaluateConfig()), say=lambda _m: None)
     result["hardware"] = hardware.measure(model, None, [frames[0].points], runs=2, warmup=0,
-                                          device=torch.device("cpu"), aot_inductor=False,
-                                          workdir=str(tmp_path_factory.mktemp("hw")), say=lambda _m: None)
+                                          device=torch.device("cpu"), aot_inductor=False, max_points=50_000,
+                                          compiled_dir=str(tmp_path_factory.mktemp("hw")), say=lambda _m: None)
     return result
 
 
