@@ -38,6 +38,7 @@ MODEL_FILE = "model.json"
 METRICS_FILE = "metrics.json"
 JOB_FILE = "job.json"
 PACKAGE_METADATA_FILE = "metadata.json"
+COMPILED_PROGRAM_FILE = "export.json"
 # The call every registered model answers (what model.json and model.ts record).
 MODEL_INPUT = "points float32 [B, N, 4] (x, y, z, intensity), valid bool [B, N]"
 MODEL_OUTPUT = f"logits float32 [B, N, {NUM_CLASSES}]"
@@ -294,6 +295,26 @@ class EvaluationMetrics(Contract):
     verdict: dict[str, Any]  # blessed, reasons, checks
     worst_scenes: list[str]
     feedback: dict[str, Any]  # weights, file
+
+
+# ----------------------------------------------------------------------------------------- export.json
+@dataclass(frozen=True, kw_only=True)
+class CompiledProgram(Contract):
+    """What evaluate compiled and timed (``compiled/model.pt2`` in its metrics artifact), so the serve stage
+    ships that very program: what it was compiled for, how, and the file's SHA-256."""
+
+    FILE: ClassVar[str] = COMPILED_PROGRAM_FILE
+
+    model_fingerprint: str  # sha256 of the model's class, config and weights
+    export_spec: dict[str, Any]  # serving.artifacts.ExportSpec.as_dict()
+    torch: str
+    device: str
+    cpu_isa: str | None  # the vector instruction set the C++ was compiled for (CPU only)
+    format: str  # aoti | exported_program
+    aoti_error: str | None
+    compile_seconds: float | None = None
+    file: str
+    sha256: str
 
 
 # ----------------------------------------------------------------------------------------- job.json

@@ -44,7 +44,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from pipeline.contracts import ModelSpec
+from pipeline.contracts import CompiledProgram, ContractError, ModelSpec
 from pipeline.files import sha256_file
 
 Inputs = tuple[torch.Tensor, torch.Tensor]
@@ -53,7 +53,6 @@ Runner = Callable[[torch.Tensor, torch.Tensor], Any]
 # The folder of a metrics artifact holding evaluate's compiled model.pt2 and its record.
 COMPILED_DIR = "compiled"
 COMPILED_PT2 = "model.pt2"
-COMPILED_RECORD = "export.json"
 PT2_FORMATS = ("aoti", "exported_program")
 
 
@@ -197,38 +196,35 @@ def compiled_record(model: torch.nn.Module, spec: ExportSpec, device: torch.devi
             "cpu_isa": str(pick_vec_isa()) if device_type == "cpu" else None}
 
 
-def write_compiled_record(folder: str, record: dict[str, Any], info: dict[str, Any]) -> None:
+def write_compiled_record(folder: str, record: dict[str, Any], info: dict[str, Any]) -> CompiledProgram:
     """``export.json`` beside ``folder/model.pt2``: ``record``, the compile info and the file's SHA-256."""
-    full = {**record, **info, "file": COMPILED_PT2, "sha256": sha256_file(os.path.join(folder, COMPILED_PT2))}
-    with open(os.path.join(folder, COMPILED_RECORD), "w") as fh:
-        json.dump(full, fh, indent=2, sort_keys=True)
-        fh.write("\n")
+    program = CompiledProgram(**record, **info, file=COMPILED_PT2,
+                              sha256=sha256_file(os.path.join(folder, COMPILED_PT2)))
+    program.save_to(folder)
+    return program
 
 
 def reuse_compiled(folder: str | None, record: dict[str, Any], target: str) -> tuple[dict[str, Any] | None, str]:
     """Copy an AOTInductor ``model.pt2`` compiled earlier into ``target`` when its ``export.json`` in
     ``folder`` matches ``record`` (see ``compiled_record``) and the copy has the recorded SHA-256.
     Returns (``{format, aoti_error, compile_seconds}``, why) on reuse, or (None, why not)."""
-    if not folder or not os.path.isfile(os.path.join(folder, COMPILED_RECORD)):
+    if not folder or not os.path.isfile(os.path.join(folder, CompiledProgram.FILE)):
         return None, "no compiled model.pt2 from the evaluation"
     try:
-        with open(os.path.join(folder, COMPILED_RECORD)) as fh:
-            stored = json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        return None, f"the evaluation's {COMPILED_RECORD} is unreadable ({exc})"
-    if not isinstance(stored, dict):
-        return None, f"the evaluation's {COMPILED_RECORD} is not a JSON object"
-    if stored.get("format") != "aoti":
+        stored = CompiledProgram.load_from(folder)
+    except ContractError as exc:
+        return None, f"the evaluation's {CompiledProgram.FILE} is unreadable ({exc})"
+    if stored.format != "aoti":
         return None, "the evaluation did not compile with AOTInductor"
     for key, value in record.items():
-        if stored.get(key) != value:
+        if getattr(stored, key) != value:
             return None, f"the evaluation's model.pt2 was compiled for another {key.replace('_', ' ')}"
-    shutil.copyfile(os.path.join(folder, COMPILED_PT2), target)
-    if sha256_file(target) != stored.get("sha256"):
+    shutil.copyfile(os.path.join(folder, stored.file), target)
+    if sha256_file(target) != stored.sha256:
         os.remove(target)
-        return None, "the evaluation's model.pt2 does not match the SHA-256 in its export.json"
-    return ({"format": "aoti", "aoti_error": None, "compile_seconds": stored.get("compile_seconds")},
-            f"reused the evaluation's AOTInductor model.pt2 (sha256 {stored['sha256'][:16]}...)")
+        return None, f"the evaluation's model.pt2 does not match the SHA-256 in its {CompiledProgram.FILE}"
+    return ({"format": "aoti", "aoti_error": None, "compile_seconds": stored.compile_seconds},
+            f"reused the evaluation's AOTInductor model.pt2 (sha256 {stored.sha256[:16]}...)")
 
 
 # ----------------------------------------------------------------------------------------- timing

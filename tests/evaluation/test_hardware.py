@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from evaluation import hardware
+from pipeline.contracts import CompiledProgram
 from serving import artifacts
 
 
@@ -75,7 +76,7 @@ def test_aot_inductor_package_runs_and_matches_eager(tmp_path):
                               aot_inductor=True, max_points=MAX_POINTS, compiled_dir=str(tmp_path), say=lambda _m: None)
     assert "aot_inductor" in result["variants"], result["variants"].keys()
     assert result["variants"]["aot_inductor"]["max_abs_diff_vs_eager"] < 1e-5
-    record = json.loads((tmp_path / artifacts.COMPILED_RECORD).read_text())
+    record = json.loads((tmp_path / CompiledProgram.FILE).read_text())
     assert record["format"] == "aoti" and record["compile_seconds"] > 0
     assert record["sha256"] == hashlib.sha256((tmp_path / artifacts.COMPILED_PT2).read_bytes()).hexdigest()
 
@@ -97,7 +98,7 @@ def test_the_exported_variant_is_the_serving_program_and_is_kept_with_its_record
     compiled = tmp_path / "compiled"
     hardware.measure(model, None, frames(), runs=1, warmup=0, device=torch.device("cpu"), aot_inductor=False,
                      max_points=MAX_POINTS, compiled_dir=str(compiled), say=lambda _m: None)
-    record = json.loads((compiled / artifacts.COMPILED_RECORD).read_text())
+    record = json.loads((compiled / CompiledProgram.FILE).read_text())
     pt2 = compiled / artifacts.COMPILED_PT2
     assert record["sha256"] == hashlib.sha256(pt2.read_bytes()).hexdigest()
     assert record["format"] == "exported_program" and record["aoti_error"] == "skipped: evaluate.aot_inductor is false"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.contracts import CompiledProgram
 from serving import artifacts
 from tests.evaluation.test_hardware import PointLinear  # the model contract at its smallest
 
@@ -86,7 +87,7 @@ def test_a_matching_compiled_program_is_copied_and_checked(tmp_path):
     assert info == {"format": "aoti", "aoti_error": None, "compile_seconds": 12.5}
     assert target.read_bytes() == b"an AOTInductor package"
     assert hashlib.sha256(b"an AOTInductor package").hexdigest()[:16] in why
-    stored = json.loads((folder / artifacts.COMPILED_RECORD).read_text())
+    stored = json.loads((folder / CompiledProgram.FILE).read_text())
     assert stored["torch"] == torch.__version__ and stored["device"] == "cpu" and stored["cpu_isa"]
 
 
@@ -122,9 +123,15 @@ def test_nothing_to_reuse_without_an_aot_inductor_compile(tmp_path):
     assert info is None and "did not compile with AOTInductor" in why and not os.path.exists(tmp_path / "x")
 
 
-def test_an_unreadable_record_means_compiling_again(tmp_path):
+@pytest.mark.parametrize("damage", ["{not json", "without sha256"])
+def test_an_unreadable_record_means_compiling_again(tmp_path, damage):
     record = artifacts.compiled_record(PointLinear(), artifacts.ExportSpec(1000), "cpu")
     folder = compiled_folder(tmp_path, record)
-    (folder / artifacts.COMPILED_RECORD).write_text("{not json")
+    path = folder / CompiledProgram.FILE
+    if damage == "without sha256":
+        stored = json.loads(path.read_text())
+        del stored["sha256"]
+        damage = json.dumps(stored)
+    path.write_text(damage)
     info, why = artifacts.reuse_compiled(str(folder), record, str(tmp_path / "x"))
     assert info is None and "export.json is unreadable" in why and not os.path.exists(tmp_path / "x")

@@ -128,6 +128,7 @@ def test_serve_ships_the_program_the_evaluation_compiled_and_timed(tmp_path):
     """The evaluate stage's AOTInductor model.pt2 (kept with its metrics) is what the package carries:
     the same bytes, not a second compile; serve alone (the aoti_served fixture) compiles its own."""
     from evaluation import hardware
+    from pipeline.contracts import CompiledProgram
     from pipeline.registry import Registry
     from serving import artifacts
     from serving.entry import run
@@ -154,7 +155,7 @@ def test_serve_ships_the_program_the_evaluation_compiled_and_timed(tmp_path):
     evaluated = open(os.path.join(compiled, artifacts.COMPILED_PT2), "rb").read()
     shipped = open(os.path.join(result["location"], "model.pt2"), "rb").read()
     assert shipped == evaluated
-    record = json.loads(open(os.path.join(compiled, artifacts.COMPILED_RECORD)).read())
+    record = json.loads(open(os.path.join(compiled, CompiledProgram.FILE)).read())
     assert record["sha256"] == hashlib.sha256(shipped).hexdigest()
     assert any("reused the evaluation's AOTInductor model.pt2" in m for m in messages)
     package = load(result["location"], runtime="pt2")
