@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -132,20 +133,20 @@ def test_serve_ships_the_program_the_evaluation_compiled_and_timed(tmp_path):
     from pipeline.registry import Registry
     from serving import artifacts
     from serving.entry import run
-    from tests.serving.conftest import register_model, serve_config
+    from tests.serving.conftest import evaluation_metrics, register_model, serve_config
 
     cfg = serve_config(str(tmp_path / "home"), aot_inductor=True)
     registry = Registry.open(cfg)
     model, _ = register_model(registry, seed=4, with_metrics=False)
     frames = [synthetic_scan(n, seed, (-12.8, 12.8), (-12.8, 12.8)) for n, seed in ((1500, 1), (2500, 2))]
 
-    def evaluate(staging, _record):
+    def evaluate(staging, record):
         net, _spec = artifacts.load_model(model.location)
         measured = hardware.measure(net, os.path.join(model.location, "model.ts"), frames, runs=2, warmup=1,
                                     device=torch.device("cpu"), aot_inductor=True, max_points=cfg.serve.max_points,
                                     compiled_dir=os.path.join(staging, artifacts.COMPILED_DIR), say=lambda _m: None)
-        with open(os.path.join(staging, "metrics.json"), "w") as fh:
-            json.dump({"candidate": {"hardware": measured}}, fh)
+        metrics = evaluation_metrics(model.ref, registry.parents(model.id)[0].ref, record.ref)
+        replace(metrics, candidate={**metrics.candidate, "hardware": measured}).save_to(staging)
 
     metrics = registry.build("metrics", "bev_segnet", entry_point="tests", config={"seed": 4}, builder=evaluate,
                              parents=[model])
