@@ -133,8 +133,14 @@ def job_commands(backend: str, np: int, job_path: str, placement: Placement) -> 
 def rank_settings(placement: Placement) -> dict[str, str]:
     """The variables every rank needs wherever it runs: the repository importable, one thread per rank,
     deterministic cuBLAS, and the time a collective may wait for a lost peer (gloo under Horovod, the
-    process group's timeout under DDP)."""
-    return {"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    process group's timeout under DDP).
+
+    ``HOROVOD_CYCLE_TIME`` (ms, default 20 here, Horovod's own is 1): how often Horovod's background
+    thread wakes to negotiate and fuse ready tensors. At 1 ms it competed with the ranks' compute
+    threads for the CPU cores, and Horovod x2 steps took 1.3-1.9x as long as DDP x2; at 20 ms 1.03-1.06x
+    (docs/benchmarks.md). Sums are unchanged (the weights stay bitwise equal to DDP's, tested); set the
+    variable to override it, e.g. lower on GPU nodes with spare cores."""
+    return {"HOROVOD_CYCLE_TIME": os.environ.get("HOROVOD_CYCLE_TIME", "20"), "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8"),
             "HOROVOD_GLOO_TIMEOUT_SECONDS": str(placement.rank_timeout_s),
             "AVP_RANK_TIMEOUT_S": str(placement.rank_timeout_s)}
