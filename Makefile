@@ -16,10 +16,12 @@ demo: setup
 airflow: setup  ## the Airflow UI with the avp_daily DAG on http://127.0.0.1:8080 (Ctrl-C stops it)
 	@bash scripts/airflow_standalone.sh
 
-test: setup
+test: setup  ## also installs the servers tests start (PostgreSQL) when missing and run as root
+	@bash scripts/test_services.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup  ## skip the slow (Spark / multi-process / Airflow) tests
+	@bash scripts/test_services.sh
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup  ## every benchmark, one after the other (results go into docs/benchmarks.md by hand)

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from pipeline import config, stages
+from pipeline.contracts import TrainMetrics
 from pipeline.errors import StageFailed
 from pipeline.registry import Registry
 
@@ -95,14 +96,15 @@ def train_once(home: str, args: argparse.Namespace, dataset: str, backend: str, 
     location = Path(result["location"])
     events = [json.loads(line) for line in (location / "logs" / "progress.jsonl").read_text().splitlines()]
     first_step = next(e["time"] for e in events if e["event"] == "step")
-    metrics = json.loads((location / "metrics.json").read_text())
+    metrics = TrainMetrics.load_from(str(location))
     ranks = [json.loads(p.read_text()) for p in sorted((location / "logs").glob("rank-*.json"))]
-    last = metrics["epochs"][-1]
-    return {"backend": backend, "np": np, "where": where, "wall_s": wall, "launch_s": first_step - started_at, "steps": last["steps"], "step_s": last["step_s"],
+    last = metrics.epochs[-1]
+    return {"backend": backend, "np": np, "where": where, "wall_s": wall, "launch_s": first_step - started_at,
+            "steps": last["steps"], "step_s": last["step_s"],
             "samples_per_s": last["samples_per_s"], "data_wait": last["data_wait_fraction"],
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks), "sha": metrics["parameters_sha256"],
-            "losses": [e["loss"] for e in metrics["epochs"]], "miou": metrics["final"]["val_miou"],
-            "baseline": (metrics.get("majority_baseline") or {}).get("miou"), "ref": result["ref"]}
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks), "sha": metrics.parameters_sha256,
+            "losses": [e["loss"] for e in metrics.epochs], "miou": metrics.final["val_miou"],
+            "baseline": (metrics.majority_baseline or {}).get("miou"), "ref": result["ref"]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,6 +169,17 @@ class ServeConfig:
 
 
 @dataclass
+class RegistryConfig:
+    """How a build holds on to its record (the database itself is ``registry_url``)."""
+
+    # A build owns its record for lease_s and renews it every lease_renew_s; a lease left to expire (host
+    # lost, process frozen or cut off from the database) lets another process abort the build and take over.
+    # Registry checks 0 < lease_renew_s < lease_s (here the two could be set one after the other).
+    lease_s: float = 60.0
+    lease_renew_s: float = 10.0
+
+
+@dataclass
 class PipelineConfig:
     """The whole pipeline: one home for everything it writes, one registry, one section per stage."""
 
@@ -176,6 +187,7 @@ class PipelineConfig:
     registry_url: str = ""  # empty: sqlite:///<home>/registry.db
     seed: int = 0
     force: bool = False  # rebuild even when a succeeded artifact has the same content key
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     validate: ValidateConfig = field(default_factory=ValidateConfig)

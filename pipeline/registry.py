@@ -12,10 +12,16 @@ Lifecycle::
 
 ``Registry.build`` is the one way stages publish: it reuses a succeeded artifact with the same content
 key (a hash of the parents' versions, the entry point's code version and the resolved config), otherwise
-writes into a staging folder, renames it into place and only then marks the record succeeded. A killed
-build stays ``building``; the next build notices its process is gone, marks it ``aborted`` and removes
-its files. SQLite writes take ``BEGIN IMMEDIATE`` so concurrent processes serialise instead of racing;
-a unique constraint on (kind, name, version) backs that up on any database.
+writes into a staging folder, renames it into place and only then marks the record succeeded.
+
+A build belongs to (host, pid, lease): the building process renews its lease from a daemon thread. A
+killed build stays ``building`` until another process may declare it abandoned: at once when it ran on
+the same host and its pid is gone, otherwise (any host) once its lease has expired. The takeover is one
+conditional UPDATE, so of two reclaimers only one wins, and only the winner removes the build's files.
+
+Write transactions are serialised: SQLite's take ``BEGIN IMMEDIATE``, PostgreSQL's a transaction-level
+advisory lock, so concurrent processes queue instead of racing; a unique constraint on (kind, name,
+version) backs that up on any database.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import hashlib
 import json
 import os
 import shutil
-import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -51,8 +57,8 @@ TRANSITIONS = {
     "aborted": set(),
     "end_of_life": set(),
 }
-# A build whose process cannot be checked (another host) is considered dead after this long.
-STALE_AFTER_S = 24 * 3600
+# Key of the PostgreSQL advisory lock every registry write transaction takes (scoped to the database).
+PG_WRITE_LOCK = 0x61767072  # "avpr"
 
 
 class RegistryError(Exception):
@@ -73,6 +79,10 @@ class PromotionRefused(RegistryError):
 
 class BuildInProgress(RegistryError):
     pass
+
+
+class LeaseLost(RegistryError):
+    """The build's lease expired and another process took the build over; nothing may be published."""
 
 
 metadata = sa.MetaData()
@@ -99,6 +109,9 @@ artifacts_table = sa.Table(
     sa.Column("host", sa.String(256), nullable=False),
     sa.Column("pid", sa.Integer, nullable=False),
     sa.Column("pid_started", sa.Float, nullable=False),
+    # Until when (host, pid) owns a registered/building record; renewed while it builds. NULL in rows
+    # written before leases existed: their updated_at + lease_s counts instead.
+    sa.Column("lease_until", sa.DateTime, nullable=True),
     sa.Column("dag_id", sa.String(256), nullable=True),
     sa.Column("dag_run_id", sa.String(256), nullable=True),
     sa.UniqueConstraint("kind", "name", "version", name="uq_artifact_version"),
@@ -176,6 +189,7 @@ class Artifact:
     pid: int
     dag_id: str | None
     dag_run_id: str | None
+    lease_until: dt.datetime | None = None
     cached: bool = field(default=False, compare=False)  # True when build() reused it
 
     @property
@@ -195,7 +209,7 @@ class Artifact:
             config=json.loads(m["config"]), locations=json.loads(m["locations"]), meta=json.loads(m["meta"]),
             blessed=m["blessed"], reason=m["reason"], created_by=m["created_by"], created_at=m["created_at"],
             updated_at=m["updated_at"], host=m["host"], pid=m["pid"], dag_id=m["dag_id"],
-            dag_run_id=m["dag_run_id"],
+            dag_run_id=m["dag_run_id"], lease_until=m["lease_until"],
         )
 
 
@@ -248,29 +262,58 @@ def _process_started(pid: int) -> float:
         return 0.0
 
 
+def _engine_url(url: str) -> sa.URL:
+    """``postgresql://`` means the psycopg (v3) driver the pipeline installs, not SQLAlchemy's psycopg2."""
+    parsed = sa.make_url(url)
+    return parsed.set(drivername="postgresql+psycopg") if parsed.drivername == "postgresql" else parsed
+
+
+def _add_missing_columns(conn: sa.Connection) -> None:
+    """Bring a registry created by older code up to the current tables: columns added since (always
+    nullable) are added in place, so existing records stay as they are."""
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present:
+                conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {column.name} "
+                                     f"{column.type.compile(conn.dialect)}"))
+
+
 class Registry:
     """The registry over one database. ``home`` is where artifact folders are created."""
 
-    def __init__(self, url: str, home: Home):
-        self.url = url
+    def __init__(self, url: str, home: Home, lease_s: float = 60.0, lease_renew_s: float = 10.0):
+        if not 0 < lease_renew_s < lease_s:
+            raise RegistryError(f"registry.lease_renew_s ({lease_renew_s}) must be above 0 and below "
+                                f"registry.lease_s ({lease_s}): a lease is renewed several times before it expires")
+        self.url = _engine_url(url).render_as_string(hide_password=True)  # for messages: no password
         self.home = home
+        self.lease_s = lease_s
+        self.lease_renew_s = lease_renew_s
         connect_args: dict[str, Any] = {}
+        if self.url.startswith("postgresql"):
+            # A client frozen or cut off inside a transaction would hold the write lock for everyone: the
+            # server ends such a session once it has sat idle in its transaction for a lease.
+            connect_args = {"options": f"-c idle_in_transaction_session_timeout={int(lease_s * 1000)}"}
         if url.startswith("sqlite"):
             connect_args = {"timeout": 120}
             path = url.split("///", 1)[-1]
             if path and path != ":memory:":
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.engine = sa.create_engine(url, connect_args=connect_args, future=True)
+        self.engine = sa.create_engine(_engine_url(url), connect_args=connect_args, future=True,
+                                       pool_pre_ping=not url.startswith("sqlite"))
         if url.startswith("sqlite"):
             self._serialise_sqlite_writes()
         with self._tx() as conn:
             metadata.create_all(conn)
+            _add_missing_columns(conn)
 
     @classmethod
     def open(cls, cfg: Any) -> "Registry":
         """The registry a resolved ``PipelineConfig`` points at."""
         home = Home.from_config(cfg.home).ensure()
-        return cls(home.registry_url(cfg.registry_url), home)
+        return cls(home.registry_url(cfg.registry_url), home, lease_s=cfg.registry.lease_s,
+                   lease_renew_s=cfg.registry.lease_renew_s)
 
     def _serialise_sqlite_writes(self) -> None:
         # pysqlite's default deferred transactions let two writers read the same max(version) and then
@@ -290,6 +333,8 @@ class Registry:
         for attempt in range(20):
             try:
                 with self.engine.begin() as conn:
+                    if conn.dialect.name == "postgresql":  # SQLite's counterpart is BEGIN IMMEDIATE
+                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_WRITE_LOCK})
                     yield conn
                 return
             except OperationalError as exc:  # "database is locked" past the busy timeout
@@ -455,7 +500,8 @@ class Registry:
                         entry_point=entry_point, config=canonical_json(config or {}), locations="[]",
                         meta=canonical_json(meta or {}), blessed=None, reason="", created_by=snap["user"],
                         created_at=now, updated_at=now, host=snap["host"], pid=pid,
-                        pid_started=_process_started(pid), dag_id=snap.get("airflow_dag_id"),
+                        pid_started=_process_started(pid), lease_until=self._lease_end(now),
+                        dag_id=snap.get("airflow_dag_id"),
                         dag_run_id=snap.get("airflow_run_id"),
                     )).inserted_primary_key[0]
                     for p in parents:
@@ -476,28 +522,82 @@ class Registry:
             ).order_by(t.c.version.desc())).first()
         return Artifact._from_row(row) if row else None
 
+    # ---------------------------------------------------------------- leases
+    def _lease_end(self, now: dt.datetime) -> dt.datetime:
+        return now + dt.timedelta(seconds=self.lease_s)
+
+    def renew_lease(self, art_id: int) -> bool:
+        """Extend this process's lease on a registered/building record; False when it is no longer ours."""
+        t = artifacts_table
+        with self._tx() as conn:
+            renewed = conn.execute(t.update().where(
+                t.c.id == art_id, t.c.state.in_(("registered", "building")), t.c.host == provenance.host(),
+                t.c.pid == os.getpid(),
+            ).values(lease_until=self._lease_end(_now()))).rowcount
+        return renewed == 1
+
+    @contextlib.contextmanager
+    def _holding_lease(self, art_id: int) -> Iterator[threading.Event]:
+        """Renew the lease every ``lease_renew_s`` from a daemon thread; the event is set once it is lost."""
+        lost, stop = threading.Event(), threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.lease_renew_s):
+                try:
+                    if not self.renew_lease(art_id):
+                        lost.set()
+                        return
+                except Exception:  # database briefly unreachable: retry until the lease itself runs out
+                    continue
+
+        thread = threading.Thread(target=renew, name=f"avp-lease-{art_id}", daemon=True)
+        thread.start()
+        try:
+            yield lost
+        finally:
+            stop.set()
+            thread.join()
+
+    def _abandoned_because(self, row: Any, now: dt.datetime) -> str | None:
+        """Why a registered/building record may be taken over, or None while its owner may still be at work."""
+        m = row._mapping
+        lease_until = m["lease_until"] or self._lease_end(m["updated_at"])
+        if lease_until <= now:
+            return (f"recovered: the lease of process {m['pid']} on {m['host']} expired at "
+                    f"{lease_until:%Y-%m-%d %H:%M:%S} UTC without renewal")
+        started = m["pid_started"]
+        if m["host"] == provenance.host() and not (started > 0 and _process_started(m["pid"]) == started):
+            return f"recovered: process {m['pid']} on {m['host']} ended during the build"
+        return None
+
+    def _take_over(self, row: Any, reason: str) -> bool:
+        """Abort the record as it was read in ``row``: one conditional UPDATE that matches only while neither
+        its state nor its lease has changed since, so of two reclaimers (or a reclaimer and an owner
+        renewing) exactly one wins."""
+        t, m = artifacts_table, row._mapping
+        same_lease = t.c.lease_until.is_(None) if m["lease_until"] is None else t.c.lease_until == m["lease_until"]
+        now = _now()
+        with self._tx() as conn:
+            won = conn.execute(t.update().where(t.c.id == m["id"], t.c.state == m["state"], same_lease).values(
+                state="aborted", reason=reason, updated_at=now)).rowcount == 1
+            if won:
+                conn.execute(events_table.insert().values(
+                    artifact_id=m["id"], from_state=m["state"], to_state="aborted", at=now, by=provenance.user(),
+                    reason=reason))
+        return won
+
     def recover_stale(self) -> list[Artifact]:
-        """Mark ``building``/``registered`` records whose process is gone as ``aborted``, removing their files."""
+        """Abort ``building``/``registered`` records whose owner is gone (see ``_abandoned_because``) and remove
+        their files. Files of a build whose owner may still be alive, on any host, are never touched."""
         t = artifacts_table
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(t).where(t.c.state.in_(("building", "registered")))).all()
-        host = socket.gethostname()
         recovered = []
         for row in rows:
-            art = Artifact._from_row(row)
-            started = row._mapping["pid_started"]
-            if art.host == host:
-                alive = _process_started(art.pid) == started and started > 0
-            else:
-                alive = (_now() - art.updated_at).total_seconds() < STALE_AFTER_S
-            if alive:
+            reason = self._abandoned_because(row, _now())
+            if reason is None or not self._take_over(row, reason):
                 continue
-            with self._tx() as conn:
-                state = conn.execute(sa.select(t.c.state).where(t.c.id == art.id)).scalar_one()
-                if state not in ("building", "registered"):
-                    continue
-                self._set_state(conn, art.id, "aborted",
-                                reason=f"recovered: process {art.pid} on {art.host} ended during the build")
+            art = Artifact._from_row(row)
             for path in [*art.locations, *art.meta.get("_staging", [])]:
                 _remove(self.home, path)
             recovered.append(self.get(art.id))
@@ -505,18 +605,20 @@ class Registry:
 
     def build(self, kind: str, name: str, *, entry_point: str, config: Any,
               builder: Callable[[str, Artifact], dict | None], parents: Sequence[Artifact] = (),
-              code_packages: Sequence[str] = ("pipeline",), force: bool = False,
+              code_modules: Sequence[str] = (), force: bool = False,
               say: Callable[[str], None] = lambda _msg: None) -> Artifact:
         """Build (or reuse) an artifact atomically.
 
         ``builder(staging_dir, record)`` writes the artifact's files into ``staging_dir`` and may return
         metadata to store. The folder is renamed to its final place and the record marked succeeded
         only after the builder returns; any exception marks it failed (aborted for an interrupt).
+        ``code_modules`` are the modules the builder runs: their code and their project imports
+        (``provenance.code_closure``) are part of the content key, and no other file is.
         """
         for p in parents:
             if p.state != "succeeded":
                 raise RegistryError(f"parent {p.ref} is {p.state}; only succeeded artifacts can be built on")
-        code = provenance.code_version(*code_packages)
+        code = provenance.code_version(*code_modules)
         key = content_key(kind, name, parents, code, config)
         self.recover_stale()
         if not force:
@@ -539,8 +641,12 @@ class Registry:
         say(f"building {art.ref} (content key {key[:12]})")
         fs = self.home.fs
         try:
-            fs.makedirs(staging, exist_ok=True)
-            extra = builder(staging, self.get(art.id)) or {}
+            with self._holding_lease(art.id) as lease_lost:
+                fs.makedirs(staging, exist_ok=True)
+                extra = builder(staging, self.get(art.id)) or {}
+                if lease_lost.is_set() or not self.renew_lease(art.id):
+                    raise LeaseLost(f"{art.ref}: another process took this build over after its lease expired "
+                                    f"(lease {self.lease_s:g} s); nothing was published")
             _rename(self.home, staging, final)
         except BaseException as exc:
             state = "aborted" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"

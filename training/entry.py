@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 from pipeline import config as config_mod
 from pipeline import provenance
 from pipeline.config import PipelineConfig
+from pipeline.contracts import JobDataset, Manifest, ModelSpec, TrainJob, TrainMetrics
 from pipeline.errors import StageFailed, UserError
 from pipeline.registry import Artifact, Registry
 from pipeline.stages import resolve_input
@@ -42,7 +43,7 @@ from pipeline.stages import resolve_input
 # and the Horovod == DDP equality is only shown for the same np on CPU.)
 EXECUTION_ONLY = ("checkpoint_every", "keep_checkpoints", "prefetch_batches", "launcher", "spark_master", "hosts",
                   "nnodes", "node_rank", "rdzv", "rank_timeout_s")  # where ranks run: same world size, same weights
-OUTPUT_FILES = ("model.pt", "model.json", "model.ts", "metrics.json")
+OUTPUT_FILES = ("model.pt", ModelSpec.FILE, "model.ts", TrainMetrics.FILE)
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -103,7 +104,7 @@ def resolve_device(cfg: PipelineConfig) -> str:
     return wanted
 
 
-def check_request(cfg: PipelineConfig, manifest: dict[str, Any], dataset: Artifact) -> int:
+def check_request(cfg: PipelineConfig, manifest: Manifest, dataset: Artifact) -> int:
     """Refuse what cannot run before any process starts; returns the steps per epoch."""
     from training.data import rows_per_rank, steps_per_epoch
 
@@ -118,7 +119,7 @@ def check_request(cfg: PipelineConfig, manifest: dict[str, Any], dataset: Artifa
     if t.backend == "horovod" and importlib.util.find_spec("horovod") is None:
         raise UserError("Horovod is not installed in this environment; use --backend ddp")
     check_placement(cfg)
-    groups = manifest["splits"]["train"]["row_groups"]
+    groups = manifest.splits["train"].row_groups
     steps = steps_per_epoch(groups, t.np, t.batch_size) if groups else 0
     if steps < 1:
         rows = rows_per_rank(groups, t.np) if groups else [0] * t.np
@@ -164,6 +165,14 @@ def key_config(cfg: PipelineConfig, device: str, options: dict[str, Any]) -> dic
     return train
 
 
+def code_modules(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The code that produces the weights: this module and its imports, the trainer (run by
+    ``training.launch`` as ``python -m training.trainer``) and the model's modules (found by discovery)."""
+    from training.models.registry import model_modules
+
+    return ("training.entry", "training.trainer", *model_modules(cfg.train.model))
+
+
 def checkpoint_dir(registry: Registry, model: str, content_key: str) -> str:
     """Where the checkpoints of one training request live: outside the staging folder, keyed by the
     model's content key so ``--resume`` finds exactly the run it continues."""
@@ -174,13 +183,11 @@ def checkpoint_dir(registry: Registry, model: str, content_key: str) -> str:
 def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = print, run_id: str = "",
         dataset: str | None = None, resume: bool = False) -> dict[str, Any]:
     """The train stage; returns the model reference, a per-epoch summary table and the output paths."""
-    from training.data import load_manifest
-
     if cfg.train.nnodes > 1 and cfg.train.node_rank > 0:
         return _run_node(cfg, registry, say)
     data = resolve_dataset(cfg, registry, dataset)
     require_validated(data)
-    manifest = load_manifest(data.location)
+    manifest = Manifest.load_from(data.location)
     steps = check_request(cfg, manifest, data)
     options = model_options(cfg)
     device = resolve_device(cfg)
@@ -195,15 +202,13 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
 
     art = registry.build("model", cfg.train.model, entry_point="training.entry:run",
                          config=key_config(cfg, device, options), builder=build, parents=[data],
-                         code_packages=("training", "pipeline"), force=cfg.force, say=say)
+                         code_modules=code_modules(cfg), force=cfg.force, say=say)
     state_dir = checkpoint_dir(registry, art.name, art.content_key)
     if not art.cached:
         # Published: the weights, TorchScript model, events and logs are in the artifact now, and the
         # checkpoints have done their job (a failed or stopped build keeps them for --resume).
         shutil.rmtree(state_dir, ignore_errors=True)
-    with open(os.path.join(art.location, "metrics.json")) as fh:
-        metrics = json.load(fh)
-    return summarize(art, metrics)
+    return summarize(art, TrainMetrics.load_from(art.location))
 
 
 def _run_node(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None]) -> dict[str, Any]:
@@ -211,7 +216,6 @@ def _run_node(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None
     else. Node 0 resolves the dataset, builds the model in the registry and publishes it; this node only
     needs the shared home, and exits with its ranks' status."""
     from training.launch import Placement, launch, wait_for_node_job
-    from training.trainer import Job
 
     check_placement(cfg)
     t = cfg.train
@@ -220,11 +224,11 @@ def _run_node(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None
         job_path = wait_for_node_job(registry.home.runs, t.rdzv, t.rank_timeout_s)
     except TimeoutError as exc:
         raise StageFailed(str(exc)) from None
-    job = Job.load(job_path)
-    if job.spec["world"] != t.np or job.spec["backend"] != "ddp":
-        raise UserError(f"node 0's job runs {job.spec['backend']} x {job.spec['world']}, this node was started "
+    job = TrainJob.load(job_path)
+    if job.world != t.np or job.backend != "ddp":
+        raise UserError(f"node 0's job runs {job.backend} x {job.world}, this node was started "
                         f"with ddp x {t.np}: start every node with the same --np and --nnodes")
-    ref = job.spec["provenance"]["model_ref"]
+    ref = job.provenance["model_ref"]
     say(f"running ranks {t.node_rank * (t.np // t.nnodes)}..{(t.node_rank + 1) * (t.np // t.nnodes) - 1} "
         f"of {ref}")
     result = launch(job_path, "ddp", t.np, job.logs_dir, job.progress_file, say=say, progress_bar=False,
@@ -235,7 +239,7 @@ def _run_node(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None
 
 
 def _train_into(staging: str, record: Artifact, cfg: PipelineConfig, registry: Registry, data: Artifact,
-                manifest: dict[str, Any], options: dict[str, Any], device: str, run_id: str, resume: bool,
+                manifest: Manifest, options: dict[str, Any], device: str, run_id: str, resume: bool,
                 say: Callable[[str], None]) -> dict[str, Any]:
     """The registry builder: run the distributed job, then copy its outputs into ``staging``."""
     state_dir = checkpoint_dir(registry, cfg.train.model, record.content_key)
@@ -257,7 +261,7 @@ def _exclusive(state_dir: str) -> Iterator[None]:
         yield
 
 
-def _run_job(staging: str, record: Artifact, cfg: PipelineConfig, data: Artifact, manifest: dict[str, Any],
+def _run_job(staging: str, record: Artifact, cfg: PipelineConfig, data: Artifact, manifest: Manifest,
              options: dict[str, Any], device: str, run_id: str, resume: bool, say: Callable[[str], None],
              state_dir: str, logs_dir: str) -> dict[str, Any]:
     """Prepare the checkpoint folder and the job file, launch the ranks, publish their outputs."""
@@ -282,26 +286,24 @@ def _run_job(staging: str, record: Artifact, cfg: PipelineConfig, data: Artifact
     os.makedirs(logs_dir, exist_ok=True)
 
     snap = provenance.snapshot()
-    job = {
-        "run_id": run_id, "backend": cfg.train.backend, "world": cfg.train.np, "device": device,
-        "train": config_mod.resolved(cfg.train), "model_options": options,
-        "dataset": {"ref": data.ref, "location": data.location, "content_key": data.content_key,
-                    "manifest": manifest},
-        "state_dir": state_dir, "final_dir": final_dir, "logs_dir": logs_dir,
-        "progress_file": os.path.join(logs_dir, "progress.jsonl"), "resume": resume,
-        "provenance": {"git_sha": snap["git_sha"], "diff_hash": snap["diff_hash"], "user": snap["user"],
-                       "host": snap["host"], "model_ref": record.ref, **placement_provenance(cfg)},
-        "config": config_mod.resolved(cfg),
-    }
-    job_path = os.path.join(logs_dir, "job.json")
-    atomic_write_json(job_path, job)
-    placement = Placement.from_train(job["train"])
+    job = TrainJob(
+        run_id=run_id, backend=cfg.train.backend, world=cfg.train.np, device=device,
+        train=config_mod.resolved(cfg.train), model_options=options,
+        dataset=JobDataset(ref=data.ref, location=data.location, content_key=data.content_key, manifest=manifest),
+        state_dir=state_dir, final_dir=final_dir, logs_dir=logs_dir,
+        progress_file=os.path.join(logs_dir, "progress.jsonl"), resume=resume,
+        provenance={"git_sha": snap["git_sha"], "diff_hash": snap["diff_hash"], "user": snap["user"],
+                    "host": snap["host"], "model_ref": record.ref, **placement_provenance(cfg)},
+        config=config_mod.resolved(cfg),
+    )
+    job_path = job.save_to(logs_dir)
+    placement = Placement.from_train(job.train)
     runs_dir = os.path.dirname(os.path.dirname(logs_dir))  # <home>/runs (logs: <home>/runs/<run id>/train)
     pointer = node_pointer(runs_dir, cfg.train.rdzv) if cfg.train.nnodes > 1 else None
     if pointer:  # the other nodes of a multi-node job read the job file from the shared home
         atomic_write_json(pointer, {"job": job_path, "model_ref": record.ref})
     try:
-        result = launch(job_path, cfg.train.backend, cfg.train.np, logs_dir, job["progress_file"], say=say,
+        result = launch(job_path, cfg.train.backend, cfg.train.np, logs_dir, job.progress_file, say=say,
                         placement=placement)
     finally:
         if pointer and os.path.exists(pointer):
@@ -317,13 +319,12 @@ def _run_job(staging: str, record: Artifact, cfg: PipelineConfig, data: Artifact
     if os.path.isdir(os.path.join(state_dir, "tensorboard")):
         shutil.copytree(os.path.join(state_dir, "tensorboard"), os.path.join(staging, "tensorboard"))
     shutil.copytree(logs_dir, os.path.join(staging, "logs"))
-    with open(os.path.join(final_dir, "metrics.json")) as fh:
-        metrics = json.load(fh)
-    baseline = metrics.get("majority_baseline") or {}
+    metrics = TrainMetrics.load_from(final_dir)
+    baseline = metrics.majority_baseline or {}
     return {"dataset": data.ref, "run_id": run_id, "backend": cfg.train.backend, "np": cfg.train.np,
-            "device": device, "epochs": len(metrics["epochs"]), "first_epoch_loss": metrics["first_epoch_loss"],
-            "final_loss": metrics["final"]["loss"], "val_miou": metrics["final"]["val_miou"],
-            "baseline_miou": baseline.get("miou"), "parameters_sha256": metrics["parameters_sha256"],
+            "device": device, "epochs": len(metrics.epochs), "first_epoch_loss": metrics.first_epoch_loss,
+            "final_loss": metrics.final["loss"], "val_miou": metrics.final["val_miou"],
+            "baseline_miou": baseline.get("miou"), "parameters_sha256": metrics.parameters_sha256,
             "logs": logs_dir, "train_seconds": round(result.elapsed_s, 1), **placement_provenance(cfg),
             "rank_hosts": [{"rank": h["rank"], "host": h["host"]} for h in rank_hosts(logs_dir)]}
 
@@ -376,19 +377,19 @@ def _tail(path: str, lines: int = 15) -> str:
         return ""
 
 
-def summarize(art: Artifact, metrics: dict[str, Any]) -> dict[str, Any]:
+def summarize(art: Artifact, metrics: TrainMetrics) -> dict[str, Any]:
     """The stage result: reference, per-epoch table, baseline comparison and where everything is."""
     rows = [[e["epoch"], f"{e['loss']:.4f}", "n/a" if e["val_miou"] is None else f"{e['val_miou']:.3f}",
-             f"{e['samples_per_s']:.1f}", f"{100 * e['data_wait_fraction']:.1f}%"] for e in metrics["epochs"]]
+             f"{e['samples_per_s']:.1f}", f"{100 * e['data_wait_fraction']:.1f}%"] for e in metrics.epochs]
     title = art.ref + (" (cache hit)" if art.cached else "")
     tables = [(title, ["epoch", "loss", "val mIoU", "samples/s", "data wait"], rows)]
-    baseline = metrics.get("majority_baseline")
+    baseline = metrics.majority_baseline
     if baseline:
-        final = metrics["final"]["val_miou"]
+        final = metrics.final["val_miou"]
         tables.append(("validation mIoU against the majority-class baseline", ["predictor", "val mIoU"], [
-            [f"{metrics['model']} (last epoch)", "n/a" if final is None else f"{final:.3f}"],
+            [f"{metrics.model} (last epoch)", "n/a" if final is None else f"{final:.3f}"],
             [f"always '{baseline['class']}'", "n/a" if baseline["miou"] is None else f"{baseline['miou']:.3f}"]]))
     loc = art.location
     return {"ref": art.ref, "cached": art.cached, "location": loc, "model": os.path.join(loc, "model.pt"),
-            "torchscript": os.path.join(loc, "model.ts"), "metrics": os.path.join(loc, "metrics.json"),
+            "torchscript": os.path.join(loc, "model.ts"), "metrics": os.path.join(loc, TrainMetrics.FILE),
             "tensorboard": os.path.join(loc, "tensorboard"), "logs": os.path.join(loc, "logs"), "tables": tables}

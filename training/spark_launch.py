@@ -17,12 +17,13 @@ driver exits non-zero.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import threading
 import time
+
+from pipeline.contracts import TrainJob
 
 STOP_FILE = "stop-requested"
 
@@ -39,8 +40,7 @@ def run_rank(job_path: str) -> int:
     rank's status on failure)."""
     from training import trainer
 
-    with open(job_path) as fh:
-        logs_dir = json.load(fh)["logs_dir"]
+    logs_dir = TrainJob.load(job_path).logs_dir
     threading.Thread(target=_watch_for_stop, args=(os.path.join(logs_dir, STOP_FILE),), daemon=True,
                      name="stop-watch").start()
     return trainer.main([job_path])
@@ -50,10 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     """Drive the job's ranks on the Spark master; exit 0 when every rank finished."""
     argv = sys.argv[1:] if argv is None else argv
     job_path = argv[0]
-    with open(job_path) as fh:
-        job = json.load(fh)
-    train = job["train"]
-    stop_path = os.path.join(job["logs_dir"], STOP_FILE)
+    job = TrainJob.load(job_path)
+    train = job.train
+    stop_path = os.path.join(job.logs_dir, STOP_FILE)
 
     def request_stop(signum, _frame):
         print(f"received {signal.Signals(signum).name}: asking the ranks to checkpoint and stop", flush=True)
@@ -69,15 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     from training.launch import Placement, rank_settings
 
     placement = Placement.from_train(train)
-    app = f"avp-train-{job['provenance'].get('model_ref', job['run_id'])}"
+    app = f"avp-train-{job.provenance.get('model_ref', job.run_id)}"
     spark = (SparkSession.builder.master(train["spark_master"]).appName(app)
              .config("spark.task.cpus", "1").config("spark.task.maxFailures", "1")
              .config("spark.ui.showConsoleProgress", "false").getOrCreate())
     started = time.time()
     try:
         print(f"Spark application {spark.sparkContext.applicationId} ({app}) on {train['spark_master']}: "
-              f"{job['world']} Horovod ranks", flush=True)
-        horovod.spark.run(run_rank, args=(job_path,), num_proc=job["world"], start_timeout=placement.rank_timeout_s,
+              f"{job.world} Horovod ranks", flush=True)
+        horovod.spark.run(run_rank, args=(job_path,), num_proc=job.world, start_timeout=placement.rank_timeout_s,
                           env=rank_settings(placement), executable=os.environ["PYSPARK_PYTHON"], verbose=1)
     except Exception as exc:  # the ranks' own reports are in error-rank-*.json; this says how the job ended
         print(f"the Horovod job on Spark failed after {time.time() - started:.0f} s: {type(exc).__name__}: {exc}",

@@ -47,7 +47,7 @@ def test_ingest_runs_through_spark_submit_on_a_standalone_cluster(tmp_path, spar
     [dataset] = registry.list("dataset", state="succeeded")
     assert dataset.meta["spark_master"] == master_url  # built by the cluster, not a local session
     assert dataset.meta["validation"] == "passed"  # and the next task validated it
-    assert dataset.config["date_to"] == "2026-11-03"  # the run's data interval reached the job
+    assert dataset.meta["date_to"] == "2026-11-03"  # the run's data interval reached the job
     [model] = registry.list("model", state="succeeded")
     assert model.meta["launcher"] == "spark" and model.meta["spark_master"] == master_url  # the connection's
     assert [p.ref for p in registry.parents(model.id)] == [dataset.ref]

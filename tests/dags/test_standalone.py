@@ -85,7 +85,7 @@ def test_standalone_runs_a_triggered_dag_and_a_backfill(tmp_path):
         from pipeline.registry import Registry
 
         registry = Registry.open(config.load({"home": env["AVP_HOME"]}, env={}))
-        days = {a.config["date_to"] for a in registry.list("dataset", state="succeeded")}
+        days = {a.meta["date_to"] for a in registry.list("dataset", state="succeeded")}
         assert {"2026-11-02", "2026-11-03"} <= days
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends; SIGTERM leaves workers behind

@@ -6,10 +6,18 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import config
 from pipeline.registry import (BuildInProgress, IllegalTransition, NotFound, PromotionRefused, Registry,
-                               RegistryError, parse_ref)
+                               RegistryError, _now, parse_ref)
+from tests.conftest import VENV_BIN
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def cfg(registry_cfg):
+    """Every test here that uses the registry runs twice: on SQLite and on PostgreSQL."""
+    return registry_cfg
 
 
 def _write(content):
@@ -139,13 +147,15 @@ def test_bad_references_are_rejected(ref):
         parse_ref(ref)
 
 
-def _worker(*args):
-    return subprocess.Popen([sys.executable, "-m", "tests.pipeline.registry_worker", *args], cwd=REPO,
+def _worker(mode, cfg, *args):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AVP_")}
+    return subprocess.Popen([sys.executable, "-m", "tests.pipeline.registry_worker", mode, cfg.home,
+                             cfg.registry_url, *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_sigkilled_build_is_never_succeeded_and_rerun_recovers(cfg):
-    proc = _worker("killed-build", cfg.home)
+    proc = _worker("killed-build", cfg)
     assert proc.stdout.readline().strip() == "STARTED", proc.stderr.read()
     registry = Registry.open(cfg)
     [art] = registry.list("dataset", "victim")
@@ -153,11 +163,12 @@ def test_sigkilled_build_is_never_succeeded_and_rerun_recovers(cfg):
     staging = art.meta["_staging"][0]
     assert Path(staging, "part-0").exists()
     with pytest.raises(BuildInProgress, match="being built by pid"):
-        registry.build("dataset", "victim", entry_point="tests:killed", config={"n": 1}, builder=_write("y"),
-                       code_packages=("pipeline",))
+        registry.build("dataset", "victim", entry_point="tests:killed", config={"n": 1}, builder=_write("y"))
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert registry.get(art.id).state == "building"  # nothing marked it good
+    # same host, pid gone: taken over at once, long before its lease (60 s by default) would expire
+    assert registry.get(art.id).lease_until > _now()
     rebuilt = registry.build("dataset", "victim", entry_point="tests:killed", config={"n": 1},
                              builder=_write("complete"))
     assert registry.get(art.id).state == "aborted"
@@ -168,7 +179,7 @@ def test_sigkilled_build_is_never_succeeded_and_rerun_recovers(cfg):
 
 
 def test_two_processes_register_and_promote_concurrently(cfg):
-    procs = [_worker("hammer", cfg.home, tag, "12") for tag in ("a", "b")]
+    procs = [_worker("hammer", cfg, tag, "12") for tag in ("a", "b")]
     for p in procs:
         _out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
@@ -179,3 +190,22 @@ def test_two_processes_register_and_promote_concurrently(cfg):
     promos = registry.promotions("perception", "segnet")
     assert sorted(p.minor for p in promos) == list(range(24))
     assert [p.status for p in promos].count("production") == 1
+
+
+def test_avp_stage_and_registry_list_on_postgresql(postgres_url, avp_env):
+    cfg = config.load({"home": avp_env["AVP_HOME"], "registry_url": postgres_url}, env={})
+    art = _build(Registry.open(cfg), name="on-postgres")
+    # the plain scheme (psycopg is the driver) and a password (the test server trusts; never printed)
+    plain = postgres_url.replace("postgresql+psycopg://avp@", "postgresql://avp:s3cret@")
+    env = dict(avp_env, AVP_REGISTRY_URL=plain, COLUMNS="250")  # wide enough for the whole table
+    avp = str(VENV_BIN / "avp")
+    out = subprocess.run([avp, "simulate", "--logs", "1", "--frames", "2"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert len(list(Path(avp_env["AVP_HOME"], "logs").glob("*.mcap"))) == 1
+    out = subprocess.run([avp, "registry", "list"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"artifacts in {postgres_url.replace('avp@', 'avp:***@')}")
+    assert art.name in out.stdout and "s3cret" not in out.stdout
+    # nothing went to the home's SQLite file instead
+    assert not Path(avp_env["AVP_HOME"], "registry.db").exists()
