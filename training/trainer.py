@@ -30,12 +30,14 @@ the unit tests drive it. In order:
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -165,7 +167,9 @@ class DdpBackend(Backend):
         if device_kind == "cuda":
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        # A collective waiting for a lost peer fails after train.rank_timeout_s (set by the launcher).
+        timeout = datetime.timedelta(seconds=float(os.environ.get("AVP_RANK_TIMEOUT_S", "1800")))
+        dist.init_process_group(backend=process_group_backend(device_kind), timeout=timeout)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -217,6 +221,18 @@ class LocalBackend(Backend):
 
     def barrier(self) -> None:
         pass
+
+
+def process_group_backend(device_kind: str) -> str:
+    """``torch.distributed``'s backend for a device: NCCL between GPUs (one process per GPU of a node),
+    gloo on CPU."""
+    return "nccl" if device_kind == "cuda" else "gloo"
+
+
+def rank_host() -> str:
+    """The host this rank runs on, as the cluster names it: the address a Spark worker was told to bind
+    (``SPARK_LOCAL_IP``, inherited by its executors), else the host name."""
+    return os.environ.get("SPARK_LOCAL_IP") or socket.gethostname()
 
 
 def make_backend(name: str, device_kind: str) -> Backend:
@@ -708,6 +724,10 @@ def main(argv: list[str] | None = None) -> int:
     # backend's start-up messages land in this rank's log.
     env_rank = int(os.environ.get("HOROVOD_RANK", os.environ.get("RANK", "0")))
     _redirect_output(job.logs_dir, env_rank)
+    # Where this rank runs: the model's provenance lists every rank's host, and a rank that vanishes
+    # without an error report is named (with its host) in the failure message.
+    atomic_write_json(os.path.join(job.logs_dir, f"host-rank-{env_rank}.json"),
+                      {"rank": env_rank, "host": rank_host(), "pid": os.getpid()})
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s rank {env_rank} %(levelname)s %(message)s", force=True)
     import warnings
