@@ -26,6 +26,7 @@ import tempfile
 import torch
 
 from evaluation import hardware
+from pipeline.config import ServeConfig
 
 
 def demo_frames(count: int) -> list:
@@ -43,7 +44,7 @@ def load(args: argparse.Namespace, workdir: str) -> tuple[torch.nn.Module, str, 
     from training.checkpoint import script_model
 
     if args.model_dir:
-        from evaluation.scoring import load_model
+        from serving.artifacts import load_model
 
         model, spec = load_model(args.model_dir)
         return model, os.path.join(args.model_dir, "model.ts"), f"{spec['model']} from {args.model_dir}"
@@ -72,7 +73,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="avp-bench-evaluate-") as workdir:
         model, script, what = load(args, workdir)
         result = hardware.measure(model, script, frames, runs=args.runs, warmup=args.warmup, device=device,
-                                  aot_inductor=not args.no_aot, workdir=workdir, say=lambda m: None)
+                                  aot_inductor=not args.no_aot, max_points=ServeConfig.max_points,
+                                  compiled_dir=workdir, say=lambda m: None)
     peak = hardware.matmul_peak_gflops(2048, device=device)
 
     points = result["points_per_frame"]

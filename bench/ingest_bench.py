@@ -31,12 +31,15 @@ def _cfg(home: str, logs: int, frames: int, master: str = "local[2]"):
 def plain_writer(cfg) -> dict:
     """The baseline: the same extraction and row-group layout, one process, no Spark. Run twice: the
     first run pays the imports (cold), the second is the steady state (warm)."""
-    from spark_jobs import extract, ingest, split as splitting
+    from spark_jobs import extract, ingest
+    from spark_jobs import split as splitting
+    from spark_jobs.sources.registry import get_importer
 
     registry = Registry.open(cfg)
     selected, _bad = ingest.select_logs(cfg, registry.home, lambda m: None)
     splits = ingest.assign_splits(cfg, registry, selected)
-    tasks = [extract.LogTask("mcap", s["handle"], s["meta"].log_id, s["meta"].city, splits[s["meta"].log_id], 1.0,
+    importer = get_importer(cfg.ingest.source).__name__
+    tasks = [extract.LogTask(importer, s["handle"], s["meta"].log_id, s["meta"].city, splits[s["meta"].log_id], 1.0,
                              s["sha256"]) for s in selected]
     runs = []
     for _ in range(2):

@@ -38,6 +38,7 @@ def build_package(home: str, points: int, small: bool) -> str:
     import torch
 
     from pipeline import config
+    from pipeline.contracts import ModelSpec
     from pipeline.registry import Registry
     from serving.entry import run
     from training.models import build_model, config_to_dict
@@ -50,8 +51,7 @@ def build_package(home: str, points: int, small: bool) -> str:
         torch.manual_seed(0)
         model = build_model("bev_segnet", options).eval()
         torch.save(model.state_dict(), os.path.join(staging, "model.pt"))
-        with open(os.path.join(staging, "model.json"), "w") as fh:
-            json.dump({"model": "bev_segnet", "options": config_to_dict(model.config)}, fh)
+        ModelSpec.for_model("bev_segnet", config_to_dict(model.config)).save_to(staging)
 
     model = registry.build("model", "bev_segnet", entry_point="bench", config={"bench": True}, builder=write_model)
     registry.set_blessing(model.id, True, ["benchmark"])

@@ -8,18 +8,33 @@ It simulates and ingests the demo fleet (``simulate`` defaults: 24 logs x 20 fra
 frame), validates it, then trains the default ``bev_segnet`` three times - Horovod x1, Horovod x2,
 DDP x2 - with ``--force`` so each run really trains. Every figure comes from the runs' own
 ``metrics.json`` and per-rank summaries. Prints markdown table rows.
+
+Where the ranks run (issue 13): a run ``backend:np@where`` with ``where`` = ``local`` (default), ``spark``
+(Horovod ranks as tasks of a standalone Spark cluster the benchmark starts: one 1-core worker per rank,
+each on its own loopback address) or ``nodes`` (DDP, ``np`` nodes of one rank each, started as separate
+``avp train --nnodes N --node-rank R`` processes). The cluster comparison is
+
+    .venv/bin/python -m bench.train_bench --runs horovod:2,horovod:2@spark,ddp:2@nodes,ddp:2
+
+and adds the launch overhead (seconds from the stage's start to rank 0's first step) and each run's step
+time against the local run of the same backend. ``--env K=V`` sets a variable for every run's ranks
+(e.g. ``HOROVOD_CYCLE_TIME``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from pipeline import config, stages
+from pipeline.contracts import TrainMetrics
 from pipeline.errors import StageFailed
 from pipeline.registry import Registry
 
@@ -48,22 +63,48 @@ def prepare_dataset(home: str, args: argparse.Namespace) -> str:
     return ref
 
 
-def train_once(home: str, args: argparse.Namespace, dataset: str, backend: str, np: int) -> dict:
-    """One forced training run; its figures from ``metrics.json`` and the rank summaries."""
-    cfg = _cfg(home, args, backend=backend, np=np)
+def placement(where: str, np: int, master: str) -> dict:
+    """The ``train`` overrides that put the ranks ``where``."""
+    if where == "spark":
+        return {"launcher": "spark", "spark_master": master}
+    if where == "nodes":
+        from tests.dags.test_standalone import free_port
+
+        return {"nnodes": np, "node_rank": 0, "rdzv": f"127.0.0.1:{free_port()}"}
+    return {}
+
+
+def train_once(home: str, args: argparse.Namespace, dataset: str, backend: str, np: int, where: str = "local",
+               master: str = "") -> dict:
+    """One forced training run; its figures from ``metrics.json``, the rank summaries and rank 0's
+    progress events."""
+    train = {"backend": backend, "np": np, **placement(where, np, master)}
+    cfg = _cfg(home, args, **train)
     cfg.force = True
+    others = []
+    if where == "nodes":  # nodes 1..N-1: their own `avp train` processes, as a scheduler would start them
+        sets = [a for k, v in train.items() if k != "node_rank" for a in ("--set", f"train.{k}={v}")]
+        others = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", "--home", home, "--force",
+                                    "--set", f"train.epochs={args.epochs}", *sets, "--set", f"train.node_rank={r}"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for r in range(1, np)]
+    started_at = time.time()
     started = time.perf_counter()
     result = stages.invoke("train", cfg, say=lambda m: None, dataset=dataset)
     wall = time.perf_counter() - started
+    for proc in others:
+        proc.wait()
     location = Path(result["location"])
-    metrics = json.loads((location / "metrics.json").read_text())
+    events = [json.loads(line) for line in (location / "logs" / "progress.jsonl").read_text().splitlines()]
+    first_step = next(e["time"] for e in events if e["event"] == "step")
+    metrics = TrainMetrics.load_from(str(location))
     ranks = [json.loads(p.read_text()) for p in sorted((location / "logs").glob("rank-*.json"))]
-    last = metrics["epochs"][-1]
-    return {"backend": backend, "np": np, "wall_s": wall, "steps": last["steps"], "step_s": last["step_s"],
+    last = metrics.epochs[-1]
+    return {"backend": backend, "np": np, "where": where, "wall_s": wall, "launch_s": first_step - started_at,
+            "steps": last["steps"], "step_s": last["step_s"],
             "samples_per_s": last["samples_per_s"], "data_wait": last["data_wait_fraction"],
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks), "sha": metrics["parameters_sha256"],
-            "losses": [e["loss"] for e in metrics["epochs"]], "miou": metrics["final"]["val_miou"],
-            "baseline": (metrics.get("majority_baseline") or {}).get("miou"), "ref": result["ref"]}
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks), "sha": metrics.parameters_sha256,
+            "losses": [e["loss"] for e in metrics.epochs], "miou": metrics.final["val_miou"],
+            "baseline": (metrics.majority_baseline or {}).get("miou"), "ref": result["ref"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,34 +115,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--home", default="", help="reuse a home (the dataset is then a cache hit)")
     parser.add_argument("--runs", default=",".join(f"{b}:{n}" for b, n in RUNS),
-                        help="backend:np pairs, in order (default: %(default)s)")
+                        help="backend:np[@local|spark|nodes] items, in order (default: %(default)s)")
+    parser.add_argument("--env", action="append", default=[], metavar="K=V", help="for every run's ranks")
     args = parser.parse_args(argv)
-    order = [(b, int(n)) for b, n in (item.split(":") for item in args.runs.split(","))]
+    order = []
+    for item in args.runs.split(","):
+        pair, _, where = item.partition("@")
+        backend, np = pair.split(":")
+        order.append((backend, int(np), where or "local"))
+    os.environ.update(config.parse_assignments(args.env))
     home = args.home or tempfile.mkdtemp(prefix="avp-train-bench-")
     os.makedirs(home, exist_ok=True)
     dataset = prepare_dataset(home, args)
     runs = {}
-    for backend, np in order:
-        runs[(backend, np)] = train_once(home, args, dataset, backend, np)
+    with contextlib.ExitStack() as stack:
+        master = ""
+        spark_np = max((np for _b, np, where in order if where == "spark"), default=0)
+        if spark_np:
+            from tests.spark_cluster import standalone_cluster
 
-    print("| run | ranks | steps/epoch | step time (s) | samples/s | data wait (share of step time) "
-          "| peak RSS per rank (MB) | wall incl. start-up (s) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for (backend, np), r in runs.items():
-        print(f"| {backend} | {np} | {r['steps']} | {r['step_s']:.3f} | {r['samples_per_s']:.2f} "
-              f"| {100 * r['data_wait']:.2f}% | {r['peak_rss_mb']:.0f} | {r['wall_s']:.1f} |")
+            workers = [(f"127.0.0.{2 + i}", 1) for i in range(spark_np)]
+            master = stack.enter_context(standalone_cluster(Path(home) / "spark", workers)).master_url
+        for backend, np, where in order:
+            runs[(backend, np, where)] = train_once(home, args, dataset, backend, np, where, master)
+
+    print("| run | where | ranks | steps/epoch | step time (s) | vs local | launch overhead (s) | samples/s "
+          "| data wait (share of step time) | peak RSS per rank (MB) | wall incl. start-up (s) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (backend, np, where), r in runs.items():
+        local = runs.get((backend, np, "local"))
+        ratio = f"{r['step_s'] / local['step_s']:.2f}" if local else "n/a"
+        print(f"| {backend} | {where} | {np} | {r['steps']} | {r['step_s']:.3f} | {ratio} | {r['launch_s']:.1f} "
+              f"| {r['samples_per_s']:.2f} | {100 * r['data_wait']:.2f}% | {r['peak_rss_mb']:.0f} | {r['wall_s']:.1f} |")
     print()
     print("| figure | value |")
     print("| --- | --- |")
     for backend in ("horovod", "ddp"):
-        one, two = runs.get((backend, 1)), runs.get((backend, 2))
+        one, two = runs.get((backend, 1, "local")), runs.get((backend, 2, "local"))
         if one and two:
             print(f"| scaling efficiency, {backend} 1 -> 2 processes | "
                   f"{two['samples_per_s'] / (2 * one['samples_per_s']):.2f} |")
-    hvd, ddp = runs.get(("horovod", 2)), runs.get(("ddp", 2))
+    hvd, ddp = runs.get(("horovod", 2, "local")), runs.get(("ddp", 2, "local"))
     if hvd and ddp:
         print(f"| step time Horovod / DDP (2 processes) | {hvd['step_s'] / ddp['step_s']:.3f} |")
         print(f"| Horovod x2 and DDP x2 weights identical | {hvd['sha'] == ddp['sha']} |")
+    same_world = [r["sha"] for r in runs.values() if r["np"] == 2]
+    if len(same_world) > 1:
+        print(f"| all 2-rank runs' weights identical (wherever the ranks ran) | {len(set(same_world)) == 1} |")
     print(f"| worst data wait share (target < 5%) | {100 * max(r['data_wait'] for r in runs.values()):.2f}% |")
     learner = hvd or ddp or next(iter(runs.values()))
     print(f"| loss per epoch, {learner['backend']} x{learner['np']} | {', '.join(f'{x:.3f}' for x in learner['losses'])} |")

@@ -25,7 +25,8 @@ pipeline home (`AVP_HOME`).
   `AIRFLOW_CONN_AVP_SPARK=spark://spark-master:7077`) in the environment of the DAG processor and
   workers, ingest becomes `plan_ingest -> spark_submit_ingest -> ingest`: `SparkSubmitOperator` runs
   the same job (`spark_jobs/ingest.py`) on that master instead of a local session, and `ingest` reads
-  the dataset reference it reported. See docs/airflow.md.
+  the dataset reference it reported; `train` drives Horovod on the same master (`train.launcher=spark`,
+  ranks as Spark tasks). See docs/airflow.md and docs/training.md.
 """
 
 from __future__ import annotations
@@ -102,11 +103,12 @@ def avp_daily():
 
     @task(pool="avp_training", outlets=[MODEL_ASSET], **({"queue": TRAINING_QUEUE} if TRAINING_QUEUE else {}))
     def train(dataset: str, params=None, data_interval_start=None, data_interval_end=None) -> str:
-        """Data-parallel training (Horovod or DDP) on the validated dataset; resumes from its checkpoint."""
-        from pipeline.orchestration import run_stage
+        """Data-parallel training (Horovod or DDP) on the validated dataset; resumes from its checkpoint.
+        With a Spark connection, Horovod's ranks run as Spark tasks on its master (`horovod.spark.run`)."""
+        from pipeline.orchestration import run_stage, train_params
 
-        return run_stage("train", params, data_interval_start, data_interval_end, dataset=dataset,
-                         resume=True)["ref"]
+        return run_stage("train", train_params(params, SPARK_CONN_ID), data_interval_start, data_interval_end,
+                         dataset=dataset, resume=True)["ref"]
 
     @task
     def evaluate(model: str, params=None, data_interval_start=None, data_interval_end=None) -> dict:

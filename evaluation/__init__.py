@@ -9,5 +9,5 @@
 * ``hardware``      latency, jitter, throughput, memory, MACs of eager / TorchScript / exported models
 * ``blessing``      the verdict: absolute thresholds and no regression against production
 * ``feedback``      hard scenes up-weighted for the next ingest (``<home>/feedback/sample_weights.json``)
-* ``report``        ``metrics.json`` and the self-contained ``report.html``
+* ``report``        the self-contained ``report.html`` (``metrics.json``: ``pipeline.contracts.EvaluationMetrics``)
 """

@@ -28,21 +28,19 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import os
-import shutil
 import socket
-import tempfile
 from typing import Any, Callable
 
 from evaluation import blessing, feedback, hardware, report, scoring
 from evaluation.frames import read_split
 from pipeline.config import PipelineConfig, canonical_json, resolved
+from pipeline.contracts import EvaluationMetrics, Manifest
 from pipeline.errors import UserError
 from pipeline.registry import Artifact, Registry
 from pipeline.stages import resolve_input
-
-CODE_PACKAGES = ("evaluation", "pipeline")
+from serving import artifacts
+from training.models.registry import model_modules
 
 
 # ----------------------------------------------------------------------------------------- 1. resolve
@@ -60,15 +58,6 @@ def dataset_of(registry: Registry, model: Artifact) -> Artifact:
     if datasets[0].state != "succeeded":
         raise UserError(f"the dataset of {model.ref}, {datasets[0].ref}, is {datasets[0].state}")
     return datasets[0]
-
-
-def read_manifest(dataset: Artifact) -> dict[str, Any]:
-    path = os.path.join(dataset.location, "manifest.json")
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except OSError as exc:
-        raise UserError(f"cannot read the manifest of {dataset.ref} at {path}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------- 2. production
@@ -98,8 +87,7 @@ def stored_metrics(registry: Registry, model: Artifact, dataset: Artifact, key: 
     for art in sorted(registry.children(model.id), key=lambda a: a.id, reverse=True):
         if (art.kind == "metrics" and art.state == "succeeded" and art.meta.get("dataset") == dataset.ref
                 and art.meta.get("settings_key") == key):
-            with open(os.path.join(art.location, "metrics.json")) as fh:
-                return art, json.load(fh)["candidate"]
+            return art, EvaluationMetrics.load_from(art.location).candidate
     return None
 
 
@@ -110,9 +98,9 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     # 1. resolve
     candidate = resolve_model(cfg, registry, model)
     data = dataset_of(registry, candidate)
-    manifest = read_manifest(data)
+    manifest = Manifest.load_from(data.location)
     split = "test"
-    if not manifest["splits"].get(split, {}).get("frames"):
+    if split not in manifest.splits or not manifest.splits[split].frames:
         raise UserError(f"{data.ref} has no {split} frames to evaluate {candidate.ref} on")
     try:
         settings = scoring.Settings.from_config(cfg.evaluate)
@@ -132,34 +120,34 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     else:
         say(f"production model: {production.ref}")
     say(f"evaluating {candidate.ref} on the {split} split of {data.ref} "
-        f"({manifest['splits'][split]['frames']} frames) on {device.type}")
+        f"({manifest.splits[split].frames} frames) on {device.type}")
 
     # 3. build the metrics artifact
     key = settings_key(settings.as_dict())
     key_config = {"evaluate": resolved(cfg.evaluate), "device": device.type, "split": split,
-                  "production": production.ref if production else None, "namespace": cfg.serve.namespace}
+                  "production": production.ref if production else None, "namespace": cfg.serve.namespace,
+                  "max_points": cfg.serve.max_points}
 
     def build(staging: str, record: Artifact) -> dict[str, Any]:
         metrics = evaluate_into(staging, cfg, registry, candidate, data, manifest, production, settings, key,
                                 device, split, record, say)
         return {"model": candidate.ref, "dataset": data.ref, "settings_key": key, "run_id": run_id,
-                "blessed": metrics["verdict"]["blessed"], "reasons": metrics["verdict"]["reasons"],
-                "miou": metrics["candidate"]["segmentation"]["miou"], "baseline": metrics["baseline_model"]}
+                "blessed": metrics.verdict["blessed"], "reasons": metrics.verdict["reasons"],
+                "miou": metrics.candidate["segmentation"]["miou"], "baseline": metrics.baseline_model}
 
     art = registry.build("metrics", candidate.name, entry_point="evaluation.entry:run", config=key_config,
-                         builder=build, parents=[candidate, data], code_packages=CODE_PACKAGES, force=cfg.force,
-                         say=say)
-    with open(os.path.join(art.location, "metrics.json")) as fh:
-        metrics = json.load(fh)
+                         builder=build, parents=[candidate, data], force=cfg.force, say=say,
+                         code_modules=code_modules(candidate.name))
+    metrics = EvaluationMetrics.load_from(art.location)
 
     # 4. verdict on the model
-    verdict = metrics["verdict"]
+    verdict = metrics.verdict
     registry.set_blessing(candidate.id, verdict["blessed"], verdict["reasons"])
     registry.update_meta(candidate.id, metrics_ref=art.ref)
     say(f"{candidate.ref} is {'BLESSED' if verdict['blessed'] else 'NOT blessed'}")
 
     # 5. feedback to ingest
-    weights = metrics["feedback"]["weights"]
+    weights = metrics.feedback["weights"]
     path, _merged = feedback.merge_sample_weights(registry.home.join(feedback.FEEDBACK_DIR), weights)
     say(f"up-weighted {len(weights)} logs (worst scenes and similar train logs) in {path}")
 
@@ -167,26 +155,29 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     return summarize(art, metrics)
 
 
+def code_modules(model_name: str) -> tuple[str, ...]:
+    """The code behind the metrics: this module and its imports, and the model's modules (which the model
+    registry imports by discovery, out of sight of the import analysis)."""
+    return ("evaluation.entry", *model_modules(model_name))
+
+
 def evaluate_into(staging: str, cfg: PipelineConfig, registry: Registry, candidate: Artifact, data: Artifact,
-                  manifest: dict[str, Any], production: Artifact | None, settings: Any, key: str, device: Any,
-                  split: str, record: Artifact, say: Callable[[str], None]) -> dict[str, Any]:
+                  manifest: Manifest, production: Artifact | None, settings: Any, key: str, device: Any,
+                  split: str, record: Artifact, say: Callable[[str], None]) -> EvaluationMetrics:
     """The registry builder: every metric, the verdict, ``metrics.json`` and ``report.html`` in ``staging``."""
     ev = cfg.evaluate
     frames = read_split(data.location, manifest, split)
     say(f"read {len(frames)} {split} frames ({sum(len(f.points) for f in frames):,} points)")
 
     # the candidate: model and system metrics, then hardware metrics on a spread of logged frames
-    model, spec = scoring.load_model(candidate.location, device)
+    model, spec = artifacts.load_model(candidate.location, device)
     result = scoring.score_model(model, frames, settings, device, say)
     picks = sorted({round(i * (len(frames) - 1) / max(1, ev.latency_frames - 1)) for i in range(ev.latency_frames)})
-    workdir = tempfile.mkdtemp(prefix="evaluate-", dir=registry.home.scratch)
-    try:
-        result["hardware"] = hardware.measure(
-            model, os.path.join(candidate.location, "model.ts"), [frames[i].points for i in picks],
-            runs=ev.latency_runs, warmup=ev.latency_warmup, device=device, aot_inductor=ev.aot_inductor,
-            workdir=workdir, say=say)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    # the compiled model.pt2 stays with the metrics: the serve stage ships it instead of compiling again
+    result["hardware"] = hardware.measure(
+        model, os.path.join(candidate.location, "model.ts"), [frames[i].points for i in picks],
+        runs=ev.latency_runs, warmup=ev.latency_warmup, device=device, aot_inductor=ev.aot_inductor,
+        max_points=cfg.serve.max_points, compiled_dir=os.path.join(staging, artifacts.COMPILED_DIR), say=say)
 
     # the production model on the same frames (or its stored metrics on the same dataset)
     baseline, baseline_source = None, None
@@ -198,27 +189,28 @@ def evaluate_into(staging: str, cfg: PipelineConfig, registry: Registry, candida
             baseline, baseline_source = stored[1], f"reused {stored[0].ref}"
         else:
             say(f"scoring production {production.ref} on the same {len(frames)} frames")
-            production_net, _ = scoring.load_model(production.location, device)
+            production_net, _ = artifacts.load_model(production.location, device)
             baseline = scoring.score_model(production_net, frames, settings, device, say)
             baseline_source = "scored in this run"
 
     verdict = blessing.decide(result, ev, baseline, f"production {production.ref}" if production else "production")
     worst = scoring.worst_scenes(result["scenes"], ev.worst_scenes)
     weights = feedback.hard_scene_weights(worst, manifest, ev.hard_scene_weight, ev.similar_train_logs)
-    metrics = {
-        "model": candidate.ref, "model_name": spec["model"], "dataset": data.ref, "split": split,
-        "metrics_ref": record.ref, "created_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "host": socket.gethostname(), "code_version": record.meta.get("code_version", ""), "settings_key": key,
-        "thresholds": {k: getattr(ev, k) for k in ("min_miou", "min_class_recall", "latency_p99_budget_ms",
-                                                   "max_regression", "max_missed_brake_rate")},
-        "candidate": result,
-        "baseline_model": production.ref if production else None, "baseline_source": baseline_source,
-        "baseline": {k: v for k, v in baseline.items() if k != "hardware"} if baseline else None,
-        "verdict": {"blessed": verdict.blessed, "reasons": verdict.reasons, "checks": verdict.checks},
-        "worst_scenes": worst,
-        "feedback": {"weights": weights, "file": os.path.join(feedback.FEEDBACK_DIR, feedback.WEIGHTS_FILE)},
-    }
-    report.write_metrics(staging, metrics)
+    metrics = EvaluationMetrics(
+        model=candidate.ref, model_name=spec.model, dataset=data.ref, split=split,
+        metrics_ref=record.ref, created_at=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        host=socket.gethostname(), code_version=record.meta.get("code_version", ""), settings_key=key,
+        thresholds={k: getattr(ev, k) for k in ("min_miou", "min_class_recall", "latency_p99_budget_ms",
+                                                "max_regression", "max_missed_brake_rate")},
+        candidate=result,
+        baseline_model=production.ref if production else None, baseline_source=baseline_source,
+        baseline={k: v for k, v in baseline.items() if k != "hardware"} if baseline else None,
+        verdict={"blessed": verdict.blessed, "reasons": verdict.reasons, "checks": verdict.checks},
+        worst_scenes=worst,
+        feedback={"weights": weights, "file": os.path.join(feedback.FEEDBACK_DIR, feedback.WEIGHTS_FILE)},
+    )
+    # The report is rendered from what the file holds (strict JSON: NaN is null), like every later reader.
+    metrics = EvaluationMetrics.load(metrics.save_to(staging))
     report.write_report(staging, metrics)
     return metrics
 
@@ -228,11 +220,11 @@ def _f(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def summarize(art: Artifact, metrics: dict[str, Any]) -> dict[str, Any]:
+def summarize(art: Artifact, metrics: EvaluationMetrics) -> dict[str, Any]:
     """The stage result: references, the verdict, the report path and the terminal tables."""
-    cand, base = metrics["candidate"], metrics.get("baseline")
+    cand, base = metrics.candidate, metrics.baseline
     seg = cand["segmentation"]
-    title = f"{metrics['model']} on the {metrics['split']} split of {metrics['dataset']}" + (
+    title = f"{metrics.model} on the {metrics.split} split of {metrics.dataset}" + (
         " (cache hit)" if art.cached else "")
     columns = ["class", "precision", "recall", "IoU", "AP", "points"] + (["production IoU"] if base else [])
     rows = []
@@ -263,10 +255,10 @@ def summarize(art: Artifact, metrics: dict[str, Any]) -> dict[str, Any]:
                    ["model", "frames", "brakes needed", "missed", "false", "missed rate", "false rate"], rows))
 
     scenes = cand["scenes"]
-    if metrics["worst_scenes"]:  # none with fewer than two scenes: nothing to single out
+    if metrics.worst_scenes:  # none with fewer than two scenes: nothing to single out
         tables.append(("worst scenes (up-weighted for the next ingest)", ["scene", "city", "mIoU", "missed", "false"],
                        [[log, scenes[log]["city"], _f(scenes[log]["miou"]), scenes[log]["missed_brakes"],
-                         scenes[log]["false_brakes"]] for log in metrics["worst_scenes"]]))
+                         scenes[log]["false_brakes"]] for log in metrics.worst_scenes]))
 
     hw = cand.get("hardware")
     if hw:
@@ -278,12 +270,12 @@ def summarize(art: Artifact, metrics: dict[str, Any]) -> dict[str, Any]:
                          _f(v["jitter_ms"], 1), _f(v["frames_per_s"], 1), _f(v["peak_memory_mb"], 0),
                          _f(v["achieved_gflops"], 1)] for name, v in hw["variants"].items()]))
 
-    verdict = metrics["verdict"]
+    verdict = metrics.verdict
     failed = {c["text"] for c in verdict["checks"] if not c["passed"]}
     tables.append((f"verdict: {'BLESSED' if verdict['blessed'] else 'NOT BLESSED'}", ["", "reason"],
                    [["FAIL" if r in failed else ("ok" if any(c["text"] == r for c in verdict["checks"]) else "note"), r]
                     for r in verdict["reasons"]]))
-    return {"ref": art.ref, "cached": art.cached, "model": metrics["model"], "blessed": verdict["blessed"],
+    return {"ref": art.ref, "cached": art.cached, "model": metrics.model, "blessed": verdict["blessed"],
             "reasons": verdict["reasons"], "miou": seg["miou"],
             "report": os.path.join(art.location, "report.html"),
-            "metrics": os.path.join(art.location, "metrics.json"), "tables": tables}
+            "metrics": os.path.join(art.location, EvaluationMetrics.FILE), "tables": tables}

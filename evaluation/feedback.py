@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pipeline.contracts import Manifest
 from pipeline.files import atomic_file
 from pipeline.taxonomy import IGNORE, NUM_CLASSES
 
@@ -44,10 +45,10 @@ def class_mix(log_info: dict[str, Any]) -> np.ndarray:
     return counts / total if total > 0 else counts
 
 
-def similar_train_logs(scene: str, manifest: dict[str, Any], count: int) -> list[str]:
+def similar_train_logs(scene: str, manifest: Manifest, count: int) -> list[str]:
     """The ``count`` train logs closest to ``scene`` in class mix, from its city when it has any."""
-    logs = manifest.get("logs", {})
-    train = [log for log in manifest["splits"].get("train", {}).get("logs", []) if log in logs]
+    logs = manifest.logs
+    train = [log for log in manifest.splits["train"].logs if log in logs] if "train" in manifest.splits else []
     if count <= 0 or not train or scene not in logs:
         return []
     city = logs[scene].get("city")
@@ -57,7 +58,7 @@ def similar_train_logs(scene: str, manifest: dict[str, Any], count: int) -> list
     return ranked[:count]
 
 
-def hard_scene_weights(worst: list[str], manifest: dict[str, Any], weight: float, similar: int) -> dict[str, float]:
+def hard_scene_weights(worst: list[str], manifest: Manifest, weight: float, similar: int) -> dict[str, float]:
     """``{log_id: weight}`` for the worst scenes and their most similar train logs."""
     out: dict[str, float] = {}
     for scene in worst:

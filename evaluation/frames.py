@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.contracts import Manifest
 from pipeline.frames import EGO_COLUMNS
 from training.data import split_url
 
@@ -32,12 +33,12 @@ class LoggedFrame:
     speed: float  # ego speed, m/s
 
 
-def read_split(location: str, manifest: dict, split: str = "test") -> list[LoggedFrame]:
+def read_split(location: str, manifest: Manifest, split: str = "test") -> list[LoggedFrame]:
     """All frames of ``split`` of the dataset at ``location`` (empty when the split has none)."""
     from petastorm import make_reader
 
-    info = manifest["splits"].get(split)
-    if not info or not info.get("row_groups"):
+    info = manifest.splits.get(split)
+    if not info or not info.row_groups:
         return []
     frames = []
     with warnings.catch_warnings():

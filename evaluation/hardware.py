@@ -1,10 +1,11 @@
 """Hardware metrics: how fast and how big the model is on this machine, on logged test frames.
 
 For each way of running the model - **eager** PyTorch, the **TorchScript** ``model.ts`` the training
-stage wrote (what ships today), and the **exported** ``torch.export`` program compiled ahead of time by
-AOTInductor (``aoti_compile_and_package`` / ``aoti_load_package``) - the same real test frames (full
-resolution, batch 1) are run ``warmup`` times untimed and then ``runs`` times timed, cycling through the
-frames. Reported per variant: latency p50 / p90 / p99 / max / mean, jitter (std and p99 - p50),
+stage wrote (``torch.jit.script`` of the same model, as the package's), and the **exported** ``model.pt2``
+exactly as the serve stage makes it (``serving.artifacts``: ``torch.export`` under the serving export
+spec, point count 1..``serve.max_points``, compiled ahead of time by AOTInductor) - the same real
+test frames (full resolution, batch 1) are run ``warmup`` times untimed and then ``runs`` times timed,
+cycling through the frames. Reported per variant: latency p50 / p90 / p99 / max / mean, jitter (std and p99 - p50),
 throughput (frames and points per second at the mean latency), peak memory, and the largest difference
 of its logits from eager on the first frame (a variant that disagrees is not a faster version of the
 same model).
@@ -22,8 +23,13 @@ same model).
   MACs = FLOPs / 2) on the eager model with the first frame, in total and per top-level stage. The
   counter knows matrix multiplies and convolutions only; scatter, gather and element-wise work is not
   counted, so achieved GFLOP/s (counted FLOPs / p50 latency) is a lower bound. Parameters by count.
-* **AOTInductor** compiles C++ (tens of seconds). If it is switched off (``evaluate.aot_inductor``) or
-  fails, the ``torch.export`` program's module is timed instead and the note says so.
+* **AOTInductor** compiles C++ (tens of seconds). The compiled ``model.pt2`` and its ``export.json``
+  (model fingerprint, export spec, torch, device, SHA-256) stay in ``compiled_dir``; the evaluate stage
+  keeps them with its metrics, and the serve stage ships that very file (checked) instead of compiling
+  again. If AOTInductor is switched off (``evaluate.aot_inductor``) or fails, the ``torch.export``
+  program (``torch.export.save``d, loaded back) is timed instead and the note says so.
+* Timing, model loading, export, compiling and MAC counting are ``serving.artifacts``'s; this module
+  adds the variants' memory, agreement and the summary.
 """
 
 from __future__ import annotations
@@ -31,10 +37,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import statistics
 import threading
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -42,7 +46,8 @@ import numpy as np
 import psutil
 import torch
 
-Inputs = tuple[torch.Tensor, torch.Tensor]
+from serving import artifacts
+from serving.artifacts import Inputs
 
 
 def pick_device(wanted: str) -> torch.device:
@@ -52,65 +57,6 @@ def pick_device(wanted: str) -> torch.device:
     if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-def frame_inputs(points: np.ndarray, device: torch.device) -> Inputs:
-    """One frame as the model's batch-1 input: ``points [1, N, 4]`` and an all-true ``valid [1, N]``."""
-    tensor = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)).unsqueeze(0).to(device)
-    return tensor, torch.ones(tensor.shape[:2], dtype=torch.bool, device=device)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (linear interpolation, like ``numpy.percentile``)."""
-    return float(np.percentile(np.asarray(values, np.float64), q))
-
-
-def latency_stats(samples_ms: Sequence[float], points_per_call: float) -> dict[str, Any]:
-    """Summary of per-call latencies in milliseconds."""
-    mean = float(np.mean(samples_ms))
-    p50, p99 = percentile(samples_ms, 50), percentile(samples_ms, 99)
-    return {
-        "runs": len(samples_ms), "min_ms": float(np.min(samples_ms)), "p50_ms": p50, "p90_ms": percentile(samples_ms, 90), "p99_ms": p99,
-        "max_ms": float(np.max(samples_ms)), "mean_ms": mean,
-        "std_ms": float(statistics.pstdev(samples_ms)) if len(samples_ms) > 1 else 0.0,
-        "jitter_ms": p99 - p50,
-        "frames_per_s": 1000.0 / mean if mean > 0 else None,
-        "points_per_s": 1000.0 * points_per_call / mean if mean > 0 else None,
-        "samples_ms": [float(s) for s in samples_ms],
-    }
-
-
-def time_call(run: Callable[[torch.Tensor, torch.Tensor], Any], points: torch.Tensor, valid: torch.Tensor,
-              device: torch.device) -> float:
-    """Milliseconds of one call (CUDA: between two events, synchronised)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run(points, valid)
-        end.record()
-        torch.cuda.synchronize(device)
-        return float(start.elapsed_time(end))
-    began = time.perf_counter()
-    run(points, valid)
-    return (time.perf_counter() - began) * 1000.0
-
-
-def time_interleaved(runners: dict[str, Callable[[torch.Tensor, torch.Tensor], Any]], inputs: Sequence[Inputs],
-                     runs: int, device: torch.device) -> dict[str, list[float]]:
-    """``runs`` timed calls of every runner, interleaved: round ``i`` calls each runner once on frame
-    ``i % len(inputs)``, starting with a different runner each round. On a shared machine, load that
-    comes and goes then hits every variant alike instead of whichever happened to run at the time."""
-    names = list(runners)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    with torch.no_grad():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        for i in range(runs):
-            points, valid = inputs[i % len(inputs)]
-            for k in range(len(names)):
-                name = names[(i + k) % len(names)]
-                samples[name].append(time_call(runners[name], points, valid, device))
-    return samples
 
 
 def _release_free_heap() -> None:
@@ -154,22 +100,6 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, Any]]:
         out.update(peak_mb=(peak[0] - before) / 2**20, method="peak RSS (sampled every 1 ms) minus RSS before")
 
 
-def count_flops(model: torch.nn.Module, inputs: Inputs) -> dict[str, Any]:
-    """FLOPs and MACs of one call, in total and per top-level stage, by PyTorch's FLOP counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False, depth=2)
-    with counter, torch.no_grad():
-        model(*inputs)
-    per_stage = {}
-    for name, ops in counter.get_flop_counts().items():
-        if name.count(".") == 1:  # "<ModelClass>.<stage>": the model's direct children
-            per_stage[name.split(".", 1)[1]] = int(sum(ops.values())) // 2
-    flops = int(counter.get_total_flops())
-    return {"flops": flops, "macs": flops // 2, "macs_per_stage": per_stage,
-            "counted_ops": sorted({str(op) for ops in counter.get_flop_counts().values() for op in ops})}
-
-
 @dataclass
 class Variant:
     """One way to run the model: a name, the callable, and what to know about how it was made."""
@@ -180,56 +110,58 @@ class Variant:
     build_s: float = 0.0
 
 
-def exported_variant(model: torch.nn.Module, example: Inputs, workdir: str, aot_inductor: bool,
-                     say: Callable[[str], None]) -> Variant:
-    """``torch.export`` the eager model (the number of points dynamic) and compile it with AOTInductor;
-    the exported program's module when AOTInductor is off or fails."""
+def exported_variant(model: torch.nn.Module, example: Inputs, spec: artifacts.ExportSpec, compiled_dir: str,
+                     aot_inductor: bool, device: torch.device, say: Callable[[str], None]) -> Variant:
+    """The ``model.pt2`` the serve stage would ship: ``torch.export`` under ``spec``, compiled by
+    AOTInductor (the ExportedProgram when AOTInductor is off or fails), written to ``compiled_dir`` with
+    its ``export.json`` record, and loaded back from the file."""
     began = time.perf_counter()
-    points = torch.export.Dim("points", min=2)
-    program = torch.export.export(model, example, dynamic_shapes=({1: points}, {1: points}))
-    exported_s = time.perf_counter() - began
+    program = artifacts.export_program(model, example, spec)
     if aot_inductor:
-        try:
-            say("compiling the exported program with AOTInductor (C++; this takes a while)")
-            os.makedirs(workdir, exist_ok=True)
-            with warnings.catch_warnings():  # torch-internal FutureWarnings (pytree) while packaging
-                warnings.simplefilter("ignore", FutureWarning)
-                package = torch._inductor.aoti_compile_and_package(program,
-                                                                   package_path=os.path.join(workdir, "model.pt2"))
-                runner = torch._inductor.aoti_load_package(package)
-            return Variant("aot_inductor", runner, "torch.export + AOTInductor (aoti_compile_and_package)",
-                           time.perf_counter() - began)
-        except Exception as exc:  # no compiler, unsupported op, ...: time what export gives instead
-            note = (f"AOTInductor failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
-                    "timed the torch.export program's module instead")
-            say(note)
-            return Variant("exported", program.module(), note, exported_s)
-    return Variant("exported", program.module(),
-                   "torch.export program's module (AOTInductor switched off: evaluate.aot_inductor=false)", exported_s)
+        say("compiling the exported program with AOTInductor (C++; this takes a while)")
+    os.makedirs(compiled_dir, exist_ok=True)
+    path = os.path.join(compiled_dir, artifacts.COMPILED_PT2)
+    record = artifacts.compiled_record(model, spec, device)
+    info = artifacts.compile_pt2(program, path, aot_inductor, "evaluate.aot_inductor", record, say)
+    artifacts.write_compiled_record(compiled_dir, record, info)
+    runner = artifacts.load_pt2(path, info["format"], device)
+    build_s = time.perf_counter() - began
+    if info["format"] == "aoti":
+        return Variant("aot_inductor", runner, "torch.export + AOTInductor (aoti_compile_and_package)", build_s)
+    if aot_inductor:
+        return Variant("exported", runner, f"AOTInductor failed ({info['aoti_error']}); timed the torch.export "
+                                           "program's module instead", build_s)
+    return Variant("exported", runner,
+                   "torch.export program's module (AOTInductor switched off: evaluate.aot_inductor=false)", build_s)
 
 
 def measure(model: torch.nn.Module, torchscript_path: str | None, frames: Sequence[np.ndarray], *, runs: int,
-            warmup: int, device: torch.device, aot_inductor: bool, workdir: str,
+            warmup: int, device: torch.device, aot_inductor: bool, max_points: int, compiled_dir: str,
             say: Callable[[str], None] = print) -> dict[str, Any]:
     """Latency, memory and agreement of every variant on ``frames`` (arrays of points), plus MACs and
-    parameters. ``model`` is the eager model (any device; it is moved to ``device``)."""
+    parameters. ``model`` is the eager model (any device; it is moved to ``device``). The exported
+    variant uses the serving export spec (point count 1..``max_points``) and leaves its ``model.pt2``
+    and ``export.json`` in ``compiled_dir``."""
     if not frames:
         raise ValueError("hardware metrics need at least one frame")
     if runs < 1:
         raise ValueError(f"evaluate.latency_runs must be at least 1, got {runs}")
+    spec = artifacts.ExportSpec(max_points)
+    for i, frame in enumerate(frames):
+        spec.check(len(frame), f"latency frame {i}")
     model = model.to(device).eval()
-    inputs = [frame_inputs(f, device) for f in frames]
+    inputs = [artifacts.frame_inputs(f, device) for f in frames]
     notes: list[str] = []
     variants = [Variant("eager", model, "the nn.Module in eval mode")]
     if torchscript_path and os.path.exists(torchscript_path):
         began = time.perf_counter()
-        variants.append(Variant("torchscript", torch.jit.load(torchscript_path, map_location=device),
+        variants.append(Variant("torchscript", artifacts.load_torchscript(torchscript_path, device),
                                 f"TorchScript {os.path.basename(torchscript_path)} (torch.jit.load)",
                                 time.perf_counter() - began))
     else:
         notes.append("no model.ts in the model artifact: TorchScript not timed")
     try:
-        variants.append(exported_variant(model, inputs[0], workdir, aot_inductor, say))
+        variants.append(exported_variant(model, inputs[0], spec, compiled_dir, aot_inductor, device, say))
     except Exception as exc:
         notes.append(f"torch.export failed ({type(exc).__name__}: {str(exc)[:200]}): no exported variant")
     with torch.no_grad():
@@ -239,20 +171,19 @@ def measure(model: torch.nn.Module, torchscript_path: str | None, frames: Sequen
     for variant in variants:
         with peak_memory(device) as memory, torch.no_grad():
             difference = float((variant.run(*inputs[0]).float() - reference).abs().max())
-            for i in range(warmup):
-                variant.run(*inputs[i % len(inputs)])
+            artifacts.warm_up(variant.run, inputs, warmup)
         checks[variant.name] = (difference, memory["peak_mb"])
     say(f"timing {', '.join(v.name for v in variants)}: {runs} interleaved calls each on {len(inputs)} test "
         f"frames ({device.type})")
-    samples = time_interleaved({v.name: v.run for v in variants}, inputs, runs, device)
+    samples = artifacts.time_interleaved({v.name: v.run for v in variants}, inputs, runs, device)
     points_per_call = float(np.mean([inputs[i % len(inputs)][0].shape[1] for i in range(runs)]))
     results = {}
     for variant in variants:
         difference, peak_mb = checks[variant.name]
-        results[variant.name] = {**latency_stats(samples[variant.name], points_per_call), "peak_memory_mb": peak_mb,
-                                 "max_abs_diff_vs_eager": difference, "note": variant.note,
+        results[variant.name] = {**artifacts.latency_stats(samples[variant.name], points_per_call),
+                                 "peak_memory_mb": peak_mb, "max_abs_diff_vs_eager": difference, "note": variant.note,
                                  "build_s": variant.build_s}
-    flops = count_flops(model, inputs[0])
+    flops = artifacts.count_flops(model, inputs[0])
     eager_p50 = results["eager"]["p50_ms"]
     for result in results.values():
         result["achieved_gflops"] = flops["flops"] / (result["p50_ms"] / 1000.0) / 1e9 if result["p50_ms"] else None

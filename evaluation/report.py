@@ -1,5 +1,5 @@
-"""The evaluation's outputs: ``metrics.json`` (everything, machine-readable) and ``report.html`` (one
-self-contained page for people: the verdict first, then tables and plots; images are embedded as base64
+"""The evaluation's page for people, ``report.html`` (``metrics.json``, everything machine-readable, is
+``pipeline.contracts.EvaluationMetrics``): one self-contained page for people: the verdict first, then tables and plots; images are embedded as base64
 PNGs so the file works offline, attached to a ticket or opened from the artifact store)."""
 
 from __future__ import annotations
@@ -8,41 +8,17 @@ import base64
 import html
 import io
 import json
-import math
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
+from pipeline.contracts import EvaluationMetrics
 from pipeline.taxonomy import CLASSES, IGNORE
 
-METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
 COLOURS = {"ground": "#8c6d31", "building": "#7f7f7f", "vegetation": "#2ca02c", "pole": "#9467bd",
            "vehicle": "#1f77b4", "pedestrian": "#d62728", "cyclist": "#ff7f0e"}
-
-
-# ----------------------------------------------------------------------------------------- metrics.json
-def json_ready(value: Any) -> Any:
-    """``value`` with NaN/inf turned into None and numpy scalars into Python ones (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return json_ready(value.tolist())
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
-
-
-def write_metrics(folder: str, metrics: dict[str, Any]) -> str:
-    path = os.path.join(folder, METRICS_FILE)
-    with open(path, "w") as fh:
-        json.dump(json_ready(metrics), fh, indent=2, allow_nan=False)  # key order is meaningful (taxonomy)
-    return path
 
 
 # ----------------------------------------------------------------------------------------- plots
@@ -204,24 +180,24 @@ pre { white-space: pre-wrap; font-size: 12px; }
 """
 
 
-def render(metrics: dict[str, Any]) -> str:
-    """The whole report page as a string."""
-    cand = metrics["candidate"]
-    base = metrics.get("baseline")
+def render(metrics: EvaluationMetrics) -> str:
+    """The whole report page as a string (from strict metrics: missing numbers are None, as in metrics.json)."""
+    cand = metrics.candidate
+    base = metrics.baseline
     seg, hw, planner = cand["segmentation"], cand.get("hardware"), cand["planner"]
-    verdict = metrics["verdict"]
+    verdict = metrics.verdict
     blessed = verdict["blessed"]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation of {html.escape(metrics['model'])}"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation of {html.escape(metrics.model)}"
              f"</title><style>{STYLE}</style></head><body>",
-             f"<h1>Evaluation of {html.escape(metrics['model'])}</h1>",
-             f"<div class='sub'>test split of {html.escape(metrics['dataset'])} &middot; "
+             f"<h1>Evaluation of {html.escape(metrics.model)}</h1>",
+             f"<div class='sub'>test split of {html.escape(metrics.dataset)} &middot; "
              f"{seg['frames']} frames, {seg['points']:,} labelled points, {len(cand['scenes'])} scenes &middot; "
-             f"{html.escape(metrics.get('created_at', ''))} &middot; code {html.escape(metrics.get('code_version', '')[:16])}</div>"]
+             f"{html.escape(metrics.created_at)} &middot; code {html.escape(metrics.code_version[:16])}</div>"]
     failed = [c["text"] for c in verdict["checks"] if not c["passed"]]
     reasons = "".join(f"<li class='{'fail' if r in failed else ''}'>{html.escape(r)}</li>" for r in verdict["reasons"])
     parts.append(f"<div class='verdict {'blessed' if blessed else 'rejected'}'><b>{'BLESSED' if blessed else 'NOT BLESSED'}"
                  f"</b> &mdash; {'may be promoted' if blessed else 'cannot be promoted'}"
-                 f"{' (baseline: ' + html.escape(metrics['baseline_model']) + ')' if metrics.get('baseline_model') else ''}"
+                 f"{' (baseline: ' + html.escape(metrics.baseline_model) + ')' if metrics.baseline_model else ''}"
                  f"<ul>{reasons}</ul></div>")
 
     gated = None
@@ -329,12 +305,12 @@ def render(metrics: dict[str, Any]) -> str:
                      f"MACs {hw['macs'] / 1e9:.3f} G on a {hw['flop_frame_points']:,}-point frame by "
                      f"torch.utils.flop_counter (counts {html.escape(', '.join(hw['counted_ops']))} only): {html.escape(stages)}. "
                      f"Peak memory: {html.escape(hw['memory_method'])}.</p><ul class='note'>{notes}</ul>")
-        parts.append(f"<div class='row'><div>{plot_latency(hw, metrics['thresholds']['latency_p99_budget_ms'])}</div>"
+        parts.append(f"<div class='row'><div>{plot_latency(hw, metrics.thresholds['latency_p99_budget_ms'])}</div>"
                      "<div></div></div>")
 
     # --- scenes
     parts.append("<h2>Scenes</h2>")
-    worst = metrics["worst_scenes"]
+    worst = metrics.worst_scenes
     rows = []
     for log in sorted(cand["scenes"], key=lambda k: (cand["scenes"][k]["miou"] is None, cand["scenes"][k]["miou"] or 0)):
         s = cand["scenes"][log]
@@ -349,7 +325,7 @@ def render(metrics: dict[str, Any]) -> str:
                          "false brakes"]
                         + (["production mIoU"] if base else []), rows))
     parts.append(f"<div class='row'><div>{plot_scenes(cand['scenes'], worst, base)}</div><div>")
-    feedback = metrics.get("feedback") or {}
+    feedback = metrics.feedback
     if feedback.get("weights"):
         parts.append("<p class='note'>Written to the ingest feedback file (worst scenes and the train logs of their "
                      "city with the closest class mix are up-weighted the next time ingest runs):</p>"
@@ -357,14 +333,14 @@ def render(metrics: dict[str, Any]) -> str:
     parts.append("</div></div>")
 
     parts.append("<h2>Settings</h2><details><summary>blessing thresholds and metric definitions</summary><pre>"
-                 + html.escape(json.dumps({"thresholds": metrics["thresholds"], "metrics": cand["settings"]}))
+                 + html.escape(json.dumps({"thresholds": metrics.thresholds, "metrics": cand["settings"]}))
                  + "</pre></details>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
-def write_report(folder: str, metrics: dict[str, Any]) -> str:
+def write_report(folder: str, metrics: EvaluationMetrics) -> str:
     path = os.path.join(folder, REPORT_FILE)
     with open(path, "w") as fh:
-        fh.write(render(json_ready(metrics)))
+        fh.write(render(metrics))
     return path

@@ -8,8 +8,6 @@ same code on exactly the same frames, so the blessing compares like with like.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -21,6 +19,7 @@ from evaluation import planner as planner_mod
 from evaluation import segmentation as seg
 from evaluation.frames import LoggedFrame
 from pipeline.taxonomy import CLASSES
+from serving import artifacts
 
 # Bump when a metric's definition changes: stored metrics of another version are not reused as a baseline.
 METRICS_VERSION = 1
@@ -53,24 +52,10 @@ class Settings:
                 "metrics_version": METRICS_VERSION}
 
 
-def load_model(location: str, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The eager model of a model artifact folder (``model.json`` + ``model.pt``), in eval mode."""
-    from training.models import build_model
-
-    with open(os.path.join(location, "model.json")) as fh:
-        spec = json.load(fh)
-    model = build_model(spec["model"], spec.get("options") or {})
-    state = torch.load(os.path.join(location, "model.pt"), map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.to(device).eval(), spec
-
-
 def predict(model: torch.nn.Module, points: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
     """Logits ``[N, K]`` of one frame (batch of one, every point valid)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(points, np.float32)).unsqueeze(0).to(device)
-    valid = torch.ones(tensor.shape[:2], dtype=torch.bool, device=device)
     with torch.no_grad():
-        return model(tensor, valid)[0].float().cpu().numpy()
+        return model(*artifacts.frame_inputs(points, device))[0].float().cpu().numpy()
 
 
 def score_model(model: torch.nn.Module, frames: Sequence[LoggedFrame], settings: Settings,

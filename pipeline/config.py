@@ -105,6 +105,15 @@ class TrainConfig:
     shuffle_buffer: int = 32  # frames mixed across row groups by each rank's per-epoch shuffle
     keep_checkpoints: int = 3  # newest checkpoints kept in <home>/checkpoints/<model>-<key>/
     prefetch_batches: int = 4  # batches each rank's background reader decodes ahead
+    # where the ranks run: local (this host), spark (Horovod ranks as Spark tasks on train.spark_master)
+    # or hosts (horovodrun/torchrun over train.hosts)
+    launcher: Literal["local", "spark", "hosts"] = "local"
+    spark_master: str = "local[2]"  # launcher=spark: Spark master URL, e.g. spark://host:7077, yarn, k8s://...
+    hosts: str = ""  # launcher=hosts: host:slots list whose slots add up to np, e.g. h1:2,h2:2
+    nnodes: int = 1  # ddp: nodes of one job, each started by its own avp train --node-rank R (np counts all ranks)
+    node_rank: int = 0  # ddp with nnodes > 1: this node; node 0 builds and publishes the model, the others only train
+    rdzv: str = ""  # ddp with nnodes > 1: HOST:PORT of the rendezvous on node 0 (torchrun --rdzv-endpoint)
+    rank_timeout_s: int = 120  # a rank waiting longer than this for a lost peer (or to start) fails the run
 
 
 @dataclass
@@ -329,7 +338,8 @@ def set_value(cfg: PipelineConfig, dotted: str, value: Any) -> None:
 
 
 # Lower bounds of numeric fields, checked on the resolved config and offered to Airflow as Param minimums.
-MINIMUMS = {"train.np": 1, "train.epochs": 1, "train.batch_size": 1, "simulate.logs": 1, "simulate.frames": 1}
+MINIMUMS = {"train.np": 1, "train.epochs": 1, "train.batch_size": 1, "train.nnodes": 1, "train.node_rank": 0,
+            "train.rank_timeout_s": 1, "simulate.logs": 1, "simulate.frames": 1}
 
 
 def check_rules(cfg: PipelineConfig) -> None:

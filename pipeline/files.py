@@ -9,6 +9,7 @@ partial file under the real name, and an exception removes the temporary file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -73,3 +74,12 @@ def atomic_write_json(path: str, obj: Any) -> None:
     data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
     with atomic_file(path) as fh:
         fh.write(data)
+
+
+def sha256_file(path: str) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

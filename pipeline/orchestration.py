@@ -141,3 +141,20 @@ def spark_submit_result(request: str) -> dict[str, Any]:
                           "see the spark-submit task's log")
     with open(path) as fh:
         return json.load(fh)
+
+
+def spark_master_of(conn_id: str) -> str:
+    """The master URL of an Airflow Spark connection, resolved exactly as ``SparkSubmitOperator`` does
+    (the provider's hook: ``spark://host:port``, ``yarn``, ``k8s://https://...``)."""
+    from airflow.providers.apache.spark.hooks.spark_submit import SparkSubmitHook
+
+    return SparkSubmitHook(conn_id=conn_id)._resolve_connection()["master"]
+
+
+def train_params(params: Mapping[str, Any] | None, spark_conn_id: str) -> dict[str, Any]:
+    """The train task's params: with a Spark connection, the ranks run as Horovod tasks on its master
+    (``train.launcher=spark``), unless the run's conf chose a launcher itself."""
+    params = dict(params or {})
+    if spark_conn_id and params.get("train.launcher") is None:
+        params.update({"train.launcher": "spark", "train.spark_master": spark_master_of(spark_conn_id)})
+    return params

@@ -3,6 +3,7 @@ Airflow context, and a content hash of the code a stage's entry point runs."""
 
 from __future__ import annotations
 
+import ast
 import functools
 import getpass
 import hashlib
@@ -78,16 +79,79 @@ def snapshot() -> dict[str, object]:
     }
 
 
-@functools.lru_cache(maxsize=None)
-def code_version(*packages: str) -> str:
-    """sha256 over the Python sources of the given top-level packages (e.g. ``"spark_jobs"``).
+def project_packages(root: Path) -> frozenset[str]:
+    """The top-level packages of the repository at ``root`` (folders with an ``__init__.py``)."""
+    return frozenset(p.parent.name for p in root.glob("*/__init__.py"))
 
-    Part of every content key: changing the code an entry point runs invalidates its cached artifacts.
+
+def module_file(module: str, root: Path) -> Path | None:
+    """The source file of a module of the repository at ``root`` (a package's ``__init__.py``), or None."""
+    base = root.joinpath(*module.split("."))
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_modules(path: Path, module: str) -> set[str]:
+    """Every module name an ``import`` or ``from ... import`` anywhere in the file may load (function-level
+    imports too): for ``from a.b import c``, both ``a.b`` and ``a.b.c`` (``c`` may be a submodule)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: up ``level - 1`` packages from this module's package
+                parts = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*parts, *([base] if base else [])])
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def code_closure(modules: tuple[str, ...], root: Path = REPO_ROOT) -> tuple[str, ...]:
+    """The repository files (relative paths, sorted) that running ``modules`` executes as far as imports
+    show: each module, the ``__init__.py`` of its packages, and - transitively - every module of this
+    repository's packages that they import. Imports of other distributions are not followed.
+
+    Static analysis cannot see a module loaded by name (``importlib``, a subprocess ``python -m``, a
+    registry filled by discovery): the caller names those in ``modules`` as well. A name in ``modules``
+    that is not a module of the repository is a ``ValueError``.
+    """
+    packages = project_packages(root)
+    missing = [m for m in modules if module_file(m, root) is None]
+    if missing:
+        raise ValueError(f"code modules {', '.join(missing)} are not modules of the repository at {root}")
+    files: dict[str, Path] = {}
+    pending = list(modules)
+    while pending:
+        name = pending.pop()
+        parts = name.split(".")
+        if parts[0] not in packages:
+            continue
+        # importing a.b.c runs a/__init__.py and a/b/__init__.py first
+        for depth in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:depth])
+            path = module_file(prefix, root)
+            if path is not None and prefix not in files:
+                files[prefix] = path
+                pending.extend(_imported_modules(path, prefix))
+    return tuple(sorted(str(p.relative_to(root)) for p in files.values()))
+
+
+@functools.lru_cache(maxsize=None)
+def code_version(*modules: str, root: Path = REPO_ROOT) -> str:
+    """sha256 over the relative paths and bytes of ``code_closure(modules)``, in path order.
+
+    Part of every content key: changing the code a stage runs invalidates its cached artifacts, and
+    changing any other file does not.
     """
     digest = hashlib.sha256()
-    for package in sorted(set(packages)):
-        base = REPO_ROOT / package
-        for path in sorted(base.rglob("*.py")):
-            digest.update(str(path.relative_to(REPO_ROOT)).encode())
-            digest.update(path.read_bytes())
+    for rel in code_closure(tuple(sorted(set(modules))), root):
+        digest.update(rel.encode() + b"\0")
+        data = (root / rel).read_bytes()
+        digest.update(len(data).to_bytes(8, "big") + data)
     return digest.hexdigest()

@@ -605,18 +605,20 @@ class Registry:
 
     def build(self, kind: str, name: str, *, entry_point: str, config: Any,
               builder: Callable[[str, Artifact], dict | None], parents: Sequence[Artifact] = (),
-              code_packages: Sequence[str] = ("pipeline",), force: bool = False,
+              code_modules: Sequence[str] = (), force: bool = False,
               say: Callable[[str], None] = lambda _msg: None) -> Artifact:
         """Build (or reuse) an artifact atomically.
 
         ``builder(staging_dir, record)`` writes the artifact's files into ``staging_dir`` and may return
         metadata to store. The folder is renamed to its final place and the record marked succeeded
         only after the builder returns; any exception marks it failed (aborted for an interrupt).
+        ``code_modules`` are the modules the builder runs: their code and their project imports
+        (``provenance.code_closure``) are part of the content key, and no other file is.
         """
         for p in parents:
             if p.state != "succeeded":
                 raise RegistryError(f"parent {p.ref} is {p.state}; only succeeded artifacts can be built on")
-        code = provenance.code_version(*code_packages)
+        code = provenance.code_version(*code_modules)
         key = content_key(kind, name, parents, code, config)
         self.recover_stale()
         if not force:

@@ -19,13 +19,13 @@ Promotion is the registry's: ``avp registry promote package:<name>@vN`` makes it
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import uuid
 from typing import Any, Callable
 
 from pipeline import provenance
 from pipeline.config import PipelineConfig
+from pipeline.contracts import EvaluationMetrics, PackageMetadata, TrainMetrics
 from pipeline.errors import StageFailed, UserError
 from pipeline.registry import Artifact, Registry
 from pipeline.stages import resolve_input
@@ -72,23 +72,13 @@ def find_dataset(registry: Registry, model: Artifact) -> Artifact | None:
     return datasets[0] if datasets else None
 
 
-def metrics_summary(metrics_json: str) -> dict[str, Any]:
+def metrics_summary(metrics: EvaluationMetrics) -> dict[str, Any]:
     """The small values of an evaluation's ``metrics.json``: scalars and short flat dicts/lists of
     scalars (mIoU, per-class IoU, latency, verdict...), leaving curves and matrices in the report."""
-    try:
-        with open(metrics_json) as fh:
-            metrics = json.load(fh)
-    except (OSError, json.JSONDecodeError):
-        return {}
-    if not isinstance(metrics, dict):
-        return {}
-    summary = _small(metrics)
-    if isinstance(metrics.get("candidate"), dict):
-        summary.update(_evaluation_highlights(metrics))
-    return summary
+    return {**_small(metrics.to_dict()), **_evaluation_highlights(metrics)}
 
 
-def _evaluation_highlights(metrics: dict[str, Any]) -> dict[str, Any]:
+def _evaluation_highlights(metrics: EvaluationMetrics) -> dict[str, Any]:
     """The headline numbers of the evaluate stage's report (``evaluation.entry``): test mIoU, per-class
     IoU and recall, the planner's brake counts, per-runtime latency, and the baseline it was held to."""
     def get(tree: Any, *path: str) -> Any:
@@ -96,7 +86,7 @@ def _evaluation_highlights(metrics: dict[str, Any]) -> dict[str, Any]:
             tree = tree.get(key) if isinstance(tree, dict) else None
         return tree
 
-    candidate = metrics["candidate"]
+    candidate = metrics.candidate
     classes = get(candidate, "segmentation", "classes") or {}
     variants = get(candidate, "hardware", "variants") or {}
     planner = get(candidate, "planner") or {}
@@ -110,8 +100,8 @@ def _evaluation_highlights(metrics: dict[str, Any]) -> dict[str, Any]:
         "latency_ms": {name: {"p50": get(v, "p50_ms"), "p99": get(v, "p99_ms")}
                        for name, v in variants.items() if isinstance(v, dict)},
         "macs": get(candidate, "hardware", "macs"),
-        "baseline_miou": get(metrics, "baseline", "segmentation", "miou"),
-        "verdict_reasons": get(metrics, "verdict", "reasons"),
+        "baseline_miou": get(metrics.baseline, "segmentation", "miou"),
+        "verdict_reasons": metrics.verdict.get("reasons"),
     }
     return {k: v for k, v in out.items() if v not in (None, {}, [])}
 
@@ -138,6 +128,14 @@ def key_config(cfg: PipelineConfig) -> dict[str, Any]:
     return {field: getattr(cfg.serve, field) for field in PACKAGE_FIELDS}
 
 
+def code_modules(model_name: str) -> tuple[str, ...]:
+    """The code that makes the package: this module and its imports (``serving.package`` among them), and
+    the model's modules (which the model registry imports by discovery, out of sight of the import analysis)."""
+    from training.models.registry import model_modules
+
+    return ("serving.entry", *model_modules(model_name))
+
+
 def check_request(cfg: PipelineConfig) -> None:
     """Refuse packaging settings that cannot work before any compiling starts."""
     s = cfg.serve
@@ -155,12 +153,10 @@ def package_facts(registry: Registry, record: Artifact, model: Artifact, metrics
     """What the registry knows, for ``metadata.json``: references, provenance, the evaluation verdict."""
     snap = provenance.snapshot()
     training = {}
-    with_training = os.path.join(model.location, "metrics.json")
-    if os.path.exists(with_training):
-        summary = metrics_summary(with_training)
-        training = {k: summary.get(k) for k in ("first_epoch_loss", "backend", "world", "samples_per_s",
-                                                 "parameters_sha256", "torchscript_max_abs_diff") if k in summary}
-        training["final"] = summary.get("final")
+    if os.path.exists(os.path.join(model.location, TrainMetrics.FILE)):
+        trained = TrainMetrics.load_from(model.location)
+        training = {k: getattr(trained, k) for k in ("first_epoch_loss", "backend", "world", "samples_per_s",
+                                                      "parameters_sha256", "torchscript_max_abs_diff", "final")}
     return {
         "package": {"name": record.name, "version": record.version, "ref": record.ref,
                     "content_key": record.content_key, "run_id": run_id},
@@ -175,7 +171,7 @@ def package_facts(registry: Registry, record: Artifact, model: Artifact, metrics
             "blessed": bool(model.blessed),
             "reasons": list(model.meta.get("blessing_reasons") or []),
             "metrics_ref": metrics.ref if metrics else None,
-            "summary": metrics_summary(os.path.join(metrics.location, "metrics.json")) if metrics else {},
+            "summary": metrics_summary(EvaluationMetrics.load_from(metrics.location)) if metrics else {},
         },
         "provenance": {"git_sha": snap["git_sha"], "diff_hash": snap["diff_hash"], "user": snap["user"],
                        "host": snap["host"], "run_id": run_id,
@@ -206,13 +202,14 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
         s = cfg.serve
         metadata = build_package(folder, model_dir=model_art.location, facts=facts, max_points=s.max_points,
                                  example_points=s.example_points, example_seed=s.example_seed,
-                                 latency_runs=s.latency_runs, aot_inductor=s.aot_inductor, say=say)
+                                 latency_runs=s.latency_runs, aot_inductor=s.aot_inductor, say=say,
+                                 evaluation_dir=metrics_art.location if metrics_art else None)
         manifest_sha256 = write_manifest(folder)
         # What is published passes the very check every consumer runs.
         verify_package(folder, manifest_sha256)
         tarball_sha256 = make_tarball(folder, os.path.join(staging, top + ".tar.gz"))
-        pt2 = metadata["runtimes"]["pt2"]
-        perf = metadata["performance"]
+        pt2 = metadata.runtimes["pt2"]
+        perf = metadata.performance
         return {"model": model_art.ref, "metrics": metrics_art.ref if metrics_art else None,
                 "dataset": dataset_art.ref if dataset_art else None, "run_id": run_id,
                 "folder": top, "tarball": top + ".tar.gz", "manifest_sha256": manifest_sha256,
@@ -222,8 +219,8 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
 
     parents = [model_art] + ([metrics_art] if metrics_art else [])
     art = registry.build("package", model_art.name, entry_point="serving.entry:run", config=key_config(cfg),
-                         builder=build, parents=parents, code_packages=("serving", "training", "pipeline"),
-                         force=cfg.force, say=say)
+                         builder=build, parents=parents, force=cfg.force, say=say,
+                         code_modules=code_modules(model_art.name))
     return summarize(art)
 
 
@@ -235,23 +232,22 @@ def package_paths(art: Artifact) -> tuple[str, str]:
 def summarize(art: Artifact) -> dict[str, Any]:
     """The stage result: reference, paths, and what was measured and checked."""
     folder, tarball = package_paths(art)
-    with open(os.path.join(folder, "metadata.json")) as fh:
-        metadata = json.load(fh)
-    perf = metadata["performance"]
+    metadata = PackageMetadata.load_from(folder)
+    perf = metadata.performance
     runtimes = [[name, perf[f"{key}_latency_ms"]["p50"], perf[f"{key}_latency_ms"]["p99"], detail]
                 for name, key, detail in (
                     ("eager (reference)", "eager", ""),
                     ("TorchScript model.ts", "torchscript",
-                     f"max |diff| {metadata['agreement']['torchscript_vs_eager']['max_abs_diff']:.2g}"),
-                    (f"model.pt2 ({metadata['runtimes']['pt2']['format']})", "pt2",
-                     f"max |diff| {metadata['agreement']['pt2_vs_eager']['max_abs_diff']:.2g}"))]
+                     f"max |diff| {metadata.agreement['torchscript_vs_eager']['max_abs_diff']:.2g}"),
+                    (f"model.pt2 ({metadata.runtimes['pt2']['format']})", "pt2",
+                     f"max |diff| {metadata.agreement['pt2_vs_eager']['max_abs_diff']:.2g}"))]
     title = f"{art.ref}" + (" (cache hit)" if art.cached else "") + \
         f": {perf['example_points']}-point example, {perf['threads']} threads, {perf['macs'] / 1e9:.2f} GMACs"
     tables = [(title, ["runtime", "p50 ms", "p99 ms", "agreement with eager"], runtimes)]
-    result = {"ref": art.ref, "cached": art.cached, "model": metadata["model"]["ref"],
-              "metrics": metadata["evaluation"]["metrics_ref"], "location": folder, "tarball": tarball,
-              "manifest_sha256": art.meta["manifest_sha256"], "pt2_format": metadata["runtimes"]["pt2"]["format"],
+    result = {"ref": art.ref, "cached": art.cached, "model": metadata.model["ref"],
+              "metrics": metadata.evaluation["metrics_ref"], "location": folder, "tarball": tarball,
+              "manifest_sha256": art.meta["manifest_sha256"], "pt2_format": metadata.runtimes["pt2"]["format"],
               "tables": tables}
-    if metadata["runtimes"]["pt2"].get("aoti_error"):
-        result["aoti_error"] = metadata["runtimes"]["pt2"]["aoti_error"]
+    if metadata.runtimes["pt2"].get("aoti_error"):
+        result["aoti_error"] = metadata.runtimes["pt2"]["aoti_error"]
     return result

@@ -100,7 +100,7 @@ def decode_request(body: bytes, content_type: str, max_points: int) -> np.ndarra
 def create_app(model: ServingModel, max_points: int | None = None):
     """The FastAPI app serving ``model``; ``max_points`` (default: the package's limit) caps a request."""
     limit = min(max_points or model.max_points, model.max_points)
-    app = FastAPI(title="avp LiDAR segmentation", version=str(model.metadata["package"]["version"]),
+    app = FastAPI(title="avp LiDAR segmentation", version=str(model.metadata.package["version"]),
                   description=f"{model.ref}: per-point semantic segmentation of one LiDAR sweep")
     app.state.model = model
 
@@ -124,13 +124,13 @@ def create_app(model: ServingModel, max_points: int | None = None):
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         """Liveness and what is loaded."""
-        return {"status": "ok", "package": model.ref, "model": model.metadata["model"]["ref"],
+        return {"status": "ok", "package": model.ref, "model": model.metadata.model["ref"],
                 "runtime": model.runtime, "manifest_sha256": model.manifest_sha256, "max_points": limit}
 
     @app.get("/metadata")
     def metadata() -> dict[str, Any]:
         """The package's metadata.json: provenance, evaluation, class map, input spec."""
-        return model.metadata
+        return model.metadata.to_dict()
 
     @app.post("/v1/segment")
     async def segment(request: Request, format: str | None = None):  # noqa: A002 - the query parameter's name
@@ -155,7 +155,7 @@ def create_app(model: ServingModel, max_points: int | None = None):
                             headers={"X-Num-Points": str(len(classes)), "X-Package": model.ref,
                                      "X-Inference-Ms": str(elapsed_ms)})
         return JSONResponse({"classes": classes.tolist(), "num_points": int(len(classes)), "package": model.ref,
-                             "model": model.metadata["model"]["ref"], "inference_ms": elapsed_ms})
+                             "model": model.metadata.model["ref"], "inference_ms": elapsed_ms})
 
     return app
 
@@ -212,7 +212,7 @@ def serve(cfg: Any, package: str, host: str | None = None, port: int | None = No
     if host not in LOOPBACK:
         say(f"warning: binding {host}, not loopback: anyone who can reach this host can use the model; "
             "there is no authentication")
-    say(f"serving {model.ref} ({model.metadata['model']['ref']}, {model.runtime}, manifest "
+    say(f"serving {model.ref} ({model.metadata.model['ref']}, {model.runtime}, manifest "
         f"{model.manifest_sha256[:12]}) on http://{host}:{port}  (POST /v1/segment, GET /healthz, GET /metadata)")
     app = create_app(model, cfg.serve.max_points)
     try:

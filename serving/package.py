@@ -13,8 +13,10 @@ A package is one folder (and a reproducible ``.tar.gz`` of it) holding::
     MANIFEST.sha256        ``sha256sum`` format, one line per file above (``sha256sum -c`` checks it)
 
 ``build_package`` writes all of it from a model artifact folder and checks that eager, TorchScript and
-the ``.pt2`` agree on the example. ``verify_package`` is the gate every consumer passes first: every
-listed file has its checksum, no file is missing or unlisted, no name leaves the folder, nothing is a
+the ``.pt2`` agree on the example. Loading, scripting, exporting, compiling, timing and MAC counting are
+``serving.artifacts``'s (shared with the evaluate stage, whose compiled ``model.pt2`` is shipped when it
+was compiled for the same model and export spec). ``verify_package`` is the gate every consumer passes
+first: every listed file has its checksum, no file is missing or unlisted, no name leaves the folder, nothing is a
 link. It guards against corruption and accidental edits; authenticity comes from comparing the
 manifest's own digest with the one the registry recorded (``manifest_sha256`` in the package record).
 
@@ -23,7 +25,6 @@ manifest's own digest with the one the registry recorded (``manifest_sha256`` in
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import gzip
 import hashlib
@@ -33,18 +34,18 @@ import re
 import stat
 import sys
 import tarfile
-import time
 from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.contracts import PackageMetadata
 from pipeline.errors import UserError
-from pipeline.files import atomic_file
+from pipeline.files import atomic_file, sha256_file
 
 FORMAT = "avp-serving-package"
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.sha256"
-METADATA = "metadata.json"
+METADATA = PackageMetadata.FILE
 TORCHSCRIPT = "model.ts"
 PT2 = "model.pt2"
 EXAMPLE_INPUT = "example_input.bin"
@@ -60,6 +61,9 @@ _MANIFEST_LINE = re.compile(r"^([0-9a-f]{64}) [ *](.+)$")
 # Agreement tolerance between runtimes, relative to the logits' scale: float reassociation (fused
 # kernels, other thread counts) moves logits by ~1e-6; a real export bug moves them by far more.
 RELATIVE_TOLERANCE = 1e-4
+# Untimed calls of each runtime before the package's latency is measured (TorchScript optimises during its
+# first calls).
+LATENCY_WARMUP = 2
 
 
 class PackageError(UserError):
@@ -67,15 +71,6 @@ class PackageError(UserError):
 
 
 # ----------------------------------------------------------------------------------------- manifest
-def sha256_file(path: str) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def check_member_name(name: str) -> str:
     """``name`` if it is a plain relative POSIX path that stays inside the package, else ``PackageError``."""
     parts = name.split("/")
@@ -234,21 +229,6 @@ def extract_tarball(tar_path: str, into: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------- building
-def load_eager_model(model_dir: str):
-    """The trained model from a model artifact folder: ``model.json`` says how to rebuild it and
-    ``model.pt`` holds the state dict (read with ``weights_only=True``: tensors, never arbitrary objects)."""
-    import torch
-
-    from training.models import build_model
-
-    with open(os.path.join(model_dir, "model.json")) as fh:
-        spec = json.load(fh)
-    model = build_model(spec["model"], spec.get("options") or None)
-    state = torch.load(os.path.join(model_dir, "model.pt"), map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), spec
-
-
 def synthetic_scan(num_points: int, seed: int, x_range: tuple[float, float],
                    y_range: tuple[float, float]) -> np.ndarray:
     """A deterministic, LiDAR-like example cloud [N, 4] float32 in the sensor frame.
@@ -288,30 +268,6 @@ def synthetic_scan(num_points: int, seed: int, x_range: tuple[float, float],
     return cloud[rng.permutation(len(cloud))]
 
 
-def latency_ms(fn: Callable[[], Any], runs: int, warmup: int = 2) -> dict[str, float]:
-    """p50/p99/mean wall time of ``fn()`` in milliseconds over ``runs`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(1, runs)):
-        started = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - started) * 1000.0)
-    return {"p50": round(float(np.percentile(times, 50)), 3), "p99": round(float(np.percentile(times, 99)), 3),
-            "mean": round(float(np.mean(times)), 3), "runs": len(times)}
-
-
-def count_macs(model, points, valid) -> int:
-    """Multiply-accumulates of one forward pass (matmuls and convolutions, via FlopCounterMode; the
-    scatter/gather/index ops do no multiply-adds and are not counted)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(points, valid)
-    return int(counter.get_total_flops() // 2)
-
-
 def compare_logits(reference: np.ndarray, actual: np.ndarray) -> dict[str, Any]:
     """How far ``actual`` logits are from ``reference``: max abs diff, class match rate, and the points
     whose class differs although the reference's top-2 margin is above the tolerance (real mismatches,
@@ -334,78 +290,34 @@ def tolerance_for(logits: np.ndarray) -> float:
     return RELATIVE_TOLERANCE * max(1.0, scale)
 
 
-def export_program(model, points, valid, max_points: int):
-    """``torch.export`` with a dynamic point count (1..max_points) and a batch of one frame."""
-    import torch
-
-    num_points = torch.export.Dim("num_points", min=1, max=max_points)
-    return torch.export.export(copy.deepcopy(model), (points, valid),
-                               dynamic_shapes={"points": {1: num_points}, "valid": {1: num_points}})
-
-
-def write_pt2(exported, path: str, use_aot_inductor: bool, provenance: dict[str, str],
-              say: Callable[[str], None]) -> dict[str, Any]:
-    """Write ``model.pt2``: AOTInductor first; if it cannot compile here, ``torch.export.save`` of the
-    ExportedProgram, with the reason recorded. Returns {format, compile_seconds, aoti_error}."""
-    import torch
-
-    info: dict[str, Any] = {"format": "exported_program", "aoti_error": None}
-    if use_aot_inductor:
-        started = time.perf_counter()
-        try:
-            torch._inductor.aoti_compile_and_package(
-                exported, package_path=path,
-                inductor_configs={"aot_inductor.metadata": {k: str(v) for k, v in provenance.items()}})
-            info.update(format="aoti", compile_seconds=round(time.perf_counter() - started, 1))
-            return info
-        except Exception as exc:  # noqa: BLE001 - any compiler failure means: fall back and say why
-            first_line = (str(exc).strip().splitlines() or [""])[0][:500]
-            info["aoti_error"] = f"{type(exc).__name__}: {first_line}"
-            say(f"AOTInductor could not compile the model ({info['aoti_error']}); "
-                "saving the ExportedProgram with torch.export.save instead")
-            if os.path.exists(path):
-                os.remove(path)
-    else:
-        info["aoti_error"] = "skipped: serve.aot_inductor is false"
-    torch.export.save(exported, path)
-    return info
-
-
-def load_pt2(path: str, pt2_format: str):
-    """A callable ``(points, valid) -> logits`` from ``model.pt2`` (only after ``verify_package``: an AOTI
-    package contains a shared library that is loaded and run)."""
-    import torch
-
-    if pt2_format == "aoti":
-        return torch._inductor.aoti_load_package(path)
-    return torch.export.load(path).module()
-
-
 def _write_raw(path: str, array: np.ndarray, dtype: str) -> None:
     """Little-endian raw bytes of ``array`` as ``dtype`` (e.g. ``<f4``), readable from C++ with fread."""
     np.ascontiguousarray(array, dtype=np.dtype(dtype)).tofile(path)
 
 
 def build_package(folder: str, *, model_dir: str, facts: dict[str, Any], max_points: int, example_points: int,
-                  example_seed: int, latency_runs: int, aot_inductor: bool,
-                  say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+                  example_seed: int, latency_runs: int, aot_inductor: bool, evaluation_dir: str | None = None,
+                  say: Callable[[str], None] = lambda _m: None) -> PackageMetadata:
     """Write a complete package into ``folder`` (which must exist and be empty); returns its metadata.
 
     ``facts`` carries what the registry knows (package/model/dataset/metrics references, provenance,
-    evaluation summary and verdict); everything measured on the model is added here.
+    evaluation summary and verdict); everything measured on the model is added here. ``evaluation_dir``
+    is the evaluate stage's metrics artifact folder: the AOTInductor ``model.pt2`` it compiled
+    (``serving.artifacts.COMPILED_DIR``) is shipped when it was compiled for this model, export spec,
+    torch and host (checked, SHA-256 of the copy included); otherwise the model is compiled here.
     """
     import torch
 
     from pipeline.taxonomy import CLASSES
+    from serving import artifacts
     from training.models import config_to_dict, count_parameters
 
-    model, spec = load_eager_model(model_dir)
+    model, spec = artifacts.load_model(model_dir)
     model_config = config_to_dict(model.config)
     x_range = tuple(model_config.get("x_range_m", (-50.0, 50.0)))
     y_range = tuple(model_config.get("y_range_m", (-50.0, 50.0)))
     cloud = synthetic_scan(example_points, example_seed, x_range, y_range)
-    points = torch.from_numpy(cloud).unsqueeze(0)
-    valid = torch.ones(points.shape[:2], dtype=torch.bool)
+    points, valid = artifacts.frame_inputs(cloud)
     with torch.inference_mode():
         eager_logits = model(points, valid)[0].numpy()
     if not np.isfinite(eager_logits).all():
@@ -414,21 +326,28 @@ def build_package(folder: str, *, model_dir: str, facts: dict[str, Any], max_poi
     provenance = {"package": facts["package"]["ref"], "model": facts["model"]["ref"],
                   "dataset": (facts.get("dataset") or {}).get("ref") or "", **facts["provenance"]}
 
-    # TorchScript: scripted from the eager model (no tracing, so no shape is baked in), saved with its
-    # provenance, then read back from the file so what is checked is what ships.
+    # TorchScript, saved with its provenance and read back from the file so what is checked is what ships.
     say("scripting the model (TorchScript)")
-    scripted = torch.jit.script(copy.deepcopy(model))
-    ts_path = os.path.join(folder, TORCHSCRIPT)
-    torch.jit.save(scripted, ts_path, _extra_files={TORCHSCRIPT_METADATA: json.dumps(provenance, sort_keys=True)})
-    scripted = torch.jit.load(ts_path, map_location="cpu")
+    scripted = artifacts.save_torchscript(model, os.path.join(folder, TORCHSCRIPT),
+                                          {TORCHSCRIPT_METADATA: json.dumps(provenance, sort_keys=True)})
     with torch.inference_mode():
         ts_logits = scripted(points, valid)[0].numpy()
 
-    say(f"exporting with torch.export (dynamic point count 1..{max_points}), then AOTInductor")
-    exported = export_program(model, points, valid, max_points)
+    export_spec = artifacts.ExportSpec(max_points)
     pt2_path = os.path.join(folder, PT2)
-    pt2_info = write_pt2(exported, pt2_path, aot_inductor, provenance, say)
-    pt2_model = load_pt2(pt2_path, pt2_info["format"])
+    record = artifacts.compiled_record(model, export_spec, "cpu")
+    compiled_dir = os.path.join(evaluation_dir, artifacts.COMPILED_DIR) if evaluation_dir else None
+    pt2_info, why = artifacts.reuse_compiled(compiled_dir, record, pt2_path) if aot_inductor else (None, "")
+    if pt2_info is not None:
+        say(why)
+        pt2_info["compiled_by"] = "evaluate"
+    else:
+        say(f"exporting with torch.export (dynamic point count 1..{max_points})"
+            + (f", then AOTInductor ({why})" if aot_inductor else ""))
+        exported = artifacts.export_program(model, (points, valid), export_spec)
+        pt2_info = {**artifacts.compile_pt2(exported, pt2_path, aot_inductor, "serve.aot_inductor", record, say),
+                    "compiled_by": "serve"}
+    pt2_model = artifacts.load_pt2(pt2_path, pt2_info["format"])
     with torch.inference_mode():
         pt2_logits = pt2_model(points, valid)[0].numpy()
 
@@ -441,15 +360,17 @@ def build_package(folder: str, *, model_dir: str, facts: dict[str, Any], max_poi
                                f"(tolerance {result['tolerance']:.3g}), {result['real_mismatches']} points change "
                                "class; the exported model does not match the trained one")
 
-    say(f"measuring latency over {latency_runs} runs on the {example_points}-point example")
-    with torch.inference_mode():
-        performance = {
-            "threads": torch.get_num_threads(), "example_points": example_points,
-            "torchscript_latency_ms": latency_ms(lambda: scripted(points, valid), latency_runs),
-            "pt2_latency_ms": latency_ms(lambda: pt2_model(points, valid), latency_runs),
-            "eager_latency_ms": latency_ms(lambda: model(points, valid), latency_runs),
-        }
-    performance["macs"] = count_macs(model, points, valid)
+    say(f"measuring latency over {latency_runs} interleaved runs on the {example_points}-point example")
+    runners = {"torchscript": scripted, "pt2": pt2_model, "eager": model}
+    for run in runners.values():
+        artifacts.warm_up(run, [(points, valid)], LATENCY_WARMUP)
+    samples = artifacts.time_interleaved(runners, [(points, valid)], latency_runs, torch.device("cpu"))
+    performance: dict[str, Any] = {"threads": torch.get_num_threads(), "example_points": example_points}
+    for name, times in samples.items():
+        stats = artifacts.latency_stats(times, example_points)
+        performance[f"{name}_latency_ms"] = {"p50": round(stats["p50_ms"], 3), "p99": round(stats["p99_ms"], 3),
+                                             "mean": round(stats["mean_ms"], 3), "runs": stats["runs"]}
+    performance["macs"] = artifacts.count_flops(model, (points, valid))["macs"]
     performance["parameters"] = count_parameters(model)
     performance["macs_per_point"] = round(performance["macs"] / max(1, example_points), 1)
 
@@ -458,11 +379,11 @@ def build_package(folder: str, *, model_dir: str, facts: dict[str, Any], max_poi
     _write_raw(os.path.join(folder, EXPECTED_CLASSES), classes, "<i8")
     _write_raw(os.path.join(folder, EXPECTED_LOGITS), eager_logits, "<f4")
     num_classes = int(eager_logits.shape[-1])
-    metadata = {
+    metadata = PackageMetadata.from_dict({
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         **facts,
-        "model": {**facts["model"], "config": model_config, "spec": spec},
+        "model": {**facts["model"], "config": model_config, "spec": spec.to_dict()},
         "classes": list(CLASSES)[:num_classes], "class_map": {str(i): c for i, c in enumerate(CLASSES[:num_classes])},
         "input": {
             "points": {"dtype": "float32", "byte_order": "little", "shape": ["N", 4],
@@ -497,14 +418,13 @@ def build_package(folder: str, *, model_dir: str, facts: dict[str, Any], max_poi
         "runtimes": {
             "torchscript": {"file": TORCHSCRIPT, "torch_version": torch.__version__,
                             "provenance_extra_file": TORCHSCRIPT_METADATA},
-            "pt2": {"file": PT2, **pt2_info, "dynamic_shapes": {"num_points": [1, max_points]}, "batch": 1},
+            "pt2": {"file": PT2, **pt2_info, "dynamic_shapes": {"num_points": export_spec.as_dict()["num_points"]},
+                    "batch": export_spec.as_dict()["batch"]},
         },
         "agreement": agreement,
         "performance": performance,
-    }
-    with open(os.path.join(folder, METADATA), "w") as fh:
-        json.dump(metadata, fh, indent=2, sort_keys=True, default=str)
-        fh.write("\n")
+    }, METADATA)
+    metadata.save_to(folder)
     return metadata
 
 

@@ -12,8 +12,6 @@ turns it into a 4xx.
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import shutil
 import tempfile
@@ -23,14 +21,15 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.contracts import ContractError, PackageMetadata
 from serving.package import (
+    FORMAT,
     METADATA,
     PT2,
     TORCHSCRIPT,
     PackageError,
     compare_logits,
     extract_tarball,
-    load_pt2,
     read_verified,
     verify_package,
 )
@@ -49,14 +48,14 @@ class InvalidInput(ValueError):
 class ServingModel:
     """A verified package, ready to predict. Safe to share between threads (see ``predict``)."""
 
-    def __init__(self, folder: str, metadata: dict[str, Any], forward: Any, runtime: str,
+    def __init__(self, folder: str, metadata: PackageMetadata, forward: Any, runtime: str,
                  manifest_sha256: str, cleanup_dir: str | None = None):
         self.folder = folder
         self.metadata = metadata
         self.runtime = runtime
         self.manifest_sha256 = manifest_sha256
-        self.max_points = int(metadata["input"]["max_points"])
-        self.num_classes = int(metadata["example"]["num_classes"])
+        self.max_points = int(metadata.input["max_points"])
+        self.num_classes = int(metadata.example["num_classes"])
         self._forward = forward
         # One forward at a time: torch already spreads one forward over every core (intra-op threads),
         # so concurrent forwards would only oversubscribe them, and the lock keeps thread safety
@@ -65,12 +64,12 @@ class ServingModel:
         self._cleanup_dir = cleanup_dir
 
     def __repr__(self) -> str:
-        return f"ServingModel({self.metadata['package']['ref']}, runtime={self.runtime}, folder={self.folder!r})"
+        return f"ServingModel({self.ref}, runtime={self.runtime}, folder={self.folder!r})"
 
     @property
     def ref(self) -> str:
         """The registry reference of the package (``package:name@vN``)."""
-        return self.metadata["package"]["ref"]
+        return self.metadata.package["ref"]
 
     def check_points(self, points: Any) -> np.ndarray:
         """``points`` as a C-contiguous float32 ``(N, 4)`` array, or ``InvalidInput`` saying what is wrong."""
@@ -107,7 +106,7 @@ class ServingModel:
         return logits[0].numpy().copy()
 
     def predict(self, points: Any) -> np.ndarray:
-        """The class id ``(N,)`` int64 of every point (see ``metadata['class_map']``)."""
+        """The class id ``(N,)`` int64 of every point (see ``metadata.class_map``)."""
         return self.predict_logits(points).argmax(-1).astype(np.int64)
 
     def timed_predict(self, points: Any) -> tuple[np.ndarray, float]:
@@ -118,7 +117,7 @@ class ServingModel:
 
     def example(self) -> tuple[np.ndarray, np.ndarray]:
         """The packaged example input ``(N, 4)`` and its expected classes ``(N,)``."""
-        spec = self.metadata["example"]
+        spec = self.metadata.example
         points = np.fromfile(os.path.join(self.folder, spec["input"]["file"]), dtype="<f4").reshape(-1, 4)
         classes = np.fromfile(os.path.join(self.folder, spec["expected_classes"]["file"]), dtype="<i8")
         return points, classes
@@ -127,7 +126,7 @@ class ServingModel:
         """Run the packaged example ``runs`` times (this also warms the runtime up: TorchScript optimises
         during its first calls) and compare with the expected logits; ``PackageError`` if they disagree."""
         points, _classes = self.example()
-        spec = self.metadata["example"]["expected_logits"]
+        spec = self.metadata.example["expected_logits"]
         expected = np.fromfile(os.path.join(self.folder, spec["file"]), dtype="<f4").reshape(spec["shape"])
         for _ in range(max(1, runs)):
             logits = self.predict_logits(points)
@@ -178,9 +177,12 @@ def load(path: str, runtime: str = "torchscript", expected_manifest_sha256: str 
     try:
         verified = verify_package(folder, expected_manifest_sha256)
         files = verified["files"]
-        metadata = json.loads(read_verified(folder, METADATA, files))
-        if metadata.get("format") != "avp-serving-package":
-            raise PackageError(f"{METADATA}: format is {metadata.get('format')!r}, not an avp serving package")
+        try:
+            metadata = PackageMetadata.parse(read_verified(folder, METADATA, files), METADATA)
+        except ContractError as exc:
+            raise PackageError(str(exc)) from None
+        if metadata.format != FORMAT:
+            raise PackageError(f"{METADATA}: format is {metadata.format!r}, not an avp serving package")
         forward = _load_runtime(folder, files, metadata, runtime)
     except BaseException:
         if cleanup:
@@ -189,18 +191,21 @@ def load(path: str, runtime: str = "torchscript", expected_manifest_sha256: str 
     return ServingModel(folder, metadata, forward, runtime, verified["manifest_sha256"], cleanup)
 
 
-def _load_runtime(folder: str, files: dict[str, str], metadata: dict[str, Any], runtime: str) -> Any:
+def _load_runtime(folder: str, files: dict[str, str], metadata: PackageMetadata, runtime: str) -> Any:
     """The model callable for ``runtime``, loaded only from verified files."""
-    import torch
+    from serving import artifacts
 
     if runtime == "torchscript":
         data = read_verified(folder, TORCHSCRIPT, files)
         try:
-            return torch.jit.load(io.BytesIO(data), map_location="cpu")
+            return artifacts.load_torchscript(data)
         except RuntimeError as exc:
             raise PackageError(f"{TORCHSCRIPT}: TorchScript could not load it ({str(exc).splitlines()[0]})") from None
-    pt2_format = metadata["runtimes"]["pt2"]["format"]
+    pt2_format = metadata.runtimes["pt2"]["format"]
     # AOTInductor loads the package from a path (it extracts a shared library); the manifest check just
     # passed, and the read below re-checks the bytes right before handing the path over.
     read_verified(folder, PT2, files)
-    return load_pt2(os.path.join(folder, PT2), pt2_format)
+    try:
+        return artifacts.load_pt2(os.path.join(folder, PT2), pt2_format)
+    except ValueError as exc:
+        raise PackageError(f"{METADATA}: runtimes.pt2.format: {exc}") from None

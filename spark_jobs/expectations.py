@@ -46,6 +46,7 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from pipeline.contracts import Manifest
 from pipeline.taxonomy import CLASSES, IGNORE, NUM_CLASSES
 from spark_jobs import dataset_stats as stats_mod
 from spark_jobs.split import SPLITS
@@ -106,7 +107,7 @@ class SuiteInputs:
     (``ValidateConfig``) and the split shares the dataset was built with."""
 
     statistics: dict
-    manifest: dict
+    manifest: Manifest
     previous: dict | None
     vcfg: Any
     target_shares: dict[str, float]
@@ -390,7 +391,7 @@ def log_checks(inputs: SuiteInputs) -> list[Check]:
               gxe.ExpectColumnValuesToBeUnique(column="log_id"),
               lambda r: f"log {r['log_id']} has frames in {r['split']} and another split"),
     ]
-    manifest_logs = sorted(inputs.manifest.get("logs", {}))
+    manifest_logs = sorted(inputs.manifest.logs)
     if manifest_logs:
         def explain(observed: Any) -> tuple[Any, list[str]]:
             missing = sorted(set(manifest_logs) - set(observed or []))

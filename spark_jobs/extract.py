@@ -17,29 +17,18 @@ import numpy as np
 
 from spark_jobs.rows import encode_frame, write_row_group
 
-SOURCE_MODULES = {
-    "mcap": "spark_jobs.sources.mcap_log",
-    "kitti": "spark_jobs.sources.kitti",
-    "semantickitti": "spark_jobs.sources.semantickitti",
-    "av2": "spark_jobs.sources.av2",
-}
-
 
 @dataclass(frozen=True)
 class LogTask:
     """What a Spark task needs to extract one log (plain data, cheap to ship to workers)."""
 
-    source: str
+    importer: str  # the importer's module (``spark_jobs.sources.registry``), imported by name on the worker
     handle: str
     log_id: str
     city: str
     split: str
     sample_weight: float
     sha256: str
-
-
-def source_module(source: str):
-    return importlib.import_module(SOURCE_MODULES[source])
 
 
 def extract_log(task: LogTask, max_points: int) -> tuple[dict, list[dict]]:
@@ -55,7 +44,7 @@ def extract_log(task: LogTask, max_points: int) -> tuple[dict, list[dict]]:
 
     rows, indexes, points, class_points = [], [], 0, {}
     try:
-        _meta, frames = source_module(task.source).read_log(task.handle)
+        _meta, frames = importlib.import_module(task.importer).read_log(task.handle)
         for frame in frames:
             frame = normalise(frame)
             problem = frame_problem(frame, max_points)

@@ -34,14 +34,19 @@ from dataclasses import asdict
 from typing import Any, Callable, Iterable
 
 from pipeline.config import PipelineConfig, resolved
+from pipeline.contracts import Manifest, SplitInfo
 from pipeline.errors import UserError
 from pipeline.files import atomic_path
 from pipeline.home import Home, check_name
 from pipeline.registry import Artifact, Registry
 from spark_jobs import split as splitting
-from spark_jobs.extract import LogTask, process_log, source_module
+from spark_jobs.extract import LogTask, process_log
+from spark_jobs.sources.registry import get_importer
 
-MANIFEST = "manifest.json"
+# IngestConfig fields that choose which logs are read, and from where and on which master, but not what is
+# written: the selected logs are the dataset's parents (each with its checksum), so two windows selecting
+# the same logs build the same bytes. Left out of the content key; the window is recorded in the meta.
+SELECTION_ONLY = ("date_from", "date_to", "source_path", "spark_master")
 
 
 # ----------------------------------------------------------------------------------------- select
@@ -50,12 +55,6 @@ def _day_ns(day: str, field: str) -> int:
         return int(dt.datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc).timestamp() * 1e9)
     except ValueError:
         raise UserError(f"config field {field}: {day!r} is not a date (YYYY-MM-DD)") from None
-
-
-def _files_of(handle: str) -> list[str]:
-    if os.path.isdir(handle):
-        return sorted(os.path.join(d, f) for d, _, fs in os.walk(handle) for f in fs)
-    return [handle] if os.path.isfile(handle) else []
 
 
 def checksum(paths: Iterable[str]) -> str:
@@ -77,17 +76,17 @@ def select_logs(cfg: PipelineConfig, home: Home, say: Callable[[str], None]) -> 
         raise UserError(f"ingest --source {ing.source} needs a PATH to the dataset")
     if not os.path.exists(root):
         raise UserError(f"no drive logs at {root}: run `avp simulate` first or pass --source KIND PATH")
-    module = source_module(ing.source)
+    importer = get_importer(ing.source)
     lo = _day_ns(ing.date_from, "ingest.date_from") if ing.date_from else -math.inf
     hi = _day_ns(ing.date_to, "ingest.date_to") if ing.date_to else math.inf
     selected, unreadable = [], []
-    handles = module.list_logs(root)
+    handles = importer.list_logs(root)
     if not handles:
         raise UserError(f"no drive logs in {root}: run `avp simulate` first or pass --source KIND PATH")
     for handle in handles:
-        files = getattr(module, "source_files", _files_of)(handle)
+        files = importer.source_files(handle)
         try:
-            meta = module.read_metadata(handle) if hasattr(module, "read_metadata") else module.read_log(handle)[0]
+            meta = importer.read_metadata(handle)
         except Exception as exc:  # corrupt header / missing files: quarantined, never fatal for the others
             name = os.path.splitext(os.path.basename(handle.rstrip("/")))[0]
             unreadable.append({"log_id": name, "handle": handle, "reason": f"unreadable: {exc}",
@@ -104,7 +103,7 @@ def select_logs(cfg: PipelineConfig, home: Home, say: Callable[[str], None]) -> 
 
 # ----------------------------------------------------------------------------------------- split
 def _first_gps(source: str, handle: str) -> tuple[float, float]:
-    _meta, frames = source_module(source).read_log(handle)
+    _meta, frames = get_importer(source).read_log(handle)
     try:
         frame = next(iter(frames))
         return float(frame.gps[0]), float(frame.gps[1])
@@ -212,6 +211,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     selected, unreadable = select_logs(cfg, home, say)
     splits = assign_splits(cfg, registry, selected) if selected else {}
     weights = _sample_weights(home, [s["meta"].log_id for s in selected])
+    importer = get_importer(ing.source).__name__  # the Spark workers import it by name
 
     log_artifacts = [
         registry.record("log", check_name(s["meta"].log_id, "log id"), content_key=s["sha256"],
@@ -221,30 +221,41 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     ] + [registry.record("log", check_name(u["log_id"], "log id"), content_key=u["sha256"], location=u["handle"],
                          entry_point="spark_jobs.ingest:select_logs", meta={"sha256": u["sha256"]})
          for u in unreadable]
-    tasks = [LogTask(ing.source, s["handle"], s["meta"].log_id, s["meta"].city, splits[s["meta"].log_id],
+    tasks = [LogTask(importer, s["handle"], s["meta"].log_id, s["meta"].city, splits[s["meta"].log_id],
                      weights.get(s["meta"].log_id, 1.0), s["sha256"]) for s in selected]
-    # What determines the bytes: the logs (parents), the code, and these settings. spark_master does not.
-    key_config = {**{k: v for k, v in resolved(ing).items() if k not in ("spark_master",)},
-                  "splits": splits, "sample_weights": weights}
 
     def build(staging: str, record: Artifact) -> dict:
         return _extract_and_write(cfg, staging, tasks, unreadable, record, say)
 
-    art = registry.build("dataset", ing.dataset_name, entry_point="spark_jobs.ingest:run", config=key_config,
-                         builder=build, parents=log_artifacts, code_packages=("spark_jobs", "pipeline"),
-                         force=cfg.force, say=say)
-    manifest = json.loads(open(os.path.join(art.location, MANIFEST)).read())
-    return summarize(art, manifest)
+    art = registry.build("dataset", ing.dataset_name, entry_point="spark_jobs.ingest:run",
+                         config=key_config(cfg, splits, weights), builder=build, parents=log_artifacts,
+                         code_modules=code_modules(cfg), force=cfg.force, say=say)
+    return summarize(art, Manifest.load_from(art.location))
+
+
+def code_modules(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The code that writes the dataset: this module and its imports (``spark_jobs.extract``, what the Spark
+    workers run, among them) and the configured importer, which the registry and the workers load by name."""
+    return ("spark_jobs.ingest", get_importer(cfg.ingest.source).__name__)
+
+
+def key_config(cfg: PipelineConfig, splits: dict[str, str], weights: dict[str, float]) -> dict[str, Any]:
+    """What determines the dataset's bytes besides its parents (the logs) and its code: the ingest settings
+    but ``SELECTION_ONLY``, each log's split and the sample weights that are not 1.0."""
+    return {**{k: v for k, v in resolved(cfg.ingest).items() if k not in SELECTION_ONLY},
+            "splits": splits, "sample_weights": weights}
 
 
 def _sample_weights(home: Home, log_ids: list[str]) -> dict[str, float]:
-    """Per-log sample weights written by evaluation (hard scenes up-weighted); 1.0 for everything else."""
+    """Per-log sample weights written by evaluation (hard scenes up-weighted). A log not in the result
+    has weight 1.0, and one listed at 1.0 is left out: its rows are the same either way."""
     path = home.join("feedback", "sample_weights.json")
     if not os.path.exists(path):
         return {}
     with open(path) as fh:
         weights = json.load(fh)
-    return {log_id: float(weights[log_id]) for log_id in log_ids if log_id in weights}
+    listed = {log_id: float(weights[log_id]) for log_id in log_ids if log_id in weights}
+    return {log_id: weight for log_id, weight in listed.items() if weight != 1.0}
 
 
 def _extract_and_write(cfg: PipelineConfig, staging: str, tasks: list[LogTask], unreadable: list[dict],
@@ -275,38 +286,36 @@ def _extract_and_write(cfg: PipelineConfig, staging: str, tasks: list[LogTask], 
         os.makedirs(os.path.join(staging, split), exist_ok=True)
         row_groups[split] = arrange_split(staging, logs, split, ranks)
     checksums = {t.log_id: t.sha256 for t in tasks}
-    manifest = {
-        "dataset": record.ref, "source": ing.source, "split_mode": ing.split,
-        "date_from": ing.date_from, "date_to": ing.date_to,
-        "shares": {"train": ing.train_share, "test": ing.test_share, "val": ing.val_share},
-        "reader_ranks": ranks,
-        "splits": {split: {
-            "logs": [s["log_id"] for s in logs if s["split"] == split],
-            "frames": sum(s["frames"] for s in logs if s["split"] == split),
-            "points": sum(s["points"] for s in logs if s["split"] == split),
-            "row_groups": row_groups[split],
-            "path": split,
-        } for split in splitting.SPLITS},
-        "logs": {s["log_id"]: {**{k: v for k, v in s.items() if k != "groups"}, "sha256": checksums[s["log_id"]]}
-                 for s in logs},
-        "quarantined": sorted(quarantined, key=lambda q: q["log_id"]),
-    }
-    with open(os.path.join(staging, MANIFEST), "w") as fh:
-        json.dump(manifest, fh, indent=2, sort_keys=True)
+    manifest = Manifest(
+        dataset=record.ref, source=ing.source, split_mode=ing.split, date_from=ing.date_from, date_to=ing.date_to,
+        shares={"train": ing.train_share, "test": ing.test_share, "val": ing.val_share},
+        reader_ranks=ranks,
+        splits={split: SplitInfo(
+            logs=[s["log_id"] for s in logs if s["split"] == split],
+            frames=sum(s["frames"] for s in logs if s["split"] == split),
+            points=sum(s["points"] for s in logs if s["split"] == split),
+            row_groups=row_groups[split],
+            path=split,
+        ) for split in splitting.SPLITS},
+        logs={s["log_id"]: {**{k: v for k, v in s.items() if k != "groups"}, "sha256": checksums[s["log_id"]]}
+              for s in logs},
+        quarantined=sorted(quarantined, key=lambda q: q["log_id"]),
+    )
+    manifest.save_to(staging)
     elapsed = time.time() - started
     frames = sum(s["frames"] for s in logs)
     say(f"wrote {frames} frames from {len(logs)} logs in {elapsed:.1f} s ({frames / max(elapsed, 1e-9):.1f} frames/s)")
     return {"frames": frames, "logs": len(logs), "quarantined": len(quarantined), "job_seconds": round(elapsed, 3),
-            "spark_master": spark.sparkContext.master,
-            "splits": {k: {"logs": len(v["logs"]), "frames": v["frames"]} for k, v in manifest["splits"].items()}}
+            "spark_master": spark.sparkContext.master, "date_from": ing.date_from, "date_to": ing.date_to,
+            "splits": {k: {"logs": len(v.logs), "frames": v.frames} for k, v in manifest.splits.items()}}
 
 
-def summarize(art: Artifact, manifest: dict) -> dict[str, Any]:
-    rows = [[split, len(s["logs"]), s["frames"], len(s["row_groups"])] for split, s in manifest["splits"].items()]
+def summarize(art: Artifact, manifest: Manifest) -> dict[str, Any]:
+    rows = [[split, len(s.logs), s.frames, len(s.row_groups)] for split, s in manifest.splits.items()]
     tables = [(f"{art.ref}" + (" (cache hit)" if art.cached else ""), ["split", "logs", "frames", "row groups"], rows)]
-    if manifest["quarantined"]:
+    if manifest.quarantined:
         tables.append(("quarantined logs", ["log", "reason"],
-                       [[q["log_id"], q["reason"]] for q in manifest["quarantined"]]))
+                       [[q["log_id"], q["reason"]] for q in manifest.quarantined]))
     return {"ref": art.ref, "cached": art.cached, "location": art.location, "tables": tables}
 
 

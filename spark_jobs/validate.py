@@ -28,16 +28,16 @@ import os
 from typing import Any, Callable
 
 from pipeline.config import PipelineConfig, resolved
+from pipeline.contracts import Manifest
 from pipeline.errors import StageFailed, UserError
 from pipeline.home import Home
 from pipeline.registry import Artifact, NotFound, Registry, parse_ref
 from spark_jobs import expectations as suite_mod
 from spark_jobs import dataset_stats as stats_mod
 from spark_jobs import validation_report as report_mod
-from spark_jobs.ingest import MANIFEST
 from spark_jobs.split import SPLITS
 
-CODE_PACKAGES = ("spark_jobs", "pipeline")
+CODE_MODULES = ("spark_jobs.validate",)  # the statistics builder lives here too
 
 
 def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = print, run_id: str = "",
@@ -46,7 +46,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     vcfg = cfg.validate
     # 1. resolve
     data = resolve_dataset(registry, cfg, dataset)
-    manifest = read_json(os.path.join(data.location, MANIFEST), f"the manifest of {data.ref}")
+    manifest = Manifest.load_from(data.location)
     say(f"validating {data.ref}")
 
     # 2. statistics
@@ -71,8 +71,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
             say(f"no per-city drift check for {city}: {why} (it still counts in the whole-dataset check)")
 
     # 4 + 5. suite and report, inside the validation artifact (content-keyed like everything else)
-    target_shares = manifest.get("shares") or {"train": cfg.ingest.train_share, "test": cfg.ingest.test_share,
-                                               "val": cfg.ingest.val_share}
+    target_shares = manifest.shares
 
     def build(staging: str, record: Artifact) -> dict:
         inputs = suite_mod.SuiteInputs(statistics, manifest, previous_statistics, vcfg, target_shares)
@@ -90,7 +89,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
                   "target_shares": target_shares, "report_format": report_mod.FORMAT}
     parents = [data, stats_art] + ([previous_stats_art] if previous_stats_art else [])
     validation = registry.build("validation", data.name, entry_point="spark_jobs.validate:run", config=key_config,
-                                builder=build, parents=parents, code_packages=CODE_PACKAGES, force=cfg.force,
+                                builder=build, parents=parents, code_modules=CODE_MODULES, force=cfg.force,
                                 say=say)
     summary = read_json(os.path.join(validation.location, report_mod.RESULT_FILE), validation.ref)
     report = os.path.join(validation.location, report_mod.REPORT_FILE)
@@ -175,7 +174,7 @@ def statistics_artifact(cfg: PipelineConfig, registry: Registry, data: Artifact,
     # spark_master does not change the numbers, so it is not part of the key
     return registry.build("statistics", data.name, entry_point="spark_jobs.dataset_stats:compute",
                           config={"format": stats_mod.FORMAT, "dataset": data.ref}, builder=build,
-                          parents=[data], code_packages=CODE_PACKAGES, force=cfg.force, say=say)
+                          parents=[data], code_modules=CODE_MODULES, force=cfg.force, say=say)
 
 
 # ----------------------------------------------------------------------------------------- output

@@ -20,7 +20,6 @@ the timing of threads, or whether the run was resumed.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import threading
@@ -33,9 +32,9 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from pipeline.contracts import Manifest
 from pipeline.taxonomy import IGNORE, NUM_CLASSES
 
-MANIFEST = "manifest.json"
 # Only what training needs: decoding boxes, ego pose, GPS and route would cost time for nothing.
 TRAIN_FIELDS = ("log_id", "frame_index", "sample_weight", "points", "labels")
 # Seed-stream tags: the train and validation streams must never share random numbers.
@@ -43,16 +42,9 @@ _TRAIN_POINTS, _VAL_POINTS, _ROW_GROUP_ORDER, _SHUFFLE_BUFFER = 0, 1, 2, 3
 
 
 # ----------------------------------------------------------------------------------------- the dataset
-def load_manifest(location: str) -> dict[str, Any]:
-    """The ``manifest.json`` ingest wrote beside the splits."""
-    with open(os.path.join(location, MANIFEST)) as fh:
-        return json.load(fh)
-
-
-def split_url(location: str, manifest: dict[str, Any], split: str) -> str:
+def split_url(location: str, manifest: Manifest, split: str) -> str:
     """``file://`` URL of one split's Petastorm folder."""
-    path = manifest["splits"][split].get("path", split)
-    return "file://" + os.path.abspath(os.path.join(location, path))
+    return "file://" + os.path.abspath(os.path.join(location, manifest.splits[split].path))
 
 
 def rows_per_rank(row_groups: Sequence[int], world: int) -> list[int]:
@@ -65,11 +57,11 @@ def steps_per_epoch(row_groups: Sequence[int], world: int, batch_size: int) -> i
     return min(rows // batch_size for rows in rows_per_rank(row_groups, world))
 
 
-def class_points(manifest: dict[str, Any], split: str = "train") -> np.ndarray:
+def class_points(manifest: Manifest, split: str = "train") -> np.ndarray:
     """Points per taxonomy class over the logs of one split (from the manifest's per-log statistics)."""
     counts = np.zeros(NUM_CLASSES, dtype=np.int64)
-    for log_id in manifest["splits"][split]["logs"]:
-        for label, count in manifest["logs"][log_id].get("class_points", {}).items():
+    for log_id in manifest.splits[split].logs:
+        for label, count in manifest.logs[log_id].get("class_points", {}).items():
             if 0 <= int(label) < NUM_CLASSES:
                 counts[int(label)] += int(count)
     return counts
@@ -221,7 +213,7 @@ class ShardPlan:
     """Everything a rank needs to produce its batches (plain data, built once per run)."""
 
     location: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     rank: int
     world: int
     batch_size: int
@@ -235,11 +227,11 @@ class ShardPlan:
 
     def steps_per_epoch(self) -> int:
         """Steps every rank runs per epoch (the same on all ranks)."""
-        return steps_per_epoch(self.manifest["splits"]["train"]["row_groups"], self.world, self.batch_size)
+        return steps_per_epoch(self.manifest.splits["train"].row_groups, self.world, self.batch_size)
 
     def rows(self, split: str) -> int:
         """Rows this rank's shard of ``split`` holds."""
-        groups = self.manifest["splits"][split]["row_groups"]
+        groups = self.manifest.splits[split].row_groups
         return rows_per_rank(groups, self.world)[self.rank] if groups else 0
 
 
@@ -253,7 +245,7 @@ def train_batches(plan: ShardPlan, epoch: int, skip: int = 0) -> Iterator[Batch]
     if skip >= steps:
         return
     order_seed = _seed_state(plan.seed, _ROW_GROUP_ORDER, epoch)
-    groups = len(plan.manifest["splits"]["train"]["row_groups"])
+    groups = len(plan.manifest.splits["train"].row_groups)
     rows = shuffled(_read_shard(plan.url("train"), plan.rank, plan.world, order_seed, groups),
                     max(1, plan.shuffle_buffer), _generator(plan.seed, _SHUFFLE_BUFFER, epoch, plan.rank))
     for step in range(steps):
@@ -278,7 +270,7 @@ def val_batches(plan: ShardPlan, split: str = "val") -> Iterator[Batch]:
     if plan.rows(split) == 0:
         return
     frames: list[Frame] = []
-    groups = len(plan.manifest["splits"][split]["row_groups"])
+    groups = len(plan.manifest.splits[split].row_groups)
     for row in _read_shard(plan.url(split), plan.rank, plan.world, None, groups):
         log_id = str(row.log_id)
         points, labels = sample_points(row.points, row.labels, plan.max_points,

@@ -6,6 +6,13 @@ config, folders, provenance), so both launchers start exactly the same program:
     horovodrun -np N -H localhost:N --gloo python -m training.trainer JOB.json
     python -m torch.distributed.run --standalone --nproc-per-node N -m training.trainer JOB.json
 
+``train.launcher`` chooses where the ranks run (``Placement``): ``local`` (above), ``spark`` (a Spark
+driver, ``python -m training.spark_launch JOB.json``, runs the same trainer as Horovod ranks in Spark
+tasks on ``train.spark_master``) or ``hosts`` (``horovodrun -H h1:2,h2:2``, or for DDP one ``torchrun``
+per host, over ssh for a host that is not this one). ``train.nnodes > 1`` is one node of a DDP job whose
+nodes are started one by one (``avp train --nnodes 2 --node-rank R --rdzv HOST:PORT``): this node's
+``torchrun`` with a static rendezvous, so node R's ranks are ``R * per_node ...``.
+
 The launcher runs in its own session so that stopping it reaches all of it. When the calling process
 is interrupted (SIGTERM turned into ``SystemExit`` by the CLI, Ctrl-C, an exception), the job gets
 SIGTERM - both launchers pass it on to the ranks, which checkpoint at the next step boundary - and
@@ -22,8 +29,10 @@ import ctypes
 import glob
 import json
 import os
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,14 +62,96 @@ def rank_command(backend: str, np: int, job_path: str) -> list[str]:
     raise ValueError(f"unknown backend {backend!r}; use horovod or ddp")
 
 
-def job_environment() -> dict[str, str]:
-    """The ranks' environment: the repository importable, one thread per rank, deterministic cuBLAS."""
+@dataclass(frozen=True)
+class Placement:
+    """Where the ranks run: the ``train.launcher`` fields of the job's training config."""
+
+    launcher: str = "local"
+    spark_master: str = ""
+    hosts: str = ""
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv: str = ""
+    rank_timeout_s: int = 120
+
+    @classmethod
+    def from_train(cls, train: dict[str, Any]) -> "Placement":
+        """The placement of a job's ``train`` section (defaults for a job written before it existed)."""
+        return cls(**{name: train[name] for name in cls.__dataclass_fields__ if name in train})
+
+    def host_slots(self) -> list[tuple[str, int]]:
+        """``train.hosts`` as (host, slots) pairs, in order."""
+        pairs = []
+        for item in (part.strip() for part in self.hosts.split(",")):
+            host, _, slots = item.rpartition(":")
+            if not item or not host or not slots.isdigit() or int(slots) < 1:
+                raise ValueError(f"config field train.hosts: {item!r} is not HOST:SLOTS (e.g. h1:2,h2:2)")
+            pairs.append((host, int(slots)))
+        return pairs
+
+
+def is_this_host(host: str) -> bool:
+    """Whether ``host`` names this machine (then no ssh is needed to start processes there)."""
+    return host in ("localhost", socket.gethostname(), socket.getfqdn()) or host.startswith("127.")
+
+
+def torchrun_node(nnodes: int, node_rank: int, rdzv: str, per_node: int, timeout_s: int) -> list[str]:
+    """One node's ``torchrun`` of a multi-node DDP job: a static rendezvous at ``rdzv`` (node 0 hosts it),
+    so the ranks of node R are ``R * per_node ... R * per_node + per_node - 1``, whatever order nodes join."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank", str(node_rank),
+            "--rdzv-backend", "static", "--rdzv-endpoint", rdzv, "--rdzv-conf", f"timeout={timeout_s}",
+            "--nproc-per-node", str(per_node), "--max-restarts", "0", "-m", "training.trainer"]
+
+
+def job_commands(backend: str, np: int, job_path: str, placement: Placement) -> list[list[str]]:
+    """The processes that start the job's ``np`` ranks where ``placement`` says (one per node for DDP on
+    hosts; a single launcher otherwise)."""
+    if placement.launcher == "spark":
+        return [[sys.executable, "-m", "training.spark_launch", job_path]]
+    if placement.nnodes > 1:
+        return [[*torchrun_node(placement.nnodes, placement.node_rank, placement.rdzv, np // placement.nnodes,
+                                placement.rank_timeout_s), job_path]]
+    if placement.launcher == "local":
+        return [rank_command(backend, np, job_path)]
+    hosts = placement.host_slots()
+    program = [sys.executable, "-m", "training.trainer", job_path]
+    if backend == "horovod":
+        local = ["--network-interface", "lo"] if all(is_this_host(h) for h, _ in hosts) else []
+        return [[horovodrun_path(), "-np", str(np), "-H", placement.hosts, "--gloo", *local, *program]]
+    rdzv = placement.rdzv or f"{hosts[0][0]}:29500"
+    commands = []
+    for node_rank, (host, slots) in enumerate(hosts):
+        command = [*torchrun_node(len(hosts), node_rank, rdzv, slots, placement.rank_timeout_s), job_path]
+        if not is_this_host(host):  # the same checkout, venv and home paths on every node (docs/training.md)
+            env = " ".join(f"{k}={shlex.quote(v)}" for k, v in rank_settings(placement).items())
+            command = ["ssh", "-o", "BatchMode=yes", host, f"cd {shlex.quote(str(REPO_ROOT))} && env {env} "
+                       + shlex.join(command)]
+        commands.append(command)
+    return commands
+
+
+def rank_settings(placement: Placement) -> dict[str, str]:
+    """The variables every rank needs wherever it runs: the repository importable, one thread per rank,
+    deterministic cuBLAS, and the time a collective may wait for a lost peer (gloo under Horovod, the
+    process group's timeout under DDP).
+
+    ``HOROVOD_CYCLE_TIME`` (ms, default 20 here, Horovod's own is 1): how often Horovod's background
+    thread wakes to negotiate and fuse ready tensors. At 1 ms it competed with the ranks' compute
+    threads for the CPU cores: on the shared 2-core machine Horovod x2 / DDP x2 step time was 1.27-1.88
+    at 1 ms and 1.03-1.29 at 20 ms (noisy; docs/benchmarks.md). Sums are unchanged (the weights stay bitwise equal to DDP's, tested); set the
+    variable to override it, e.g. lower on GPU nodes with spare cores."""
+    return {"HOROVOD_CYCLE_TIME": os.environ.get("HOROVOD_CYCLE_TIME", "20"), "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8"),
+            "HOROVOD_GLOO_TIMEOUT_SECONDS": str(placement.rank_timeout_s),
+            "AVP_RANK_TIMEOUT_S": str(placement.rank_timeout_s)}
+
+
+def job_environment(placement: Placement = Placement()) -> dict[str, str]:
+    """The launcher's (and local ranks') environment: this one plus ``rank_settings``."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["OMP_NUM_THREADS"] = "1"
-    env["MKL_NUM_THREADS"] = "1"
-    env.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    settings = rank_settings(placement)
+    settings["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.update(settings)
     return env
 
 
@@ -141,12 +232,17 @@ class ProgressWatcher:
             self.bar.close()
 
 
-def stop_job(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
-    """SIGTERM the job's process group (the ranks checkpoint and exit), SIGKILL it after ``grace_s``."""
+def stop_job(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S, leader_only: bool = False) -> None:
+    """SIGTERM the job's process group (the ranks checkpoint and exit), SIGKILL it after ``grace_s``.
+    ``leader_only``: SIGTERM only the launcher itself (the Spark driver, whose JVM in the same group
+    must keep running while the driver asks the ranks to checkpoint)."""
     if proc.poll() is not None:
         return
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if leader_only:
+            os.kill(proc.pid, signal.SIGTERM)
+        else:
+            os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     try:
@@ -169,28 +265,81 @@ def read_errors(logs_dir: str) -> list[dict[str, Any]]:
 
 
 def launch(job_path: str, backend: str, np: int, logs_dir: str, progress_file: str,
-           say: Callable[[str], None] = print, progress_bar: bool | None = None) -> LaunchResult:
-    """Run the job to its end and return how it ended; the launcher's own output goes to
-    ``<logs_dir>/launcher.log`` and every rank's to ``<logs_dir>/rank-<r>.log``."""
+           say: Callable[[str], None] = print, progress_bar: bool | None = None,
+           placement: Placement = Placement()) -> LaunchResult:
+    """Run the job to its end and return how it ended; the launchers' own output goes to
+    ``<logs_dir>/launcher.log`` and every rank's to ``<logs_dir>/rank-<r>.log``.
+
+    With several launcher processes (DDP on several hosts), the first that fails gives the others
+    ``placement.rank_timeout_s`` to notice the lost peers and end, then they are stopped."""
     os.makedirs(logs_dir, exist_ok=True)
-    command = rank_command(backend, np, job_path)
+    commands = job_commands(backend, np, job_path, placement)
     bar = sys.stderr.isatty() if progress_bar is None else progress_bar
     watcher = ProgressWatcher(progress_file, say, bar)
     started = time.time()
+    procs: list[subprocess.Popen] = []
+    leader_only = placement.launcher == "spark"
     with open(os.path.join(logs_dir, "launcher.log"), "ab") as launcher_log:
-        launcher_log.write(("$ " + " ".join(command) + "\n").encode())
-        launcher_log.flush()
-        proc = subprocess.Popen(command, cwd=str(REPO_ROOT), env=job_environment(), stdin=subprocess.DEVNULL,
-                                stdout=launcher_log, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent)
         try:
-            while proc.poll() is None:
+            for command in commands:
+                launcher_log.write(("$ " + shlex.join(command) + "\n").encode())
+                launcher_log.flush()
+                procs.append(subprocess.Popen(command, cwd=str(REPO_ROOT), env=job_environment(placement),
+                                              stdin=subprocess.DEVNULL, stdout=launcher_log, stderr=subprocess.STDOUT,
+                                              start_new_session=True, preexec_fn=_die_with_parent))
+            failed_at = None
+            while any(proc.poll() is None for proc in procs):
                 watcher.poll()
+                if failed_at is None and any(proc.poll() not in (None, 0) for proc in procs):
+                    failed_at = time.time()
+                if failed_at is not None and time.time() - failed_at > placement.rank_timeout_s:
+                    for proc in procs:
+                        stop_job(proc, leader_only=leader_only)
                 time.sleep(0.2)
         except BaseException:
-            say(f"stopping the training job (pid {proc.pid}): ranks save a checkpoint at the next step")
-            stop_job(proc)
+            say(f"stopping the training job (pids {' '.join(str(p.pid) for p in procs)}): "
+                "ranks save a checkpoint at the next step")
+            for proc in procs:
+                stop_job(proc, leader_only=leader_only)
             raise
         finally:
             watcher.close()
-    return LaunchResult(proc.returncode, read_errors(logs_dir), time.time() - started, command)
+    returncode = next((proc.returncode for proc in procs if proc.returncode != 0), 0)
+    return LaunchResult(returncode, read_errors(logs_dir), time.time() - started, commands[0])
+
+
+# ----------------------------------------------------------------------------------------- nodes, hosts
+def node_pointer(runs_dir: str, rdzv: str) -> str:
+    """Where node 0 of a multi-node DDP job publishes its job file for the other nodes (shared home)."""
+    return os.path.join(runs_dir, "nodes", rdzv.replace(":", "_").replace("/", "_") + ".json")
+
+
+def wait_for_node_job(runs_dir: str, rdzv: str, timeout_s: float) -> str:
+    """On node R > 0: the job file node 0 published for rendezvous ``rdzv``; ``TimeoutError`` if none
+    appears within ``timeout_s``."""
+    path = node_pointer(runs_dir, rdzv)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with open(path) as fh:
+                return json.load(fh)["job"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            time.sleep(0.5)
+    raise TimeoutError(f"no job from node 0 for rendezvous {rdzv} within {timeout_s:.0f} s (expected {path}): "
+                       "start node 0 (`avp train --node-rank 0 ...`) with the same --rdzv and home")
+
+
+def rank_hosts(logs_dir: str) -> list[dict[str, Any]]:
+    """Every started rank's ``{"rank", "host", "pid"}`` (``host-rank-<r>.json``), in rank order."""
+    found = []
+    for path in glob.glob(os.path.join(logs_dir, "host-rank-*.json")):
+        with open(path) as fh:
+            found.append(json.load(fh))
+    return sorted(found, key=lambda h: h["rank"])
+
+
+def lost_ranks(logs_dir: str) -> list[dict[str, Any]]:
+    """Ranks that started but ended with neither a summary nor an error report: killed (SIGKILL, out of
+    memory) or gone with their executor or host."""
+    return [h for h in rank_hosts(logs_dir)
+            if not any(os.path.exists(os.path.join(logs_dir, f"{kind}rank-{h['rank']}.json")) for kind in ("", "error-"))]

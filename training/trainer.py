@@ -30,12 +30,14 @@ the unit tests drive it. In order:
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -47,6 +49,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.contracts import MODEL_INPUT, MODEL_OUTPUT, ModelSpec, TrainMetrics
+from pipeline.contracts import TrainJob as Job  # the launcher's job.json
 from pipeline.files import atomic_write_json
 from pipeline.metrics import class_iou, confusion_matrix
 from pipeline.taxonomy import CLASSES, IGNORE, NUM_CLASSES
@@ -163,7 +167,9 @@ class DdpBackend(Backend):
         if device_kind == "cuda":
             torch.cuda.set_device(self.local_rank)
             self.device = torch.device("cuda", self.local_rank)
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        # A collective waiting for a lost peer fails after train.rank_timeout_s (set by the launcher).
+        timeout = datetime.timedelta(seconds=float(os.environ.get("AVP_RANK_TIMEOUT_S", "1800")))
+        dist.init_process_group(backend=process_group_backend(device_kind), timeout=timeout)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
     def allreduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -215,6 +221,18 @@ class LocalBackend(Backend):
 
     def barrier(self) -> None:
         pass
+
+
+def process_group_backend(device_kind: str) -> str:
+    """``torch.distributed``'s backend for a device: NCCL between GPUs (one process per GPU of a node),
+    gloo on CPU."""
+    return "nccl" if device_kind == "cuda" else "gloo"
+
+
+def rank_host() -> str:
+    """The host this rank runs on, as the cluster names it: the address a Spark worker was told to bind
+    (``SPARK_LOCAL_IP``, inherited by its executors), else the host name."""
+    return os.environ.get("SPARK_LOCAL_IP") or socket.gethostname()
 
 
 def make_backend(name: str, device_kind: str) -> Backend:
@@ -327,27 +345,6 @@ class Position:
 
 
 # ----------------------------------------------------------------------------------------- the job
-class Job:
-    """The launcher's ``job.json``: what to train on, where to write, and the provenance to record."""
-
-    def __init__(self, spec: dict[str, Any]):
-        self.spec = spec
-        self.train: dict[str, Any] = spec["train"]
-        self.model_options: dict[str, Any] = spec.get("model_options") or {}
-        self.dataset: dict[str, Any] = spec["dataset"]
-        self.state_dir: str = spec["state_dir"]
-        self.final_dir: str = spec["final_dir"]
-        self.logs_dir: str = spec["logs_dir"]
-        self.progress_file: str = spec["progress_file"]
-        self.resume: bool = bool(spec.get("resume"))
-
-    @classmethod
-    def load(cls, path: str) -> "Job":
-        """Read ``job.json``."""
-        with open(path) as fh:
-            return cls(json.load(fh))
-
-
 class Reporter:
     """Rank 0's outward view of training: TensorBoard scalars and progress events for the launcher."""
 
@@ -423,7 +420,7 @@ class Trainer:
 
         # The data plan: this rank's shard, and the steps every rank runs per epoch.
         cfg = self.cfg
-        self.plan = ShardPlan(location=job.dataset["location"], manifest=job.dataset["manifest"], rank=self.rank,
+        self.plan = ShardPlan(location=job.dataset.location, manifest=job.dataset.manifest, rank=self.rank,
                               world=self.world, batch_size=cfg["batch_size"], max_points=cfg["max_points"],
                               seed=cfg["seed"], shuffle_buffer=cfg["shuffle_buffer"])
         self.steps = self.plan.steps_per_epoch()
@@ -440,7 +437,7 @@ class Trainer:
         spec = get_train_spec(cfg["model"])
         self.model = build_model(cfg["model"], job.model_options).to(self.device)
         self.model_config = config_to_dict(self.model.config)
-        self.train_counts = class_points(job.dataset["manifest"], "train")
+        self.train_counts = class_points(job.dataset.manifest, "train")
         self.loss_fn = spec.build_loss(self.train_counts).to(self.device)
         self.optimizer = backend.distribute_optimizer(self.model, spec.build_optimizer(self.model, cfg))
         self.scheduler = spec.build_lr_scheduler(self.optimizer, self.total_steps)
@@ -451,12 +448,11 @@ class Trainer:
         self.train_model = backend.synchronize(self.model, self.optimizer)
         self.example: tuple[torch.Tensor, torch.Tensor] | None = None  # the last batch's first frame
         self.provenance = {
-            **job.spec.get("provenance", {}), "run_id": job.spec.get("run_id", ""), "dataset": job.dataset["ref"],
-            "dataset_content_key": job.dataset.get("content_key", ""), "model": cfg["model"],
-            "model_options": self.model_config, "config": job.spec.get("config", {}), "classes": list(CLASSES),
+            **job.provenance, "run_id": job.run_id, "dataset": job.dataset.ref,
+            "dataset_content_key": job.dataset.content_key, "model": cfg["model"],
+            "model_options": self.model_config, "config": job.config, "classes": list(CLASSES),
             "backend": backend.name, "world": self.world,
-            "input": "points float32 [B, N, 4] (x, y, z, intensity), valid bool [B, N]",
-            "output": f"logits float32 [B, N, {NUM_CLASSES}]"}
+            "input": MODEL_INPUT, "output": MODEL_OUTPUT}
 
     def resume(self) -> str | None:
         """Load the newest readable checkpoint on every rank (the backend then broadcasts rank 0's
@@ -617,7 +613,7 @@ class Trainer:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "position": position.as_dict(), "rng": rng,
                  "world": self.world, "backend": self.backend.name, "model_name": self.cfg["model"],
-                 "model_options": self.model_config, "run_id": self.job.spec.get("run_id", "")}
+                 "model_options": self.model_config, "run_id": self.job.run_id}
         path = ckpt.save(self.job.state_dir, state, position.global_step, keep=self.cfg["keep_checkpoints"])
         check = {}
         if example is not None:
@@ -675,9 +671,7 @@ def write_outputs(job: Job, model: nn.Module, model_config: dict, position: Posi
     os.makedirs(job.final_dir, exist_ok=True)
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     ckpt.atomic_torch_save(state_dict, os.path.join(job.final_dir, "model.pt"))
-    atomic_write_json(os.path.join(job.final_dir, "model.json"), {
-        "model": job.train["model"], "options": model_config, "num_classes": NUM_CLASSES, "classes": list(CLASSES),
-        "input": provenance["input"], "output": provenance["output"]})
+    ModelSpec.for_model(job.train["model"], model_config).save_to(job.final_dir)
     meta = {**provenance, "epoch": position.epoch, "global_step": position.global_step, "final": True,
             "created_at": time.time()}
     check = ckpt.save_torchscript(model, os.path.join(job.final_dir, "model.ts"), meta, example) if example else {}
@@ -685,19 +679,18 @@ def write_outputs(job: Job, model: nn.Module, model_config: dict, position: Posi
     last = history[-1] if history else {}
     # The baseline is scored on the same val points as the model (the last epoch's confusion totals).
     val_confusion = validate_confusion_from_history(history)
-    metrics = {
-        "model": job.train["model"], "dataset": job.dataset["ref"], "epochs": history,
-        "final": {"loss": last.get("loss"), "val_miou": last.get("val_miou"), "val_iou": last.get("val_iou"),
-                  "global_step": position.global_step},
-        "first_epoch_loss": history[0]["loss"] if history else None,
-        "majority_baseline": majority_baseline(val_confusion, train_counts) if val_confusion is not None else None,
-        "class_weights": dict(zip(CLASSES, class_weights(train_counts).tolist())),
-        "train_class_points": dict(zip(CLASSES, train_counts.tolist())),
-        "samples_per_s": last.get("samples_per_s"), "data_wait_fraction": last.get("data_wait_fraction"),
-        "parameters_sha256": parameters_digest(model), "state_sha256": parameter_digest(model),
-        "backend": provenance["backend"], "world": provenance["world"], **check,
-    }
-    atomic_write_json(os.path.join(job.final_dir, "metrics.json"), metrics)
+    TrainMetrics(
+        model=job.train["model"], dataset=job.dataset.ref, epochs=history,
+        final={"loss": last.get("loss"), "val_miou": last.get("val_miou"), "val_iou": last.get("val_iou"),
+               "global_step": position.global_step},
+        first_epoch_loss=history[0]["loss"] if history else None,
+        majority_baseline=majority_baseline(val_confusion, train_counts) if val_confusion is not None else None,
+        class_weights=dict(zip(CLASSES, class_weights(train_counts).tolist())),
+        train_class_points=dict(zip(CLASSES, train_counts.tolist())),
+        samples_per_s=last.get("samples_per_s"), data_wait_fraction=last.get("data_wait_fraction"),
+        parameters_sha256=parameters_digest(model), state_sha256=parameter_digest(model),
+        backend=provenance["backend"], world=provenance["world"], **check,
+    ).save_to(job.final_dir)
 
 
 def validate_confusion_from_history(history: list[dict[str, Any]]) -> np.ndarray | None:
@@ -731,6 +724,10 @@ def main(argv: list[str] | None = None) -> int:
     # backend's start-up messages land in this rank's log.
     env_rank = int(os.environ.get("HOROVOD_RANK", os.environ.get("RANK", "0")))
     _redirect_output(job.logs_dir, env_rank)
+    # Where this rank runs: the model's provenance lists every rank's host, and a rank that vanishes
+    # without an error report is named (with its host) in the failure message.
+    atomic_write_json(os.path.join(job.logs_dir, f"host-rank-{env_rank}.json"),
+                      {"rank": env_rank, "host": rank_host(), "pid": os.getpid()})
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s rank {env_rank} %(levelname)s %(message)s", force=True)
     import warnings
@@ -740,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     code, error = 0, None
     backend = None
     try:
-        backend = make_backend(job.spec["backend"], job.spec["device"])
+        backend = make_backend(job.backend, job.device)
         summary = Trainer(job, backend).run()
         atomic_write_json(os.path.join(job.logs_dir, f"rank-{backend.rank}.json"), summary)
     except Diverged as exc:

@@ -1,1 +1,2 @@
-"""Drive-log sources: each module lists one kind of log and reads it as ``LogMeta`` + ``Frame``s."""
+"""Drive-log sources: each module lists one kind of log, reads it as ``LogMeta`` + ``Frame``s and registers
+itself as an ``Importer`` under its source name (``spark_jobs.sources.registry``)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -22,6 +23,7 @@ from pipeline.errors import UserError
 from pipeline.frames import BOX_COLUMNS, EGO_COLUMNS, Frame, LogMeta
 from pipeline.geometry import points_in_boxes
 from pipeline.taxonomy import CLASS_ID, IGNORE, OBJECT_CLASS_IDS
+from spark_jobs.sources.registry import register_importer
 
 SOURCE = "av2"
 # AV2 annotation category (all 30 of ``av2.datasets.sensor.constants.AnnotationCategories``) -> taxonomy.
@@ -230,3 +232,6 @@ def ego_state(poses: dict[str, np.ndarray], timestamp_ns: int) -> np.ndarray:
         dt_s = ((times[after] - times[before]) * 1e-9) / 2
         ego[5] = (speed(now, after) - speed(before, now)) / dt_s
     return ego
+
+
+register_importer(sys.modules[__name__])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -18,6 +19,7 @@ from pipeline.errors import UserError
 from pipeline.frames import BOX_COLUMNS, Frame, LogMeta
 from pipeline.geometry import points_in_boxes
 from pipeline.taxonomy import CLASS_ID, IGNORE, OBJECT_CLASSES
+from spark_jobs.sources.registry import register_importer
 
 SOURCE = "kitti"
 LABEL_MAP: dict[str, str] = {
@@ -166,3 +168,6 @@ def boxes_in_lidar(objects: list[tuple[str, np.ndarray]], rect_to_velo: np.ndarr
     yaw = np.arctan2(headings[1], headings[0])
     boxes = np.column_stack([centres, l, w, h, yaw, class_ids, np.arange(len(kept), dtype=np.float64)])
     return boxes.astype(np.float32)
+
+
+register_importer(sys.modules[__name__])

@@ -27,6 +27,7 @@ import json
 import math
 import os
 import struct
+import sys
 import zlib
 from dataclasses import dataclass
 from typing import IO, Any, Iterable, Iterator
@@ -55,6 +56,7 @@ from mcap_protobuf.schema import build_file_descriptor_set
 from pipeline.files import atomic_file
 from pipeline.frames import BOX_COLUMNS, EGO_COLUMNS, GPS_COLUMNS, ROUTE_COLUMNS, Frame, LogMeta
 from pipeline.taxonomy import CLASSES
+from spark_jobs.sources.registry import register_importer
 
 SOURCE = "mcap"
 FORMAT_NAME = "avp-drive-log"
@@ -408,6 +410,11 @@ def list_logs(root: str) -> list[str]:
                   and os.path.isfile(os.path.join(root, name)))
 
 
+def source_files(path: str) -> list[str]:
+    """The files a log is made of (the ingest job checksums them): the ``.mcap`` file itself."""
+    return [path] if os.path.isfile(path) else []
+
+
 @dataclass(frozen=True)
 class _LogLayout:
     """What the cheap structural check learned about a log file."""
@@ -726,3 +733,6 @@ def _json_decoder(fields: dict[str, str]):
 _DECODERS = {POINTS_CHANNEL: _decode_points, BOXES_CHANNEL: _decode_boxes, POSE_CHANNEL: _decode_pose,
              MOTION_CHANNEL: _json_decoder(MOTION_FIELDS), GPS_CHANNEL: _decode_gps,
              ROUTE_CHANNEL: _json_decoder(ROUTE_FIELDS)}
+
+
+register_importer(sys.modules[__name__])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
 from typing import Iterator
 
 import numpy as np
@@ -17,6 +18,7 @@ import numpy as np
 from pipeline.errors import UserError
 from pipeline.frames import Frame, LogMeta
 from pipeline.taxonomy import CLASS_ID
+from spark_jobs.sources.registry import register_importer
 
 SOURCE = "semantickitti"
 # raw SemanticKITTI id -> taxonomy class; comment: raw name -> learning_map class (19-class benchmark).
@@ -165,3 +167,6 @@ def read_raw_labels(path: str) -> np.ndarray:
     if os.path.getsize(path) % 4:
         raise ValueError(f"SemanticKITTI label file {path}: size is not a whole number of uint32 labels")
     return np.fromfile(path, dtype=np.uint32)
+
+
+register_importer(sys.modules[__name__])

@@ -4,6 +4,7 @@ stops the run before training."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,15 +53,19 @@ def dag_test(env, day):
     return out.returncode == 0, out.stdout + out.stderr
 
 
-@pytest.fixture(scope="module")
-def airflow_home(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dag")
-    env = airflow_env(tmp)
+def prepare(tmp: Path, **extra: str) -> Path:
+    """An Airflow home (SQLite metadata DB, the training pool) and a pipeline home with simulated logs."""
+    env = airflow_env(tmp, **extra)
     migrate = run(env, "airflow", "db", "migrate")
     assert migrate.returncode == 0, migrate.stderr[-2000:]
     assert run(env, "airflow", "pools", "set", "avp_training", "1", "one training at a time").returncode == 0
     assert run(env, "avp", "simulate").returncode == 0
     return tmp
+
+
+@pytest.fixture(scope="module")
+def airflow_home(tmp_path_factory):
+    return prepare(tmp_path_factory.mktemp("dag"))
 
 
 def registry_for(env) -> Registry:
@@ -77,7 +82,7 @@ def test_a_day_runs_end_to_end_and_a_rerun_is_served_from_cache(airflow_home):
     assert {"model", "metrics", "dataset", "log"} <= kinds
     dataset = next(a for _d, a in registry.lineage(package.id, "up") if a.kind == "dataset")
     assert dataset.meta["validation"] == "passed" and dataset.dag_id == "avp_daily"
-    assert dataset.config["date_to"] == "2026-11-03"  # the data interval chose the logs
+    assert dataset.meta["date_to"] == "2026-11-03"  # the data interval chose the logs
     assert Path(package.location).is_dir()
 
     counts = {kind: len(registry.list(kind)) for kind in ("dataset", "model", "metrics", "package")}
@@ -98,3 +103,29 @@ def test_failed_validation_stops_the_run_before_training(airflow_home):
     assert registry.children(dataset.id) == [] or all(c.kind in ("statistics", "validation")
                                                      for c in registry.children(dataset.id))
     assert "class_shares_within_bounds" in log
+
+
+KINDS = ("log", "dataset", "statistics", "validation", "model", "metrics", "package")
+
+
+def test_a_day_with_no_new_logs_and_no_new_feedback_is_a_cache_hit_end_to_end(tmp_path):
+    """The logs are simulated on Nov 1 and 2 only, so the runs of Nov 3 and Nov 4 select the same logs.
+    Feedback is off (``evaluate.worst_scenes=0``: no hard scenes, so the weights file stays empty): with it
+    on, day 1's evaluation would up-weight logs and day 2 would rightly build a new dataset."""
+    no_feedback = {"AVP_EVALUATE__WORST_SCENES": "0"}
+    env = airflow_env(prepare(tmp_path, **no_feedback), **no_feedback)
+    ok, log = dag_test(env, "2026-11-03")
+    assert ok, log[-4000:]
+    registry = registry_for(env)
+    built = {kind: [a.ref for a in registry.list(kind)] for kind in KINDS}
+    assert all(len(built[kind]) == 1 for kind in KINDS if kind != "log") and len(built["log"]) == 10, built
+    weights = Path(env["AVP_HOME"], "feedback", "sample_weights.json")
+    assert json.loads(weights.read_text()) == {}  # the premise: day 1 gave no feedback
+
+    ok, log = dag_test(env, "2026-11-04")  # a new window, the same logs
+    assert ok, log[-4000:]
+    assert {kind: [a.ref for a in registry.list(kind)] for kind in KINDS} == built  # nothing new, not a log
+    for kind in ("dataset", "statistics", "validation", "model", "metrics", "package"):
+        assert f"cache hit: {built[kind][0]} has the same content key" in log, kind
+    [dataset] = registry.list("dataset")
+    assert dataset.meta["date_to"] == "2026-11-03"  # built by day 1, reused by day 2

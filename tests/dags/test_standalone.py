@@ -3,6 +3,7 @@ wait for the run to succeed, backfill two days, stop with SIGINT. Bounded in tim
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import signal
 import socket
@@ -84,9 +85,14 @@ def test_standalone_runs_a_triggered_dag_and_a_backfill(tmp_path):
         from pipeline import config
         from pipeline.registry import Registry
 
+        # Each day's dataset holds exactly the logs recorded before it: the day 2026-11-02 those of Nov 1,
+        # the day 2026-11-03 every log (the simulated fleet drove on Nov 1 and 2), as the triggered run did;
+        # a day that selects the same logs with the same weights reuses the dataset instead of rebuilding it.
         registry = Registry.open(config.load({"home": env["AVP_HOME"]}, env={}))
-        days = {a.config["date_to"] for a in registry.list("dataset", state="succeeded")}
-        assert {"2026-11-02", "2026-11-03"} <= days
+        log_days = {d.ref: sorted({dt.datetime.fromtimestamp(p.meta["start_time_ns"] / 1e9, dt.timezone.utc)
+                                   .date().isoformat() for p in registry.parents(d.id) if p.kind == "log"})
+                    for d in registry.list("dataset", state="succeeded")}
+        assert {tuple(days) for days in log_days.values()} == {("2026-11-01",), ("2026-11-01", "2026-11-02")}, log_days
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends; SIGTERM leaves workers behind
         try:

@@ -10,13 +10,14 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import torch
 
 from pipeline.config import SimulateConfig
+from pipeline.contracts import ModelSpec, TrainMetrics
+from tests.manifests import make_manifest
 
 # Simulated sensor small enough to keep frames light (16 beams x 256 columns).
 SIM = SimulateConfig(logs=7, frames=3, beams=16, azimuth_steps=256, days=2, seed=3)
@@ -34,11 +35,10 @@ def simulated_logs(sim: SimulateConfig = SIM) -> list[tuple[str, str, list]]:
 
 def write_dataset(location: str, logs: list[tuple[str, str, list]], splits: dict[str, int] = SPLITS) -> dict:
     """One row group per log, Petastorm metadata per split and a ``manifest.json`` like ingest's."""
-    from spark_jobs.ingest import MANIFEST, write_petastorm_metadata
+    from spark_jobs.ingest import write_petastorm_metadata
     from spark_jobs.rows import encode_frame, write_row_group
 
-    manifest = {"dataset": "test", "source": "sim", "reader_ranks": 1, "splits": {}, "logs": {}, "quarantined": [],
-                "files": []}
+    split_info, logs_info = {}, {}
     start = 0
     for split, count in splits.items():
         chosen = logs[start:start + count]
@@ -47,19 +47,18 @@ def write_dataset(location: str, logs: list[tuple[str, str, list]], splits: dict
         for g, (log_id, city, frames) in enumerate(chosen):
             name = f"{split}/part-{g:05d}.parquet"
             write_row_group(os.path.join(location, name), [encode_frame(f, city, 1.0) for f in frames])
-            manifest["files"].append(name)
             labels = np.concatenate([f.labels for f in frames])
             values, counts = np.unique(labels, return_counts=True)
-            manifest["logs"][log_id] = {"log_id": log_id, "split": split, "city": city, "frames": len(frames),
+            logs_info[log_id] = {"log_id": log_id, "split": split, "city": city, "frames": len(frames),
                                         "points": int(len(labels)),
                                         "class_points": {str(int(v)): int(c) for v, c in zip(values, counts)}}
         if chosen:
             write_petastorm_metadata(os.path.join(location, split))
-        manifest["splits"][split] = {"logs": [c[0] for c in chosen], "frames": sum(len(c[2]) for c in chosen),
-                                     "points": sum(manifest["logs"][c[0]]["points"] for c in chosen),
-                                     "row_groups": [len(c[2]) for c in chosen], "path": split}
-    with open(os.path.join(location, MANIFEST), "w") as fh:
-        json.dump(manifest, fh, indent=2, sort_keys=True)
+        split_info[split] = {"logs": [c[0] for c in chosen], "frames": sum(len(c[2]) for c in chosen),
+                             "points": sum(logs_info[c[0]]["points"] for c in chosen),
+                             "row_groups": [len(c[2]) for c in chosen]}
+    manifest = make_manifest("test", split_info, logs_info, source="sim")
+    manifest.save_to(location)
     return manifest
 
 
@@ -95,17 +94,24 @@ def train_tiny(frames: list, steps: int, seed: int = 0, points_per_frame: int = 
     return model.eval()
 
 
+def train_metrics(dataset: str, loss: float = 1.0, val_miou: float = 0.4) -> TrainMetrics:
+    """A training ``metrics.json`` for a model made in a test: one epoch's headline numbers."""
+    return TrainMetrics(model="bev_segnet", dataset=dataset, epochs=[{"epoch": 0, "loss": loss, "val_miou": val_miou}],
+                        final={"loss": loss, "val_miou": val_miou, "val_iou": None, "global_step": 1},
+                        first_epoch_loss=2 * loss, majority_baseline=None, class_weights={}, train_class_points={},
+                        samples_per_s=None, data_wait_fraction=None, parameters_sha256="", state_sha256="",
+                        backend="ddp", world=1)
+
+
 def register_model(registry, dataset, model: torch.nn.Module, tag: str):
     """Publish ``model`` as ``model:bev_segnet@vN`` with the training stage's files; ``tag`` keys it."""
     from training.models import config_to_dict
 
     def write(staging: str, _record) -> None:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(staging, "model.pt"))
-        with open(os.path.join(staging, "model.json"), "w") as fh:
-            json.dump({"model": "bev_segnet", "options": config_to_dict(model.config), "num_classes": 8}, fh)
+        ModelSpec.for_model("bev_segnet", config_to_dict(model.config)).save_to(staging)
         torch.jit.save(torch.jit.script(model), os.path.join(staging, "model.ts"))
-        with open(os.path.join(staging, "metrics.json"), "w") as fh:
-            json.dump({"model": "bev_segnet", "tag": tag}, fh)
+        train_metrics(dataset.ref).save_to(staging)
 
     return registry.build("model", "bev_segnet", entry_point="tests.evaluation.builders:register_model",
                           config={"tag": tag}, builder=write, parents=[dataset])

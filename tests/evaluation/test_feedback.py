@@ -9,19 +9,20 @@ import threading
 
 from evaluation import feedback
 from pipeline.home import Home
+from tests.manifests import make_manifest
 
-MANIFEST = {
-    "splits": {"train": {"logs": ["t-city-a-cars", "t-city-a-people", "t-city-a-mixed", "t-city-b-cars"]},
-               "test": {"logs": ["x-city-a-cars", "x-city-c"]}},
-    "logs": {
-        "t-city-a-cars": {"city": "a", "class_points": {"1": 50, "5": 50}},
-        "t-city-a-people": {"city": "a", "class_points": {"1": 50, "6": 50}},
-        "t-city-a-mixed": {"city": "a", "class_points": {"1": 50, "5": 25, "6": 25}},
-        "t-city-b-cars": {"city": "b", "class_points": {"1": 50, "5": 50}},
-        "x-city-a-cars": {"city": "a", "class_points": {"0": 500, "1": 48, "5": 52}},
-        "x-city-c": {"city": "c", "class_points": {"1": 50, "6": 50}},
-    },
-}
+MANIFEST = make_manifest("dataset:test@v1", {
+    "train": {"logs": ["t-city-a-cars", "t-city-a-people", "t-city-a-mixed", "t-city-b-cars"], "frames": 4, "points": 400,
+              "row_groups": [4]},
+    "test": {"logs": ["x-city-a-cars", "x-city-c"], "frames": 2, "points": 700, "row_groups": [2]},
+}, {
+    "t-city-a-cars": {"city": "a", "class_points": {"1": 50, "5": 50}},
+    "t-city-a-people": {"city": "a", "class_points": {"1": 50, "6": 50}},
+    "t-city-a-mixed": {"city": "a", "class_points": {"1": 50, "5": 25, "6": 25}},
+    "t-city-b-cars": {"city": "b", "class_points": {"1": 50, "5": 50}},
+    "x-city-a-cars": {"city": "a", "class_points": {"0": 500, "1": 48, "5": 52}},
+    "x-city-c": {"city": "c", "class_points": {"1": 50, "6": 50}},
+})
 
 
 def test_similar_train_logs_are_from_the_same_city_and_closest_in_class_mix():

@@ -1,7 +1,11 @@
-"""evaluation.hardware: latency statistics, the FLOP/MAC count against a hand count, every variant timed
-and checked against eager, and the fallback when AOTInductor fails. Timings are never asserted."""
+"""evaluation.hardware: every variant timed and checked against eager, the exported variant made with the
+serving export spec and kept for the serve stage, and the fallback when AOTInductor fails. Timings are
+never asserted. (Latency statistics and the MAC count are tested with serving.artifacts.)"""
 
 from __future__ import annotations
+
+import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -9,6 +13,8 @@ import torch
 from torch import nn
 
 from evaluation import hardware
+from pipeline.contracts import CompiledProgram
+from serving import artifacts
 
 
 class PointLinear(nn.Module):
@@ -22,27 +28,13 @@ class PointLinear(nn.Module):
         return self.linear(points) * valid.unsqueeze(-1).to(points.dtype)
 
 
+# The serving export spec's upper bound in these tests (serve.max_points).
+MAX_POINTS = 1000
+
+
 def frames(sizes=(300, 500)):
     rng = np.random.default_rng(0)
     return [rng.normal(size=(n, 4)).astype(np.float32) for n in sizes]
-
-
-def test_latency_stats_of_known_samples():
-    stats = hardware.latency_stats([10.0, 20.0, 30.0, 40.0], points_per_call=1000)
-    assert stats["min_ms"] == 10.0 and stats["p50_ms"] == 25.0 and stats["max_ms"] == 40.0 and stats["mean_ms"] == 25.0
-    assert stats["p99_ms"] == pytest.approx(np.percentile([10, 20, 30, 40], 99))
-    assert stats["jitter_ms"] == pytest.approx(stats["p99_ms"] - 25.0)
-    assert stats["std_ms"] == pytest.approx(np.std([10, 20, 30, 40]))
-    assert stats["frames_per_s"] == pytest.approx(40.0) and stats["points_per_s"] == pytest.approx(40_000.0)
-
-
-def test_flop_counter_macs_equal_the_hand_count():
-    model = PointLinear().eval()
-    inputs = hardware.frame_inputs(frames((300,))[0], torch.device("cpu"))
-    counted = hardware.count_flops(model, inputs)
-    assert counted["macs"] == 300 * 4 * 8  # one multiply-add per weight per point (bias not counted)
-    assert counted["flops"] == 2 * counted["macs"]
-    assert counted["macs_per_stage"] == {"linear": 300 * 4 * 8}
 
 
 def test_every_variant_is_timed_and_agrees_with_eager(tmp_path):
@@ -51,7 +43,8 @@ def test_every_variant_is_timed_and_agrees_with_eager(tmp_path):
     torch.jit.save(torch.jit.script(model), str(script))
     messages = []
     result = hardware.measure(model, str(script), frames(), runs=3, warmup=1, device=torch.device("cpu"),
-                              aot_inductor=False, workdir=str(tmp_path / "work"), say=messages.append)
+                              aot_inductor=False, max_points=MAX_POINTS, compiled_dir=str(tmp_path / "compiled"),
+                              say=messages.append)
     assert set(result["variants"]) == {"eager", "torchscript", "exported"}
     for name, v in result["variants"].items():
         assert v["runs"] == 3 and len(v["samples_ms"]) == 3
@@ -70,7 +63,7 @@ def test_a_failing_aot_inductor_falls_back_to_the_exported_program(tmp_path, mon
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
     messages = []
     result = hardware.measure(PointLinear().eval(), None, frames(), runs=2, warmup=0, device=torch.device("cpu"),
-                              aot_inductor=True, workdir=str(tmp_path), say=messages.append)
+                              aot_inductor=True, max_points=MAX_POINTS, compiled_dir=str(tmp_path), say=messages.append)
     exported = result["variants"]["exported"]
     assert "AOTInductor failed (RuntimeError: no C++ compiler here)" in exported["note"]
     assert exported["max_abs_diff_vs_eager"] < 1e-5
@@ -80,9 +73,12 @@ def test_a_failing_aot_inductor_falls_back_to_the_exported_program(tmp_path, mon
 @pytest.mark.slow
 def test_aot_inductor_package_runs_and_matches_eager(tmp_path):
     result = hardware.measure(PointLinear().eval(), None, frames(), runs=2, warmup=1, device=torch.device("cpu"),
-                              aot_inductor=True, workdir=str(tmp_path), say=lambda _m: None)
+                              aot_inductor=True, max_points=MAX_POINTS, compiled_dir=str(tmp_path), say=lambda _m: None)
     assert "aot_inductor" in result["variants"], result["variants"].keys()
     assert result["variants"]["aot_inductor"]["max_abs_diff_vs_eager"] < 1e-5
+    record = json.loads((tmp_path / CompiledProgram.FILE).read_text())
+    assert record["format"] == "aoti" and record["compile_seconds"] > 0
+    assert record["sha256"] == hashlib.sha256((tmp_path / artifacts.COMPILED_PT2).read_bytes()).hexdigest()
 
 
 def test_matmul_peak_is_a_positive_rate():
@@ -95,3 +91,30 @@ def test_cuda_requested_without_a_gpu_is_an_error():
     with pytest.raises(ValueError, match="no CUDA device"):
         hardware.pick_device("cuda")
     assert hardware.pick_device("auto").type == "cpu"
+
+
+def test_the_exported_variant_is_the_serving_program_and_is_kept_with_its_record(tmp_path):
+    model = PointLinear().eval()
+    compiled = tmp_path / "compiled"
+    hardware.measure(model, None, frames(), runs=1, warmup=0, device=torch.device("cpu"), aot_inductor=False,
+                     max_points=MAX_POINTS, compiled_dir=str(compiled), say=lambda _m: None)
+    record = json.loads((compiled / CompiledProgram.FILE).read_text())
+    pt2 = compiled / artifacts.COMPILED_PT2
+    assert record["sha256"] == hashlib.sha256(pt2.read_bytes()).hexdigest()
+    assert record["format"] == "exported_program" and record["aoti_error"] == "skipped: evaluate.aot_inductor is false"
+    assert record["export_spec"] == {"num_points": [1, MAX_POINTS], "batch": 1} and record["device"] == "cpu"
+    # The saved program's own constraints: the point count ranges over the serving spec, 1..max_points.
+    program = torch.export.load(str(pt2))
+    ranges = {(int(r.lower), int(r.upper)) for r in program.range_constraints.values()}
+    assert ranges == {(1, MAX_POINTS)}
+    module = program.module()
+    one = artifacts.frame_inputs(np.ones((1, 4), np.float32))
+    assert torch.allclose(module(*one), model(*one))
+    with pytest.raises(Exception):  # the program's input guard refuses more than max_points
+        module(*artifacts.frame_inputs(np.ones((MAX_POINTS + 1, 4), np.float32)))
+
+
+def test_a_frame_beyond_the_serving_limit_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"latency frame 1 has 500 points.*1 to 400 \(serve.max_points\)"):
+        hardware.measure(PointLinear().eval(), None, frames(), runs=1, warmup=0, device=torch.device("cpu"),
+                         aot_inductor=False, max_points=400, compiled_dir=str(tmp_path), say=lambda _m: None)

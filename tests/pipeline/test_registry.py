@@ -163,8 +163,7 @@ def test_sigkilled_build_is_never_succeeded_and_rerun_recovers(cfg):
     staging = art.meta["_staging"][0]
     assert Path(staging, "part-0").exists()
     with pytest.raises(BuildInProgress, match="being built by pid"):
-        registry.build("dataset", "victim", entry_point="tests:killed", config={"n": 1}, builder=_write("y"),
-                       code_packages=("pipeline",))
+        registry.build("dataset", "victim", entry_point="tests:killed", config={"n": 1}, builder=_write("y"))
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert registry.get(art.id).state == "building"  # nothing marked it good

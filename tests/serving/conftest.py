@@ -3,12 +3,13 @@ them by the real stage entry (no training: a seeded ``build_model`` is a model l
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import pytest
 import torch
+
+from pipeline.contracts import EvaluationMetrics, ModelSpec
 
 # A 64 x 64-cell grid and narrow layers: the same code paths as the default model, a fraction of the work.
 SMALL_MODEL = {"x_range_m": [-12.8, 12.8], "y_range_m": [-12.8, 12.8], "cell_size_m": 0.4,
@@ -20,6 +21,7 @@ def register_model(registry, seed: int = 0, blessed: bool | None = True, with_me
                    reasons: tuple[str, ...] = ()):
     """A dataset record, a model artifact laid out like the train stage's (model.pt, model.json,
     model.ts, metrics.json) with weights from ``seed``, its blessing, and an evaluation metrics artifact."""
+    from tests.evaluation.builders import train_metrics
     from training.checkpoint import save_torchscript
     from training.models import build_model, config_to_dict
 
@@ -30,12 +32,10 @@ def register_model(registry, seed: int = 0, blessed: bool | None = True, with_me
         torch.manual_seed(seed)
         model = build_model("bev_segnet", SMALL_MODEL).eval()
         torch.save(model.state_dict(), os.path.join(staging, "model.pt"))
-        with open(os.path.join(staging, "model.json"), "w") as fh:
-            json.dump({"model": "bev_segnet", "options": config_to_dict(model.config)}, fh)
+        ModelSpec.for_model("bev_segnet", config_to_dict(model.config)).save_to(staging)
         example = (torch.rand(1, 64, 4) * 10, torch.ones(1, 64, dtype=torch.bool))
         save_torchscript(model, os.path.join(staging, "model.ts"), {"run_id": f"train-{seed}"}, example)
-        with open(os.path.join(staging, "metrics.json"), "w") as fh:
-            json.dump({"model": "bev_segnet", "final": {"loss": 1.0, "val_miou": 0.4}, "first_epoch_loss": 2.0}, fh)
+        train_metrics(dataset.ref).save_to(staging)
         return {"run_id": f"train-{seed}"}
 
     model = registry.build("model", "bev_segnet", entry_point="tests", config={"seed": seed},
@@ -45,14 +45,27 @@ def register_model(registry, seed: int = 0, blessed: bool | None = True, with_me
     metrics = None
     if with_metrics:
         def write_metrics(staging, record):
-            with open(os.path.join(staging, "metrics.json"), "w") as fh:
-                json.dump({"miou": 0.41, "per_class_iou": {"ground": 0.9, "vehicle": 0.5},
-                           "latency_ms": {"p50": 12.0, "p99": 15.0}, "blessed": bool(blessed),
-                           "confusion": [[1] * 8] * 8}, fh)
+            evaluation_metrics(model.ref, dataset.ref, record.ref, blessed=bool(blessed)).save_to(staging)
 
         metrics = registry.build("metrics", "bev_segnet", entry_point="tests", config={"seed": seed},
                                  builder=write_metrics, parents=[model, dataset])
     return model, metrics
+
+
+def evaluation_metrics(model: str, dataset: str, ref: str, blessed: bool = True, miou: float = 0.41) -> EvaluationMetrics:
+    """An evaluate stage ``metrics.json`` with small headline numbers and a matrix (which packages leave out)."""
+    classes = {"ground": {"iou": 0.9, "recall": 0.95}, "vehicle": {"iou": 0.5, "recall": 0.6}}
+    return EvaluationMetrics(
+        model=model, model_name="bev_segnet", dataset=dataset, split="test", metrics_ref=ref, created_at="now",
+        host="test", code_version="", settings_key="", thresholds={"min_miou": 0.3},
+        candidate={"segmentation": {"miou": miou, "accuracy": 0.9, "frames": 4, "classes": classes,
+                                    "confusion": [[1] * 8] * 8},
+                   "planner": {"missed_brakes": 1, "false_brakes": 2, "events": [{"x": 1}]},
+                   "hardware": {"macs": 123, "variants": {"torchscript": {"p50_ms": 12.0, "p99_ms": 15.0,
+                                                                          "samples_ms": [1.0] * 40}}}},
+        baseline_model=None, baseline_source=None, baseline=None,
+        verdict={"blessed": blessed, "reasons": ["all checks passed"], "checks": []}, worst_scenes=[],
+        feedback={"weights": {}, "file": "feedback/sample_weights.json"})
 
 
 def serve_config(home: str, **serve):

@@ -3,6 +3,7 @@ fallback, and promotion / rollback of real packages through the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 
@@ -93,7 +94,7 @@ def test_a_failing_aot_inductor_falls_back_to_the_exported_program_and_says_why(
     package = load(result["location"], runtime="pt2")
     points, expected = package.example()
     assert np.array_equal(package.predict(points), expected)
-    assert package.metadata["evaluation"]["metrics_ref"] is None  # no metrics artifact: no summary
+    assert package.metadata.evaluation["metrics_ref"] is None  # no metrics artifact: no summary
     assert {p.kind for p in registry.parents(registry.get(result["ref"]).id)} == {"model"}
 
 
@@ -103,8 +104,8 @@ def test_aot_inductor_package_agrees_with_torchscript_and_eager(aoti_served):
     assert result["pt2_format"] == "aoti" and "aoti_error" not in result
     torchscript, compiled = load(result["location"]), load(result["location"], runtime="pt2")
     meta = compiled.metadata
-    assert meta["runtimes"]["pt2"]["format"] == "aoti" and meta["runtimes"]["pt2"]["compile_seconds"] > 0
-    assert meta["agreement"]["pt2_vs_eager"]["agrees"] and meta["agreement"]["pt2_vs_torchscript"]["agrees"]
+    assert meta.runtimes["pt2"]["format"] == "aoti" and meta.runtimes["pt2"]["compile_seconds"] > 0
+    assert meta.agreement["pt2_vs_eager"]["agrees"] and meta.agreement["pt2_vs_torchscript"]["agrees"]
     points, expected = compiled.example()
     assert np.array_equal(compiled.predict(points), expected)
     # A point count other than the example's: the .pt2 was exported with a dynamic N.
@@ -158,31 +159,20 @@ def test_promotion_and_rollback_of_real_packages_through_the_cli(avp_env):
         registry.promote("package:bev_segnet@v2", "perception", "bev_segnet")
 
 
-def test_the_evaluation_report_is_summarised_without_its_curves(tmp_path):
+def test_the_evaluation_report_is_summarised_without_its_curves():
     """The evaluate stage's metrics.json shape: headline numbers in, matrices/curves/samples out."""
     import json
 
     from serving.entry import metrics_summary
+    from tests.serving.conftest import evaluation_metrics
 
-    report = {
-        "model": "model:bev_segnet@v1", "split": "test", "thresholds": {"min_miou": 0.3},
-        "candidate": {
-            "segmentation": {"miou": 0.52, "accuracy": 0.9, "frames": 12, "confusion": [[1] * 8] * 8,
-                             "classes": {"ground": {"iou": 0.95, "recall": 0.97}, "vehicle": {"iou": 0.4, "recall": 0.6}}},
-            "pr_curves": {"vehicle": {"precision": [0.1] * 50}},
-            "planner": {"missed_brakes": 1, "false_brakes": 2, "events": [{"x": 1}]},
-            "hardware": {"macs": 123, "variants": {"torchscript": {"p50_ms": 9.5, "p99_ms": 12.0, "samples_ms": [1.0] * 40}}},
-        },
-        "baseline": {"segmentation": {"miou": 0.5}},
-        "verdict": {"blessed": True, "reasons": ["all checks passed"], "checks": [{"name": "miou"}]},
-    }
-    path = tmp_path / "metrics.json"
-    path.write_text(json.dumps(report))
-    summary = metrics_summary(str(path))
-    assert summary["miou"] == 0.52 and summary["class_iou"] == {"ground": 0.95, "vehicle": 0.4}
+    metrics = evaluation_metrics("model:bev_segnet@v1", "dataset:fleet-lidar@v1", "metrics:bev_segnet@v1", miou=0.52)
+    baseline = {"segmentation": {"miou": 0.5}}
+    summary = metrics_summary(dataclasses.replace(metrics, baseline=baseline))
+    assert summary["miou"] == 0.52 and summary["class_iou"] == {"ground": 0.9, "vehicle": 0.5}
     assert summary["class_recall"]["vehicle"] == 0.6 and summary["baseline_miou"] == 0.5
     assert summary["planner"] == {"missed_brakes": 1, "false_brakes": 2}
-    assert summary["latency_ms"] == {"torchscript": {"p50": 9.5, "p99": 12.0}} and summary["macs"] == 123
+    assert summary["latency_ms"] == {"torchscript": {"p50": 12.0, "p99": 15.0}} and summary["macs"] == 123
     assert summary["verdict_reasons"] == ["all checks passed"] and summary["thresholds"] == {"min_miou": 0.3}
     assert "confusion" not in json.dumps(summary) and "samples_ms" not in json.dumps(summary)
 

@@ -55,7 +55,7 @@ def test_healthz_and_metadata(client, package):
     assert health["status"] == "ok" and health["package"] == package.ref and health["max_points"] == LIMIT
     assert health["manifest_sha256"] == package.manifest_sha256
     meta = client.get("/metadata").json()
-    assert meta["class_map"]["1"] == "ground" and meta["model"]["ref"] == package.metadata["model"]["ref"]
+    assert meta["class_map"]["1"] == "ground" and meta["model"]["ref"] == package.metadata.model["ref"]
 
 
 def test_binary_request_json_response(client, package):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import shutil
 import subprocess
 import tarfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -26,10 +28,14 @@ from serving.runtime import InvalidInput, load
 
 
 def eager_model(model_artifact):
-    """The trained model rebuilt from its artifact, independently of the package."""
-    from serving.package import load_eager_model
+    """The trained model rebuilt from its artifact's files, independently of the package code."""
+    from training.models import build_model
 
-    return load_eager_model(model_artifact.location)[0]
+    with open(os.path.join(model_artifact.location, "model.json")) as fh:
+        spec = json.load(fh)
+    model = build_model(spec["model"], spec["options"])
+    model.load_state_dict(torch.load(os.path.join(model_artifact.location, "model.pt"), weights_only=True))
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------- round trip
@@ -52,25 +58,28 @@ def test_round_trip_loads_verifies_and_predicts_like_the_model(served):
 def test_metadata_carries_provenance_evaluation_and_input_spec(served):
     _cfg, registry, model_art, result = served
     meta = load(result["location"]).metadata
-    assert meta["package"]["ref"] == result["ref"] == "package:bev_segnet@v1"
-    assert meta["model"]["ref"] == model_art.ref and meta["model"]["version"] == model_art.version
-    assert meta["model"]["training_run_id"] == "train-0"
-    assert meta["dataset"]["ref"] == "dataset:fleet-lidar@v1"
-    prov = meta["provenance"]
+    assert meta.package["ref"] == result["ref"] == "package:bev_segnet@v1"
+    assert meta.model["ref"] == model_art.ref and meta.model["version"] == model_art.version
+    assert meta.model["training_run_id"] == "train-0"
+    assert meta.dataset["ref"] == "dataset:fleet-lidar@v1"
+    prov = meta.provenance
     assert prov["run_id"] == "test-run" and prov["user"] and len(prov["git_sha"]) >= 7 and "diff_hash" in prov
-    evaluation = meta["evaluation"]
+    evaluation = meta.evaluation
     assert evaluation["verdict"] == "blessed" and evaluation["metrics_ref"] == "metrics:bev_segnet@v1"
-    assert evaluation["summary"]["miou"] == 0.41 and evaluation["summary"]["per_class_iou"]["vehicle"] == 0.5
+    assert evaluation["summary"]["miou"] == 0.41 and evaluation["summary"]["class_iou"]["vehicle"] == 0.5
     assert "confusion" not in evaluation["summary"]  # matrices stay in the evaluation report
-    perf = meta["performance"]
+    perf = meta.performance
     assert perf["macs"] > 0 and perf["parameters"] > 0
     assert perf["torchscript_latency_ms"]["p50"] > 0 and perf["pt2_latency_ms"]["runs"] == 3
-    assert meta["class_map"]["5"] == "vehicle" and len(meta["classes"]) == 8
-    assert meta["input"]["points"]["shape"] == ["N", 4] and meta["input"]["max_points"] == 50_000
-    assert meta["preprocessing"]["bev_grid"]["cell_size_m"] == 0.4
-    assert meta["example"]["input"]["shape"] == [2000, 4] and meta["example"]["expected_classes"]["dtype"] == "int64"
+    assert meta.class_map["5"] == "vehicle" and len(meta.classes) == 8
+    assert meta.input["points"]["shape"] == ["N", 4] and meta.input["max_points"] == 50_000
+    pt2 = meta.runtimes["pt2"]
+    assert pt2["dynamic_shapes"] == {"num_points": [1, 50_000]} and pt2["batch"] == 1
+    assert pt2["compiled_by"] == "serve" and pt2["aoti_error"] == "skipped: serve.aot_inductor is false"
+    assert meta.preprocessing["bev_grid"]["cell_size_m"] == 0.4
+    assert meta.example["input"]["shape"] == [2000, 4] and meta.example["expected_classes"]["dtype"] == "int64"
     for pair in ("torchscript_vs_eager", "pt2_vs_eager", "pt2_vs_torchscript"):
-        assert meta["agreement"][pair]["agrees"] and meta["agreement"][pair]["class_match_rate"] == 1.0
+        assert meta.agreement[pair]["agrees"] and meta.agreement[pair]["class_match_rate"] == 1.0
     # The TorchScript file carries provenance of its own.
     extra = {"metadata.json": ""}
     torch.jit.load(os.path.join(result["location"], "model.ts"), _extra_files=extra)
@@ -113,6 +122,52 @@ def test_tarball_is_reproducible(served, tmp_path):
     first = make_tarball(folder, str(tmp_path / "a.tar.gz"))
     second = make_tarball(folder, str(tmp_path / "b.tar.gz"))
     assert first == second
+
+
+@pytest.mark.slow
+def test_serve_ships_the_program_the_evaluation_compiled_and_timed(tmp_path):
+    """The evaluate stage's AOTInductor model.pt2 (kept with its metrics) is what the package carries:
+    the same bytes, not a second compile; serve alone (the aoti_served fixture) compiles its own."""
+    from evaluation import hardware
+    from pipeline.contracts import CompiledProgram
+    from pipeline.registry import Registry
+    from serving import artifacts
+    from serving.entry import run
+    from tests.serving.conftest import evaluation_metrics, register_model, serve_config
+
+    cfg = serve_config(str(tmp_path / "home"), aot_inductor=True)
+    registry = Registry.open(cfg)
+    model, _ = register_model(registry, seed=4, with_metrics=False)
+    frames = [synthetic_scan(n, seed, (-12.8, 12.8), (-12.8, 12.8)) for n, seed in ((1500, 1), (2500, 2))]
+
+    def evaluate(staging, record):
+        net, _spec = artifacts.load_model(model.location)
+        measured = hardware.measure(net, os.path.join(model.location, "model.ts"), frames, runs=2, warmup=1,
+                                    device=torch.device("cpu"), aot_inductor=True, max_points=cfg.serve.max_points,
+                                    compiled_dir=os.path.join(staging, artifacts.COMPILED_DIR), say=lambda _m: None)
+        metrics = evaluation_metrics(model.ref, registry.parents(model.id)[0].ref, record.ref)
+        replace(metrics, candidate={**metrics.candidate, "hardware": measured}).save_to(staging)
+
+    metrics = registry.build("metrics", "bev_segnet", entry_point="tests", config={"seed": 4}, builder=evaluate,
+                             parents=[model])
+    messages = []
+    result = run(cfg, registry, say=messages.append, model=model.ref)
+    compiled = os.path.join(metrics.location, artifacts.COMPILED_DIR)
+    evaluated = open(os.path.join(compiled, artifacts.COMPILED_PT2), "rb").read()
+    shipped = open(os.path.join(result["location"], "model.pt2"), "rb").read()
+    assert shipped == evaluated
+    record = json.loads(open(os.path.join(compiled, CompiledProgram.FILE)).read())
+    assert record["sha256"] == hashlib.sha256(shipped).hexdigest()
+    assert any("reused the evaluation's AOTInductor model.pt2" in m for m in messages)
+    package = load(result["location"], runtime="pt2")
+    pt2 = package.metadata.runtimes["pt2"]
+    assert pt2["format"] == "aoti" and pt2["compiled_by"] == "evaluate"
+    assert pt2["compile_seconds"] == record["compile_seconds"] and pt2["dynamic_shapes"] == {"num_points": [1, 50_000]}
+    points, expected = package.example()
+    assert np.array_equal(package.predict(points), expected)
+    with torch.no_grad():
+        logits = eager_model(model)(torch.from_numpy(frames[1])[None], torch.ones(1, 2500, dtype=torch.bool))[0]
+    np.testing.assert_allclose(package.predict_logits(frames[1]), logits.numpy(), atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------- tampering

@@ -22,6 +22,7 @@ from pipeline.frames import BOX_COLUMNS, Frame
 from pipeline.home import Home
 from pipeline.registry import Registry
 from pipeline.taxonomy import CLASS_ID
+from tests.manifests import make_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -73,10 +74,9 @@ def make_frame(spec: LogSpec, index: int, rng: np.random.Generator) -> Frame:
 
 def build_dataset(registry: Registry, logs: list[LogSpec], name: str = "fleet-lidar",
                   tweak_frame: Callable[[Frame], Frame] | None = None,
-                  tweak_rows: Callable[[str, list[dict]], list[dict]] | None = None,
-                  manifest_extra: dict | None = None):
+                  tweak_rows: Callable[[str, list[dict]], list[dict]] | None = None):
     """Write ``logs`` as a Petastorm dataset the way ingest does and register it as ``dataset:<name>``."""
-    from spark_jobs.ingest import MANIFEST, write_petastorm_metadata
+    from spark_jobs.ingest import write_petastorm_metadata
     from spark_jobs.rows import encode_frame, write_row_group
 
     def build(staging, record):
@@ -100,16 +100,14 @@ def build_dataset(registry: Registry, logs: list[LogSpec], name: str = "fleet-li
                     if chunk:
                         write_rows(os.path.join(staging, split, f"part-{g:05d}.parquet"), chunk, write_row_group)
                 write_petastorm_metadata(os.path.join(staging, split))
-        manifest = {"dataset": record.ref, "shares": {"train": 0.75, "test": 0.15, "val": 0.10},
-                    "splits": {s: {"logs": [l.log_id for l in logs if l.split == s]} for s in ("train", "test", "val")},
-                    "logs": summaries, "quarantined": [], **(manifest_extra or {})}
-        with open(os.path.join(staging, MANIFEST), "w") as fh:
-            json.dump(manifest, fh)
+        make_manifest(record.ref, {s: {"logs": [l.log_id for l in logs if l.split == s], "frames": 0, "points": 0,
+                                       "row_groups": []} for s in ("train", "test", "val")},
+                      summaries, reader_ranks=2).save_to(staging)
         return {"frames": sum(s.frames for s in logs)}
 
     spec_key = [(s.log_id, s.split, s.city, s.frames, sorted(s.shares.items(), key=str)) for s in logs]
     return registry.build("dataset", name, entry_point="tests:build_dataset", builder=build,
-                          config={"logs": repr(spec_key), "tweaks": repr((tweak_frame, tweak_rows, manifest_extra))})
+                          config={"logs": repr(spec_key), "tweaks": repr((tweak_frame, tweak_rows))})
 
 
 def write_rows(path: str, rows: list[dict], write_row_group) -> None:

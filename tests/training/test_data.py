@@ -3,7 +3,6 @@ Petastorm shards of a tiny dataset written the way ingest writes it (one row gro
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from pipeline.taxonomy import IGNORE, NUM_CLASSES
+from tests.manifests import make_manifest
 from training import data
 
 # ----------------------------------------------------------------------------------------- tiny datasets
@@ -45,8 +45,7 @@ def write_dataset(location: str, layout: dict[str, tuple[int, ...]], seed: int =
     from spark_jobs.ingest import write_petastorm_metadata
     from spark_jobs.rows import encode_frame, write_row_group
 
-    manifest = {"dataset": "test", "source": "synthetic", "reader_ranks": 2, "splits": {}, "logs": {},
-                "quarantined": [], "files": []}
+    splits, logs_info = {}, {}
     for split, groups in layout.items():
         frames_total = sum(groups)
         logs = [f"{split}-log-{i:02d}" for i in range((frames_total + 2) // 3)]
@@ -59,7 +58,7 @@ def write_dataset(location: str, layout: dict[str, tuple[int, ...]], seed: int =
                 frame = synthetic_frame(log_id, index, seed)
                 weight = (sample_weights or {}).get(log_id, 1.0)
                 rows.append(encode_frame(frame, "testcity", weight))
-                info = manifest["logs"].setdefault(log_id, {"log_id": log_id, "split": split, "city": "testcity",
+                info = logs_info.setdefault(log_id, {"log_id": log_id, "split": split, "city": "testcity",
                                                             "frames": 0, "points": 0, "class_points": {}})
                 info["frames"] += 1
                 info["points"] += len(frame.points)
@@ -67,14 +66,12 @@ def write_dataset(location: str, layout: dict[str, tuple[int, ...]], seed: int =
                     info["class_points"][str(int(label))] = info["class_points"].get(str(int(label)), 0) + int(count)
             name = f"{split}/part-{g:05d}.parquet"
             write_row_group(os.path.join(location, name), rows)
-            manifest["files"].append(name)
             start += size
         write_petastorm_metadata(os.path.join(location, split))
-        manifest["splits"][split] = {"logs": logs, "frames": frames_total,
-                                     "points": sum(manifest["logs"][log]["points"] for log in logs),
-                                     "row_groups": list(groups), "path": split}
-    with open(os.path.join(location, data.MANIFEST), "w") as fh:
-        json.dump(manifest, fh, indent=2, sort_keys=True)
+        splits[split] = {"logs": logs, "frames": frames_total, "points": sum(logs_info[log]["points"] for log in logs),
+                         "row_groups": list(groups)}
+    manifest = make_manifest("test", splits, logs_info, reader_ranks=2)
+    manifest.save_to(location)
     return manifest
 
 

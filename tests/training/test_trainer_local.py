@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from pipeline import config
+from pipeline.contracts import JobDataset
 from pipeline.taxonomy import NUM_CLASSES
 from tests.training.test_data import TEST_GROUPS, TRAIN_GROUPS, VAL_GROUPS, write_dataset
 from tests.training.test_trainer import TINY_MODEL
@@ -55,12 +56,12 @@ def make_job(folder: Path, dataset, resume: bool = False, model: str = "bev_segn
     cfg = config.load({k: str(v) for k, v in values.items()}, env={})
     location, manifest = dataset
     os.makedirs(folder / "logs", exist_ok=True)
-    return Job({"run_id": folder.name, "backend": backend, "world": 1, "device": "cpu",
-                "train": config.resolved(cfg.train), "model_options": json.loads(options),
-                "dataset": {"ref": "dataset:tiny@v1", "location": location, "content_key": "", "manifest": manifest},
-                "state_dir": str(folder / "state"), "final_dir": str(folder / "state" / "final"),
-                "logs_dir": str(folder / "logs"), "progress_file": str(folder / "logs" / "progress.jsonl"),
-                "resume": resume, "provenance": {"git_sha": "test"}, "config": config.resolved(cfg)})
+    return Job(run_id=folder.name, backend=backend, world=1, device="cpu",
+               train=config.resolved(cfg.train), model_options=json.loads(options),
+               dataset=JobDataset(ref="dataset:tiny@v1", location=location, content_key="", manifest=manifest),
+               state_dir=str(folder / "state"), final_dir=str(folder / "state" / "final"),
+               logs_dir=str(folder / "logs"), progress_file=str(folder / "logs" / "progress.jsonl"),
+               resume=resume, provenance={"git_sha": "test"}, config=config.resolved(cfg))
 
 
 def train(job: Job, trainer_class=Trainer) -> dict:
@@ -142,13 +143,11 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, 
 @pytest.mark.slow
 def test_in_process_weights_equal_one_ddp_rank_started_by_torchrun(tmp_path, dataset, reference):
     """World size 1 either way: DDP's allreduce over one rank divides by 1, so the weights are the same."""
-    from pipeline.files import atomic_write_json
     from training.launch import launch
 
     _, in_process = reference
     job = make_job(tmp_path, dataset, backend="ddp")
-    job_path = os.path.join(job.logs_dir, "job.json")
-    atomic_write_json(job_path, job.spec)
+    job_path = job.save_to(job.logs_dir)
     result = launch(job_path, "ddp", 1, job.logs_dir, job.progress_file, say=lambda _m: None, progress_bar=False)
     assert result.returncode == 0, Path(job.logs_dir, "rank-0.log").read_text()[-3000:]
     metrics = metrics_of(job)

@@ -56,6 +56,7 @@ __all__ = [
     "config_to_dict",
     "count_parameters",
     "model_info",
+    "model_modules",
 ]
 
 
@@ -121,6 +122,13 @@ def get_model_spec(name: str) -> ModelSpec:
     except (KeyError, TypeError):
         known = ", ".join(list_models()) or "(none registered)"
         raise ValueError(f"unknown model {name!r}; registered models: {known}") from None
+
+
+def model_modules(name: str) -> tuple[str, ...]:
+    """The modules that define model ``name`` (its config and builder), for content keys: models are
+    imported by discovery, which the static import analysis behind them cannot follow."""
+    spec = get_model_spec(name)
+    return tuple(sorted({spec.config_cls.__module__, spec.build.__module__}))
 
 
 def make_config(name: str, overrides: Mapping[str, Any] | None = None) -> Any:
