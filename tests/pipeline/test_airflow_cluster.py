@@ -6,6 +6,7 @@ registry. Everything is stopped by PID (SIGINT to the launcher, as Ctrl-C) in a 
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -62,6 +63,12 @@ def _celery_records(db_url: str, run_id: str) -> dict[str, tuple]:
             "FROM task_instance ti LEFT JOIN celery_taskmeta c ON c.task_id = ti.external_executor_id "
             "WHERE ti.dag_id = 'avp_daily' AND ti.run_id = %s", (run_id,)).fetchall()
     return {row[0]: row[1:] for row in rows}
+
+
+def _log_days(registry: Registry, dataset) -> list[str]:
+    """The days (UTC) of the drive logs a dataset was built from, from its parents in the registry."""
+    return sorted({dt.datetime.fromtimestamp(p.meta["start_time_ns"] / 1e9, dt.timezone.utc).date().isoformat()
+                   for p in registry.parents(dataset.id) if p.kind == "log"})
 
 
 def _finished(client: httpx.Client, run_id: str):
@@ -139,10 +146,16 @@ def test_celery_cluster_runs_a_triggered_dag_and_a_parallel_backfill(cluster_hom
             return len(runs) == 2 and all(s in ("success", "failed") for s in states) and states
 
         assert wait_for(backfill_runs, 1500, f"backfill {backfill['id']}") == ["success", "success"]
-        datasets = registry.list("dataset", state="succeeded")
-        per_day = {day: [d.version for d in datasets if d.config["date_to"] == day]
-                   for day in ("2026-11-02", "2026-11-03")}
-        assert all(len(versions) == 1 for versions in per_day.values()), per_day
+        # One dataset per day, the one each run's ingest returned, holding exactly the logs recorded before that
+        # day (the simulated fleet drove on Nov 1 and 2); no two datasets with the same content.
+        runs = client.get(f"{DAG}/dagRuns", params={"run_type": "backfill"}).json()["dag_runs"]
+        per_day = {r["logical_date"][:10]: registry.get(client.get(
+            f"{DAG}/dagRuns/{r['dag_run_id']}/taskInstances/ingest/xcomEntries/return_value").json()["value"])
+            for r in runs}
+        assert {day: _log_days(registry, ds) for day, ds in per_day.items()} == {
+            "2026-11-02": ["2026-11-01"], "2026-11-03": ["2026-11-01", "2026-11-02"]}
+        keys = [d.content_key for d in registry.list("dataset", state="succeeded")]
+        assert len(keys) == len(set(keys))
         everything = registry.list()
         versions = [(a.kind, a.name, a.version) for a in everything]
         assert len(versions) == len(set(versions))
