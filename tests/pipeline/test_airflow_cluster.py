@@ -23,6 +23,7 @@ from pipeline.registry import Registry
 from pipeline.servers import free_port, pg_bin_dir, redis_server_binary
 from tests.dags.test_dag_run import REPO, airflow_env, run
 from tests.dags.test_standalone import wait_for
+from tests.pipeline.test_servers import gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 DAG = "/api/v2/dags/avp_daily"
@@ -42,14 +43,6 @@ def cluster_home():
     root.chmod(0o755)
     yield root
     shutil.rmtree(root, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _celery_records(db_url: str, run_id: str) -> dict[str, tuple]:
@@ -178,7 +171,7 @@ def test_celery_cluster_runs_a_triggered_dag_and_a_parallel_backfill(cluster_hom
             proc.wait()
         pids = dict(state.get("pids", {}))
         pids.update({name: state[name]["pid"] for name in ("postgres", "redis") if name in state})
-        left = {name: pid for name, pid in pids.items() if _alive(pid)}
+        left = {name: pid for name, pid in pids.items() if not gone(pid)}
         for pid in left.values():
             os.killpg(pid, signal.SIGKILL)
     assert proc.returncode == 0, launcher_log.read_text()[-3000:]

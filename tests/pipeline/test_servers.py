@@ -14,7 +14,8 @@ import pytest
 from pipeline import servers
 
 
-def _gone(pid: int) -> bool:
+def gone(pid: int) -> bool:
+    """No process has this PID any more."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -44,7 +45,7 @@ def test_redis_serves_then_stops_by_pid(server_root):
         client = redis.Redis.from_url(server.url())
         client.set("avp", "42")
         assert client.get("avp") == b"42"
-    assert _gone(server.pid) and _port_free(server.port)
+    assert gone(server.pid) and _port_free(server.port)
 
 
 def test_postgres_keeps_its_databases_across_a_restart(server_root):
@@ -53,12 +54,12 @@ def test_postgres_keeps_its_databases_across_a_restart(server_root):
         first.create_database("avp")  # already there: nothing to do
         with first.admin() as conn:
             conn.execute("SELECT 1")
-    assert _gone(first.pid) and _port_free(first.port)
+    assert gone(first.pid) and _port_free(first.port)
     with servers.start_postgres(server_root / "pg") as second:  # the same data folder: no second initdb
         with second.admin() as conn:
             names = {row[0] for row in conn.execute("SELECT datname FROM pg_database")}
     assert "avp" in names
-    assert _gone(second.pid)
+    assert gone(second.pid)
 
 
 def test_a_missing_server_says_how_to_install_it(tmp_path, monkeypatch):
