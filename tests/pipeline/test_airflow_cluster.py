@@ -112,7 +112,9 @@ def test_celery_cluster_runs_a_triggered_dag_and_a_parallel_backfill(cluster_hom
             task: "training" if task == "train" else "default" for task in TASKS}
         # Every task instance went through Celery: its Celery task id is recorded, and Celery's result backend
         # says which worker node took it from which queue, and that it completed.
-        records = _celery_records(state["postgres"]["airflow_db"], run_id)
+        # (the Celery task of the last task instance can end a moment after Airflow marked the run done)
+        records = wait_for(lambda: (r := _celery_records(state["postgres"]["airflow_db"], run_id)) and all(
+            row[3] == "SUCCESS" for row in r.values()) and r, 60, "Celery to record every task's end")
         for task in TASKS:
             hostname, queue, celery_id, status, node, celery_queue = records[task]
             worker = "training-worker" if task == "train" else "worker"
