@@ -134,7 +134,10 @@ class HorovodBackend(Backend):
         self.hvd.barrier()
 
     def distribute_optimizer(self, model, optimizer):
-        return self.hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters())
+        # One group: every gradient goes into a single grouped allreduce, negotiated once per step instead
+        # of once per tensor (the same sums, so the same weights: 1.29x -> 1.08x DDP's step time, see
+        # docs/benchmarks.md).
+        return self.hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(), groups=1)
 
     def synchronize(self, model, optimizer):
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
