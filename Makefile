@@ -17,15 +17,15 @@ airflow: setup  ## the Airflow UI with the avp_daily DAG on http://127.0.0.1:808
 	@bash scripts/airflow_standalone.sh
 
 airflow-cluster: setup  ## CeleryExecutor: PostgreSQL, Redis, scheduler & co, 2 workers (docs/deploy.md; Ctrl-C stops it)
-	@bash scripts/test_services.sh
+	@bash scripts/install_servers.sh
 	@bash scripts/airflow_cluster.sh
 
 test: setup  ## also installs the servers tests start (PostgreSQL) when missing and run as root
-	@bash scripts/test_services.sh
+	@bash scripts/install_servers.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup  ## skip the slow (Spark / multi-process / Airflow) tests
-	@bash scripts/test_services.sh
+	@bash scripts/install_servers.sh
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup  ## every benchmark, one after the other (results go into docs/benchmarks.md by hand)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make test / make test-fast: make sure the servers the tests start for themselves are installed: PostgreSQL
+# make test, make test-fast and make airflow-cluster: make sure the servers they start are installed: PostgreSQL
 # (Debian's `postgresql` package) for the registry tests and the Celery cluster test, Redis (`redis-server`)
 # as that cluster's broker. Both are started on free 127.0.0.1 ports by pipeline/servers.py. Quiet when they
 # are there; as root (CI) missing ones are installed with apt-get; otherwise it says how, and under CI=true a
