@@ -23,7 +23,6 @@ import datetime as dt
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import httpx
 
+from pipeline.servers import free_port
 from tests.dags.test_dag_run import TINY
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,12 +54,6 @@ bench_noop()
 '''
 FIRST_TASK = {"avp_daily": "ingest", "bench_noop": "noop"}
 DEPLOYMENTS = {"LocalExecutor / SQLite": "airflow_standalone.sh", "CeleryExecutor / PostgreSQL": "airflow_cluster.sh"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(predicate, timeout: float, what: str, every: float = 0.1):
@@ -127,7 +121,7 @@ def whole_run(client: httpx.Client) -> float:
 
 
 def bench_deployment(script: str, dags: str, home: Path, trials: int) -> dict:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AVP_", "AIRFLOW"))}
     env.update(TINY)
     env.update({"AVP_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": dags, "AIRFLOW__API__PORT": str(port)})

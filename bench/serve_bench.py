@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,12 +81,6 @@ def timed(fn, count: int, clients: int) -> tuple[float, float, float]:
     with ThreadPoolExecutor(max_workers=clients) as pool:
         list(pool.map(one, range(count)))
     return stats(latencies, time.perf_counter() - started)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(folder: str, home: str, threads: int) -> tuple[subprocess.Popen, str]:

@@ -68,7 +68,7 @@ def placement(where: str, np: int, master: str) -> dict:
     if where == "spark":
         return {"launcher": "spark", "spark_master": master}
     if where == "nodes":
-        from tests.dags.test_standalone import free_port
+        from pipeline.servers import free_port
 
         return {"nnodes": np, "node_rank": 0, "rdzv": f"127.0.0.1:{free_port()}"}
     return {}

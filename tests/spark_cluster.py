@@ -15,7 +15,8 @@ from typing import Iterator, Sequence
 
 import httpx
 
-from tests.dags.test_standalone import free_port, wait_for
+from pipeline.servers import free_port
+from tests.dags.test_standalone import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 

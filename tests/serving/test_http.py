@@ -7,16 +7,16 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import warnings
-
 import numpy as np
 import pytest
+
+from pipeline.servers import free_port
 
 with warnings.catch_warnings():  # starlette's notice that its TestClient will move to httpx2 one day
     warnings.simplefilter("ignore")
@@ -177,12 +177,6 @@ def test_concurrent_requests_each_get_their_own_answer(package):
 
 
 # ----------------------------------------------------------------------------------------- a real server
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_healthy(base: str, proc: subprocess.Popen, timeout_s: float = 90.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -22,7 +22,7 @@ import torch
 from pipeline import config, stages
 from pipeline.errors import UserError
 from pipeline.registry import Registry
-from tests.dags.test_standalone import free_port
+from pipeline.servers import free_port
 from tests.spark_cluster import standalone_cluster
 from tests.training.test_data import register_dataset
 from tests.training.test_trainer import SETTINGS, metrics_of, quiet
