@@ -15,7 +15,7 @@ from typing import Iterator, Sequence
 
 import httpx
 
-from pipeline.servers import free_port
+from pipeline.servers import free_port, stop_process_group
 from tests.dags.test_standalone import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,13 +70,6 @@ def standalone_cluster(work_dir: Path, workers: Sequence[tuple[str, int]] = (("1
         wait_for(all_registered, 120, f"{len(workers)} Spark worker(s) to register with the master")
         yield cluster
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        for proc in reversed(procs):  # workers, then the master
+            stop_process_group(proc, signal.SIGTERM, timeout=30)
         logs.close()
