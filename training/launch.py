@@ -138,9 +138,11 @@ def rank_settings(placement: Placement) -> dict[str, str]:
     ``HOROVOD_CYCLE_TIME`` (ms, default 20 here, Horovod's own is 1): how often Horovod's background
     thread wakes to negotiate and fuse ready tensors. At 1 ms it competed with the ranks' compute
     threads for the CPU cores: on the shared 2-core machine Horovod x2 / DDP x2 step time was 1.27-1.88
-    at 1 ms and 1.03-1.29 at 20 ms (noisy; docs/benchmarks.md). Sums are unchanged (the weights stay bitwise equal to DDP's, tested); set the
-    variable to override it, e.g. lower on GPU nodes with spare cores."""
-    return {"HOROVOD_CYCLE_TIME": os.environ.get("HOROVOD_CYCLE_TIME", "20"), "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    at 1 ms and 1.03-1.29 at 20 ms (noisy; docs/benchmarks.md). Sums are unchanged (the weights stay
+    bitwise equal to DDP's, tested); set the variable to override it, e.g. lower on GPU nodes with spare
+    cores."""
+    return {"HOROVOD_CYCLE_TIME": os.environ.get("HOROVOD_CYCLE_TIME", "20"), "PYTHONPATH": str(REPO_ROOT),
+            "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
             "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8"),
             "HOROVOD_GLOO_TIMEOUT_SECONDS": str(placement.rank_timeout_s),
             "AVP_RANK_TIMEOUT_S": str(placement.rank_timeout_s)}
