@@ -274,8 +274,8 @@ class Slice:
 
 
 def slices_of(tallies: dict[str, Any]) -> list[Slice]:
-    """Every slice of a scored split's tallies: all, each city, each group of each other dimension; a
-    log is in a slice when it has frames in it."""
+    """Every slice of a scored split's tallies: all, each city, each group of each other dimension that
+    has test frames; a log is in a slice when it has frames in it."""
     logs, cities = tallies["logs"], tallies["cities"]
     dims = tallies["dimensions"]
     layout = Layout(tallies["calibration_bins"])
@@ -290,6 +290,8 @@ def slices_of(tallies: dict[str, Any]) -> list[Slice]:
         counts = np.asarray(block["counts"], np.float64).reshape(len(logs), len(block["groups"]), layout.size)
         for g, group in enumerate(block["groups"]):
             mine = np.flatnonzero(counts[:, g, layout.planner.start] > 0)
+            if not len(mine):
+                continue  # no test frame falls in this group: nothing to report
             out.append(Slice(f"{dimension}={group}", dimension, group, [logs[i] for i in mine], counts[mine, g]))
     return out
 
