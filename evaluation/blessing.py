@@ -110,6 +110,12 @@ def _relative_checks(candidate: dict[str, Any], baseline: dict[str, Any], settin
             check("regression" if c["outcome"] == "fail" else "not_enough_evidence", False, text)
         elif c["outcome"] == "undecided":
             notes.append(f"warning: {text}")
+    small_but_worse = [c for c in comparisons if c["outcome"] == "too_small" and c["worse_than_allowed"]
+                       and not c["blocks"]]
+    if small_but_worse:
+        notes.append("warning: too little evidence to judge, but worse than allowed by the point estimate: "
+                     + ", ".join(f"{c['slice']} {statistics.metric_label(c['metric'])} {c['change']:+.3f}"
+                                 for c in small_but_worse))
     counts = {o: sum(c["outcome"] == o for c in comparisons) for o in statistics.OUTCOMES}
     slices = len({c["slice"] for c in comparisons})
     summary = (f"paired bootstrap against {label} over {slices} slices: {counts['pass']} of {len(comparisons)} "

@@ -27,8 +27,9 @@ resample draws the *same* logs for both, so what the two models share (a hard st
 difference. Per slice and gated metric, the interval of (candidate - production), signed so that negative
 is worse, gives the verdict: *fail* when it lies entirely below ``-max_regression``, *pass* when it lies
 entirely above, and *not enough evidence* when it straddles it; ``undecided_blocks`` says whether that
-blocks (default: for the safety metric, missed brakes, only). With ``bootstrap_resamples = 0`` an interval
-is its point estimate, and the gate compares point estimates.
+blocks (default: for the safety metric, missed brakes, only) - and whether a *too small* comparison whose
+point estimate is worse than allowed blocks too. With ``bootstrap_resamples = 0`` an interval is its point
+estimate, and the gate compares point estimates.
 
 **Calibration.** The expected calibration error of the per-point softmax: points binned by their top
 softmax score (the confidence of the predicted class); ECE = sum over bins of (bin's points / all points)
@@ -436,6 +437,7 @@ def _judge(slice_name: str, name: str, value: float, base: float, delta: float, 
     sign = -1.0 if name in LOWER_IS_BETTER else 1.0
     worse_low, worse_high = sorted((sign * low, sign * high))
     limit = settings.max_regression
+    worse_than_allowed = sign * delta < -limit - 1e-12  # by the point estimate alone
     if evidence["too_small"] or count < settings.min_slice_count:
         outcome = "too_small"
     elif np.isnan(worse_low) or np.isnan(worse_high):
@@ -446,10 +448,14 @@ def _judge(slice_name: str, name: str, value: float, base: float, delta: float, 
         outcome = "pass"
     else:
         outcome = "undecided"
-    blocks = outcome == "fail" or (outcome == "undecided" and (
+    # Not enough evidence blocks where undecided_blocks says so; so does too little evidence for a change
+    # that looks worse than allowed: a safety metric is not waved through for lack of data.
+    unsure = outcome == "undecided" or (outcome == "too_small" and worse_than_allowed)
+    blocks = outcome == "fail" or (unsure and (
         settings.undecided_blocks == "all" or (settings.undecided_blocks == "safety" and name in SAFETY_METRICS)))
     return {"slice": slice_name, "metric": name, "candidate": value, "production": base, "change": delta,
             "low": _number(low), "high": _number(high), "outcome": outcome, "blocks": blocks,
+            "worse_than_allowed": worse_than_allowed,
             "evidence": {"logs": evidence["logs"], "frames": evidence["frames"], "count": count}}
 
 
@@ -465,7 +471,8 @@ def describe_comparison(c: dict[str, Any], label: str, settings: Any) -> str:
     return what + {"fail": f": regression, the interval lies beyond the allowed {bound}",
                    "undecided": f": not enough evidence, the interval straddles the allowed {bound}"
                                 + (" (blocks)" if c["blocks"] else " (warning)"),
-                   "too_small": ": too little evidence to judge",
+                   "too_small": ": too little evidence to judge" + (
+                       f", and its point estimate is beyond the allowed {bound} (blocks)" if c["blocks"] else ""),
                    "pass": f": within the allowed {bound}"}[c["outcome"]]
 
 

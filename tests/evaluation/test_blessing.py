@@ -133,3 +133,22 @@ def test_no_labelled_points_fails_min_miou(miou):
     empty = copy.deepcopy(GOOD)
     empty["segmentation"]["miou"] = miou
     assert not blessing.decide(empty, EvaluateConfig()).blessed
+
+
+def test_too_little_evidence_does_not_wave_a_worse_safety_metric_through():
+    scant = EvaluateConfig(min_slice_count=200)  # 170 needed brakes in the fleet: too few to judge
+
+    def many_more_misses(_i, city, _parts):
+        return {"planner": (20, 10, 8, 1), **({"vehicle": (200, 60)} if city == "solo" else {})}
+
+    verdict = blessing.decide(with_tallies(fleet(many_more_misses)), scant, with_tallies(fleet()))
+    assert not verdict.blessed
+    blocking = [c["text"] for c in verdict.checks if not c["passed"]]
+    assert any(t.startswith("all: missed-brake rate 0.800 vs production 0.200") and "too little evidence" in t
+               and "(blocks)" in t for t in blocking)
+    # a worse IoU in a slice too small to judge is named in a warning, and does not block
+    warning = next(r for r in verdict.reasons if r.startswith("warning: too little evidence to judge, but worse"))
+    assert "city=solo vehicle IoU -" in warning
+    assert not any("vehicle IoU" in t for t in blocking)
+    # the same scant evidence with nothing worse blocks nothing
+    assert blessing.decide(with_tallies(fleet()), scant, with_tallies(fleet())).blessed
