@@ -304,11 +304,12 @@ def comparison_tables(metrics: EvaluationMetrics) -> list[tuple[str, list[str], 
             for name, m in everything.items() if name == "miou" or not name.startswith(("recall/", "iou/"))]
     tables = [(f"headline metrics with {level} intervals (bootstrap over {described['slices']['all']['logs']} test logs)",
                ["metric", "value", f"{level} interval", "evidence"], rows)]
-    shown = [c for c in metrics.verdict.get("comparisons", []) if c["outcome"] in ("fail", "undecided")]
+    shown = [c for c in metrics.verdict.get("comparisons", []) if c["outcome"] in ("fail", "undecided") or c["blocks"]]
     if shown:
         tables.append((f"paired regression test against {metrics.baseline_model}: not passed",
                        ["slice", "metric", "candidate", "production", "change", f"{level} interval", "outcome"],
                        [[c["slice"], statistics.metric_label(c["metric"]), _f(c["candidate"]), _f(c["production"]),
                          f"{c['change']:+.3f}", f"{_f(c['low'])} - {_f(c['high'])}",
-                         c["outcome"] + (" (blocks)" if c["blocks"] else "")] for c in shown]))
+                         c["outcome"] + (" (blocks)" if c["blocks"] and c["outcome"] != "fail" else "")]
+                        for c in shown]))
     return tables

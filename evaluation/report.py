@@ -423,9 +423,9 @@ def statistics_section(metrics: EvaluationMetrics, described: dict[str, Any]) ->
                  f"{c['change']:+.3f}", "n/a" if c["low"] is None else f"[{c['low']:+.3f}, {c['high']:+.3f}]",
                  c["evidence"]["logs"], c["evidence"]["count"],
                  {"fail": "FAIL: regression", "undecided": "not enough evidence", "too_small": "too small",
-                  "pass": "pass"}[c["outcome"]] + (" (blocks)" if c["outcome"] == "undecided" and c["blocks"] else "")]
+                  "pass": "pass"}[c["outcome"]] + (" (blocks)" if c["outcome"] != "fail" and c["blocks"] else "")]
                 for c in comparisons]
-        shown = [r for r, c in zip(rows, comparisons) if c["outcome"] in ("fail", "undecided")]
+        shown = [r for r, c in zip(rows, comparisons) if c["outcome"] in ("fail", "undecided") or c["blocks"]]
         parts.append(f"<h3>Paired regression test against {html.escape(metrics.baseline_model or 'production')}</h3>"
                      f"<p class='note'>Both models on the same logs; each resample draws the same logs for both. "
                      f"A change (candidate - production) whose {level} interval lies entirely beyond the allowed "

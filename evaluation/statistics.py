@@ -466,7 +466,8 @@ def describe_comparison(c: dict[str, Any], label: str, settings: Any) -> str:
     level = f"{100 * settings.confidence_level:g}% CI" if settings.bootstrap_resamples else "no bootstrap"
     ev = c["evidence"]
     what = (f"{c['slice']}: {metric_label(c['metric'])} {c['candidate']:.3f} vs {label} {c['production']:.3f}, "
-            f"change {c['change']:+.3f} ({level} {interval}; {ev['logs']} logs, {ev['frames']} frames, "
+            f"change {c['change']:+.3f} ({level} {interval}; {ev['logs']} log{'s' if ev['logs'] != 1 else ''}, "
+            f"{ev['frames']} frames, "
             f"evidence {ev['count']})")
     return what + {"fail": f": regression, the interval lies beyond the allowed {bound}",
                    "undecided": f": not enough evidence, the interval straddles the allowed {bound}"
