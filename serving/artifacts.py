@@ -94,12 +94,20 @@ def frame_inputs(points: np.ndarray, device: torch.device | str = "cpu") -> Inpu
 
 # ----------------------------------------------------------------------------------------- TorchScript
 def save_torchscript(model: torch.nn.Module, path: str, extra_files: dict[str, str]) -> torch.jit.ScriptModule:
-    """Script ``model`` (a CPU copy in eval mode), save it to ``path`` with ``extra_files``, and return
-    the module read back from the file, so what is checked afterwards is what was written."""
+    """Script ``model`` (a CPU copy in eval mode), freeze it (``freeze_torchscript``), save it to ``path``
+    with ``extra_files``, and return the module read back from the file, so what is checked afterwards
+    is what was written."""
     from training.checkpoint import script_model
 
-    torch.jit.save(script_model(model), path, _extra_files=extra_files)
+    torch.jit.save(freeze_torchscript(script_model(model)), path, _extra_files=extra_files)
     return load_torchscript(path)
+
+
+def freeze_torchscript(scripted: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """``torch.jit.freeze`` of an eval-mode scripted model: parameters and attributes become constants,
+    so the graph optimiser can fold them (and drop the attribute lookups of every call). The result
+    loads and runs like any TorchScript file, in Python and in C++; only ``forward`` is kept."""
+    return torch.jit.freeze(scripted.eval())
 
 
 def load_torchscript(source: str | bytes, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
@@ -142,6 +150,27 @@ def export_program(model: torch.nn.Module, example: Inputs, spec: ExportSpec) ->
     """``torch.export`` of (a copy of) ``model`` on ``example`` under ``spec``."""
     spec.check(int(example[0].shape[1]), "the export example")
     return torch.export.export(copy.deepcopy(model), example, dynamic_shapes=spec.dynamic_shapes())
+
+
+def quantize_int8(model: torch.nn.Module, calibration: Sequence[Inputs], spec: ExportSpec) -> torch.nn.Module:
+    """Post-training static int8 quantization for x86 CPUs (torchao's PT2E flow): ``torch.export`` of
+    ``model`` under ``spec``, ``prepare_pt2e`` with the ``X86InductorQuantizer`` defaults (per-channel
+    int8 weights, per-tensor int8 activations of convolutions and linears), observers fed with every
+    ``calibration`` frame, then ``convert_pt2e``. The result is a ``GraphModule`` taking the model's
+    inputs; ``export_program`` + ``compile_pt2`` turn it into an AOTInductor package whose quantized
+    ops Inductor lowers to oneDNN int8 kernels. ``ValueError`` without calibration frames; anything the
+    quantizer cannot handle raises (the caller reports the variant as not built, with the reason)."""
+    if not calibration:
+        raise ValueError("int8 quantization needs at least one calibration frame")
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(export_program(model, calibration[0], spec).module(), quantizer)
+    with torch.no_grad():
+        for points, valid in calibration:
+            prepared(points, valid)
+    return convert_pt2e(prepared)
 
 
 def compile_pt2(exported: torch.export.ExportedProgram, path: str, aot_inductor: bool, setting: str,
