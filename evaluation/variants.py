@@ -57,8 +57,6 @@ REDUCED_PRECISION = {"fp16_cuda": torch.float16, "bf16_cuda": torch.bfloat16}
 # The order breaks ties in latency; the first is the reference served when no variant is eligible.
 SERVABLE = {FROZEN: ("torchscript", "model.ts"), AOT: ("pt2", "model.pt2"), INT8: ("int8", "model_int8.pt2")}
 REFERENCE = FROZEN
-# The int8 program's folder inside the evaluation's compiled folder (its own model.pt2 and export.json).
-INT8_DIR = "int8"
 
 
 # ----------------------------------------------------------------------------------------- building
@@ -90,7 +88,7 @@ def build(model: torch.nn.Module, torchscript_path: str, calibration: Sequence[n
         began = time.perf_counter()
         try:
             run = build_int8(model, [artifacts.frame_inputs(f, device) for f in calibration], spec,
-                             os.path.join(compiled_dir, INT8_DIR), device, say)
+                             os.path.join(compiled_dir, artifacts.COMPILED_INT8_DIR), device, say)
             built.append(hardware.Variant(INT8, run, "int8 PT2E (X86InductorQuantizer defaults) + AOTInductor",
                                           time.perf_counter() - began))
         except Exception as exc:  # noqa: BLE001 - an op that does not quantize or compile: report, go on
@@ -147,9 +145,10 @@ def autocast_runner(model: torch.nn.Module, dtype: torch.dtype) -> artifacts.Run
 
 def calibration_picks(count: int, available: int) -> list[int]:
     """``count`` frame indices spread evenly over ``available`` frames (all of them when fewer)."""
-    if available <= 0 or count <= 0:
+    count = min(count, available)
+    if count <= 0:
         return []
-    return sorted({round(i * (available - 1) / max(1, count - 1)) for i in range(min(count, available))})
+    return sorted({round(i * (available - 1) / max(1, count - 1)) for i in range(count)})
 
 
 # ----------------------------------------------------------------------------------------- accuracy

@@ -53,6 +53,8 @@ Runner = Callable[[torch.Tensor, torch.Tensor], Any]
 # The folder of a metrics artifact holding evaluate's compiled model.pt2 and its record.
 COMPILED_DIR = "compiled"
 COMPILED_PT2 = "model.pt2"
+# The subfolder of COMPILED_DIR holding the int8 program (its own model.pt2 and export.json).
+COMPILED_INT8_DIR = "int8"
 PT2_FORMATS = ("aoti", "exported_program")
 
 
