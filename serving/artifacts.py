@@ -1,13 +1,16 @@
 """The deployable forms of a trained model, made, loaded, timed and counted in one place.
 
-A model artifact folder (``model.json`` + ``model.pt``) becomes three runnable forms:
+A model artifact folder (``model.json`` + ``model.pt``) becomes these runnable forms:
 
 * **eager**: the ``nn.Module`` rebuilt from ``model.json`` with the weights of ``model.pt`` (``load_model``);
-* **TorchScript**: ``torch.jit.script`` of the eager model (no tracing, so no shape is baked in), saved
-  with provenance in ``_extra_files`` (``save_torchscript``; loaded by ``load_torchscript`` and C++);
+* **TorchScript**: ``torch.jit.script`` of the eager model (no tracing, so no shape is baked in), frozen
+  (``freeze_torchscript``: weights become graph constants) and saved with provenance in ``_extra_files``
+  (``save_torchscript``; loaded by ``load_torchscript`` and C++);
 * **model.pt2**: ``torch.export`` under the one dynamic-shape spec ``ExportSpec`` (batch 1, the point
   count dynamic from 1 to ``serve.max_points``), compiled by AOTInductor, or the ``ExportedProgram``
-  where AOTInductor is off or cannot compile (``compile_pt2``; loaded by ``load_pt2``).
+  where AOTInductor is off or cannot compile (``compile_pt2``; loaded by ``load_pt2``);
+* **int8**: that export quantized with torchao's PT2E flow for x86 (``quantize_int8``), then exported and
+  compiled like ``model.pt2`` (the evaluate stage's ``int8_pt2e`` variant, kept in ``COMPILED_INT8_DIR``).
 
 The evaluate stage times these forms (``evaluation.hardware``) and the serve stage ships them
 (``serving.package``); both go through this module, so the latency in ``metrics.json`` is measured on

@@ -2,7 +2,7 @@
 
 A package is one folder (and a reproducible ``.tar.gz`` of it) holding::
 
-    model.ts               TorchScript, provenance in _extra_files["metadata.json"] (C++ LibTorch, Python)
+    model.ts               frozen TorchScript, provenance in _extra_files["metadata.json"] (C++ LibTorch, Python)
     model.pt2              torch.export -> AOTInductor package (C++ AOTIModelPackageLoader, Python);
                            an ExportedProgram saved with torch.export.save where AOTInductor cannot compile
     metadata.json          model/dataset versions, git SHA, diff hash, run id, user, evaluation summary and
@@ -10,10 +10,14 @@ A package is one folder (and a reproducible ``.tar.gz`` of it) holding::
     example_input.bin      float32 [N, 4] little-endian raw (x, y, z, intensity)
     expected_output.bin    int64 [N] little-endian raw: the class of every example point
     expected_logits.bin    float32 [N, K] little-endian raw: the eager model's logits on the example
+    model_int8.pt2         only when the evaluation chose int8: its int8 PT2E AOTInductor program, with
+    int8_expected_logits.bin   float32 [N, K]: that program's logits on the example
     MANIFEST.sha256        ``sha256sum`` format, one line per file above (``sha256sum -c`` checks it)
 
 ``build_package`` writes all of it from a model artifact folder and checks that eager, TorchScript and
-the ``.pt2`` agree on the example. Loading, scripting, exporting, compiling, timing and MAC counting are
+the ``.pt2`` agree on the example. ``runtimes.default`` in ``metadata.json`` names the runtime consumers
+run by default: the variant the evaluation chose (``evaluation.variants``) when the package carries it,
+else TorchScript (``default_runtime``). Loading, scripting, exporting, compiling, timing and MAC counting are
 ``serving.artifacts``'s (shared with the evaluate stage, whose compiled ``model.pt2`` is shipped when it
 was compiled for the same model and export spec). ``verify_package`` is the gate every consumer passes
 first: every listed file has its checksum, no file is missing or unlisted, no name leaves the folder, nothing is a
