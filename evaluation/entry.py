@@ -229,13 +229,15 @@ def measure_variants(cfg: PipelineConfig, data: Artifact, manifest: Manifest, ca
         calibration = [val[i].points for i in variants.calibration_picks(ev.int8_calibration_frames, len(val))]
     built, not_built = variants.build(model, os.path.join(candidate.location, "model.ts"), calibration, spec,
                                       compiled_dir, device, aot_inductor=ev.aot_inductor, int8=ev.int8, say=say)
-    timed = hardware.measure(model, os.path.join(candidate.location, "model.ts"), [frames[i].points for i in picks],
+    latency_frames = [frames[i].points for i in picks]
+    timed = hardware.measure(model, os.path.join(candidate.location, "model.ts"), latency_frames,
                              runs=ev.latency_runs, warmup=ev.latency_warmup, device=device,
                              aot_inductor=ev.aot_inductor, max_points=cfg.serve.max_points,
                              compiled_dir=compiled_dir, say=say, extra=built)
     limits = {"latency_budget_ms": ev.latency_p99_budget_ms, "max_miou_drop": ev.variant_max_miou_drop,
               "max_class_iou_drop": ev.variant_max_class_iou_drop}
-    table = variants.evaluate(timed, built, not_built, frames, eager_segmentation, compiled_dir, device, limits, say)
+    table = variants.evaluate(timed, built, not_built, frames, latency_frames, model, eager_segmentation,
+                              compiled_dir, device, limits, say)
     say(table["choice"]["reason"])
     return timed, table
 

@@ -152,11 +152,14 @@ def variants_section(table: dict[str, Any]) -> str:
     not_built = "".join(f"<li>{html.escape(n)}: not built ({html.escape(why)})</li>"
                         for n, why in table["not_built"].items())
     limits = table["limits"]
+    frozen = table.get("frozen_vs_unfrozen")
+    frozen_note = (f"Frozen TorchScript p50 {frozen['frozen_p50_ms']:.1f} ms against {frozen['unfrozen_p50_ms']:.1f} ms "
+                   f"unfrozen ({frozen['speedup_p50']:.2f}x). " if frozen else "")
     return ("<h2>Inference variants</h2>"
             + f"<p><b>{html.escape(table['choice']['reason'])}</b></p>"
             + _table(["variant", "p50 ms", "p99 ms", "GFLOP/s", "of mm peak", "peak MB", "mIoU", "mIoU change pts",
                       "worst class change pts", "packaged", "not eligible because"], rows)
-            + f"<p class='note'>float32 torch.mm peak measured in this run: {table['matmul_peak_gflops']:.1f} GFLOP/s. "
+            + f"<p class='note'>{frozen_note}float32 torch.mm peak measured in this run: {table['matmul_peak_gflops']:.1f} GFLOP/s. "
               f"Accuracy on all {table['test_frames']} test frames; limits: p99 within "
               f"{limits['latency_budget_ms']:.1f} ms, mIoU loss at most {limits['max_miou_drop']:.2f} points, any "
               f"class at most {limits['max_class_iou_drop']:.2f} points.</p><ul class='note'>{not_built}</ul>"

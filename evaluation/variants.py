@@ -22,7 +22,9 @@ or the compiler failed, switched off), never dropped silently.
 Per built variant the table holds: p50 / p99 latency and peak memory (timed interleaved with the others
 by ``evaluation.hardware.measure``), achieved GFLOP/s (counted FLOPs / p50) and its share of a float32
 matmul peak measured in the same run, and - for the variants the package can carry - the mIoU and
-per-class IoU on the whole test split with their change against eager, in IoU points (1 point = 0.01).
+per-class IoU on the whole test split with their change against eager, in IoU points (1 point = 0.01),
+and the agreement of their logits with eager's on the latency frames (the package's tolerance).
+``frozen_vs_unfrozen`` puts the two TorchScript latencies side by side.
 
 **The choice** (``choose``): among the servable variants, those whose p99 is within the latency budget
 (``evaluate.latency_p99_budget_ms``) and whose mIoU and every class IoU lose at most
@@ -182,18 +184,43 @@ def accuracy_change(summary: dict[str, Any], reference: dict[str, Any]) -> dict[
             "class_iou_change_pts": classes}
 
 
+def agreement_on(eager: artifacts.Runner, runners: dict[str, artifacts.Runner], frames: Sequence[np.ndarray],
+                 device: torch.device) -> dict[str, dict[str, Any]]:
+    """Per runner, its logits against eager's on each of ``frames`` (``serving.package.compare_logits``, the
+    package's tolerance): the largest difference, the lowest class match rate, and whether every frame
+    agrees. The float variants must; a quantized one is not expected to (its cost is the accuracy change)."""
+    from serving.package import compare_logits
+
+    worst: dict[str, dict[str, Any]] = {name: {"frames": len(frames), "max_abs_diff": 0.0, "class_match_rate": 1.0,
+                                               "agrees": True} for name in runners}
+    with torch.no_grad():
+        for points in frames:
+            inputs = artifacts.frame_inputs(points, device)
+            reference = eager(*inputs)[0].float().cpu().numpy()
+            for name, run in runners.items():
+                result = compare_logits(reference, run(*inputs)[0].float().cpu().numpy())
+                mine = worst[name]
+                mine.update(max_abs_diff=max(mine["max_abs_diff"], result["max_abs_diff"]),
+                            class_match_rate=min(mine["class_match_rate"], result["class_match_rate"]),
+                            agrees=mine["agrees"] and result["agrees"])
+    return worst
+
+
 # ----------------------------------------------------------------------------------------- the table
 def evaluate(hardware_result: dict[str, Any], built: Sequence[hardware.Variant], not_built: dict[str, str],
-             frames: Sequence[LoggedFrame], eager_segmentation: dict[str, Any], compiled_dir: str,
-             device: torch.device, limits: dict[str, float], say: Callable[[str], None]) -> dict[str, Any]:
+             frames: Sequence[LoggedFrame], latency_frames: Sequence[np.ndarray], eager: artifacts.Runner,
+             eager_segmentation: dict[str, Any], compiled_dir: str, device: torch.device, limits: dict[str, float],
+             say: Callable[[str], None]) -> dict[str, Any]:
     """The variant table of ``metrics.json``: every timed variant with its accuracy change (servable ones,
-    on all of ``frames``), the matmul peak, what was not built and why, the limits and the choice."""
+    on all of ``frames``) and its logits' agreement with eager on the ``latency_frames``, frozen against
+    unfrozen TorchScript, the matmul peak, what was not built and why, the limits and the choice."""
     timed = hardware_result["variants"]
     runners = {v.name: v.run for v in built if v.name in SERVABLE and v.name in timed}
     if AOT in timed:  # the program hardware.measure compiled, loaded back from its file
         runners[AOT] = artifacts.load_pt2(os.path.join(compiled_dir, artifacts.COMPILED_PT2), "aoti", device)
     say(f"scoring {', '.join(runners)} on the {len(frames)} test frames (accuracy change against eager)")
     summaries = segmentation_of(runners, frames, device)
+    agreement = agreement_on(eager, runners, latency_frames, device)
     peak = hardware.matmul_peak_gflops(device=device)
     rows: dict[str, dict[str, Any]] = {}
     for name, timing in timed.items():
@@ -206,13 +233,17 @@ def evaluate(hardware_result: dict[str, Any], built: Sequence[hardware.Variant],
         if name == EAGER:
             row.update(accuracy_change(eager_segmentation, eager_segmentation))
         elif name in summaries:
-            row.update(accuracy_change(summaries[name], eager_segmentation))
+            row.update(accuracy_change(summaries[name], eager_segmentation), agreement_vs_eager=agreement[name])
         else:
             row["accuracy_note"] = "not scored: not a variant the package can carry"
         rows[name] = row
     choice = choose(rows, **limits)
+    frozen = None
+    if TORCHSCRIPT in timed and FROZEN in timed:
+        frozen = {"unfrozen_p50_ms": timed[TORCHSCRIPT]["p50_ms"], "frozen_p50_ms": timed[FROZEN]["p50_ms"],
+                  "speedup_p50": timed[TORCHSCRIPT]["p50_ms"] / timed[FROZEN]["p50_ms"]}
     return {"matmul_peak_gflops": peak, "test_frames": len(frames), "limits": dict(limits), "rows": rows,
-            "not_built": dict(not_built), "choice": choice}
+            "frozen_vs_unfrozen": frozen, "not_built": dict(not_built), "choice": choice}
 
 
 # ----------------------------------------------------------------------------------------- the choice

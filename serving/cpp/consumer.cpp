@@ -200,10 +200,16 @@ Example int8_example(const Example& example, const std::string& dir) {
 }
 
 bool package_has_aoti(const std::string& dir) {
-  // The one fact read from metadata.json. json.dump(indent=2) writes exactly this for an AOTInductor
-  // .pt2 (the fallback writes "exported_program", which LibTorch cannot run).
-  const auto text = read_file(dir + "/metadata.json");
-  return std::string(text.begin(), text.end()).find("\"format\": \"aoti\"") != std::string::npos;
+  // Read from metadata.json's runtimes.pt2 entry (runtimes.int8 is AOTInductor too). json.dump(indent=2)
+  // writes exactly this for an AOTInductor .pt2 (the fallback writes "exported_program", which LibTorch
+  // cannot run).
+  const auto bytes = read_file(dir + "/metadata.json");
+  const std::string text(bytes.begin(), bytes.end());
+  const size_t entry = text.find("\"pt2\": {");
+  if (entry == std::string::npos) return false;
+  const std::string key = "\"format\": \"";
+  const size_t at = text.find(key, entry);
+  return at != std::string::npos && text.compare(at + key.size(), 5, "aoti\"") == 0;
 }
 
 Comparison compare(const at::Tensor& logits_batch, const Example& example) {

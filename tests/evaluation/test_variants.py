@@ -157,6 +157,13 @@ def test_evaluate_reports_every_variant_with_its_cost_and_chooses_one(evaluated)
         assert rows[name]["miou"] == pytest.approx(segmentation["miou"]) and rows[name]["miou_change_pts"] == 0.0
         assert all(change == 0.0 for change in rows[name]["class_iou_change_pts"].values())
         assert hw[name]["max_abs_diff_vs_eager"] <= 1e-4 * 50
+        # and its logits equal eager's within the package's tolerance on every latency frame
+        agreement = rows[name]["agreement_vs_eager"]
+        assert agreement["agrees"] and agreement["frames"] == 2 and agreement["class_match_rate"] == 1.0
+    assert rows["int8_pt2e"]["agreement_vs_eager"]["max_abs_diff"] > 0
+    frozen = table["frozen_vs_unfrozen"]
+    assert frozen["frozen_p50_ms"] == hw["torchscript_frozen"]["p50_ms"]
+    assert frozen["speedup_p50"] == pytest.approx(hw["torchscript"]["p50_ms"] / hw["torchscript_frozen"]["p50_ms"])
     assert rows["int8_pt2e"]["miou"] is not None and rows["int8_pt2e"]["class_iou_change_pts"]
     expected = variants.choose(rows, **table["limits"])
     assert table["choice"] == expected  # the recorded choice is the function of the recorded table
