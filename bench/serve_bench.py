@@ -1,6 +1,8 @@
 """Serving benchmark, in one run on one package: in-process inference against the HTTP server (latency
 p50/p99 and requests/s with 1 and 4 concurrent clients, binary and JSON bodies), and the C++ LibTorch
-consumer against Python on the same model, runtime and cloud (TorchScript and AOTInductor).
+consumer against Python on the same model, runtime and cloud (TorchScript and AOTInductor), and every
+runtime the package carries side by side (``print_variant_rows``: GFLOP/s against a matmul peak of the
+same run, the package's default runtime - the evaluation's chosen variant - marked).
 
     .venv/bin/python -m bench.serve_bench [--requests 40] [--points 20000] [--small] [--threads 0]
                                           [--package PATH] [--no-cpp]
