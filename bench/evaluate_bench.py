@@ -1,8 +1,10 @@
-"""Evaluation's hardware benchmark: the latency table of the demo model - eager, TorchScript and the
-``torch.export`` program compiled by AOTInductor - on demo-sized frames, with the counted compute turned
-into achieved GFLOP/s and compared with a float32 matrix-multiply peak measured in the same run.
+"""Evaluation's hardware benchmark: the latency table of the demo model - every inference variant of
+``evaluation.variants``: eager, TorchScript (as trained and frozen), the ``torch.export`` program compiled by
+AOTInductor and its int8 PT2E quantization (fp16/bf16 on CUDA only) - on demo-sized frames, side by side in
+one interleaved timing, with the counted compute turned into achieved GFLOP/s and compared with a float32
+matrix-multiply peak measured in the same run. Variants that cannot be built are listed with the reason.
 
-    .venv/bin/python -m bench.evaluate_bench [--model bev_segnet --runs 20 --warmup 3 --frames 3 --no-aot]
+    .venv/bin/python -m bench.evaluate_bench [--model bev_segnet --runs 20 --warmup 3 --frames 3 --no-aot --no-int8]
     .venv/bin/python -m bench.evaluate_bench --model-dir <home>/artifacts/model/bev_segnet/v1
 
 Frames come from the fleet simulator at the demo's sensor settings (32 beams x 1024 columns, ~30k points
@@ -36,8 +38,9 @@ import tempfile
 
 import torch
 
-from evaluation import hardware
+from evaluation import hardware, variants
 from pipeline.config import ServeConfig
+from serving import artifacts
 
 
 def demo_frames(count: int) -> list:
@@ -141,6 +144,7 @@ def main() -> None:
     parser.add_argument("--logs", type=int, default=4, help="--bootstrap: simulated test logs (the demo's: 4)")
     parser.add_argument("--log-frames", type=int, default=20, help="--bootstrap: frames per log")
     parser.add_argument("--resamples", type=int, default=1000, help="--bootstrap: bootstrap resamples when on")
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 PT2E variant (calibrated on the frames)")
     args = parser.parse_args()
     if args.bootstrap:
         bootstrap_overhead(args)
@@ -150,9 +154,12 @@ def main() -> None:
     frames = demo_frames(args.frames)
     with tempfile.TemporaryDirectory(prefix="avp-bench-evaluate-") as workdir:
         model, script, what = load(args, workdir)
+        built, not_built = variants.build(model, script, frames, artifacts.ExportSpec(ServeConfig.max_points),
+                                          workdir, device, aot_inductor=not args.no_aot, int8=not args.no_int8,
+                                          say=lambda m: None)
         result = hardware.measure(model, script, frames, runs=args.runs, warmup=args.warmup, device=device,
                                   aot_inductor=not args.no_aot, max_points=ServeConfig.max_points,
-                                  compiled_dir=workdir, say=lambda m: None)
+                                  compiled_dir=workdir, say=lambda m: None, extra=built)
     peak = hardware.matmul_peak_gflops(2048, device=device)
 
     points = result["points_per_frame"]
@@ -181,6 +188,8 @@ def main() -> None:
         print(f"- {name}: {v['note']}")
     for note in result["notes"]:
         print(f"- {note}")
+    for name, why in not_built.items():
+        print(f"- {name}: not built ({why})")
 
 
 if __name__ == "__main__":

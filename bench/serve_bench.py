@@ -1,6 +1,8 @@
 """Serving benchmark, in one run on one package: in-process inference against the HTTP server (latency
 p50/p99 and requests/s with 1 and 4 concurrent clients, binary and JSON bodies), and the C++ LibTorch
-consumer against Python on the same model, runtime and cloud (TorchScript and AOTInductor).
+consumer against Python on the same model, runtime and cloud (TorchScript and AOTInductor), and every
+runtime the package carries side by side (``print_variant_rows``: GFLOP/s against a matmul peak of the
+same run, the package's default runtime - the evaluation's chosen variant - marked).
 
     .venv/bin/python -m bench.serve_bench [--requests 40] [--points 20000] [--small] [--threads 0]
                                           [--package PATH] [--no-cpp]
@@ -121,7 +123,8 @@ def cpp_latency(folder: str, runs: int, threads: int) -> dict[str, dict[str, str
     if build.returncode != 0:
         raise RuntimeError("building the C++ consumer failed:\n" + build.stderr[-2000:])
     binary = build.stdout.strip().splitlines()[-1]
-    args = [binary, folder, "--runs", str(runs), "--warmup", "5"] + (["--threads", str(threads)] if threads else [])
+    args = [binary, folder, "--runs", str(runs), "--warmup", "5", "--runtime", "all"] + (
+        ["--threads", str(threads)] if threads else [])
     out = subprocess.run(args, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"the C++ consumer failed ({out.returncode}):\n{out.stdout}{out.stderr}")
@@ -131,6 +134,41 @@ def cpp_latency(folder: str, runs: int, threads: int) -> dict[str, dict[str, str
         if line.startswith("runtime=") and "p50_ms" in found:
             reports[found["runtime"]] = found
     return reports
+
+
+def print_variant_rows(folder: str, runs: int) -> None:
+    """Every runtime the package carries, side by side in one interleaved timing on its example: p50/p99,
+    achieved GFLOP/s (counted FLOPs / p50) against a float32 matmul peak measured in the same run, and
+    which one the package serves by default (the evaluation's choice, ``runtimes.default``)."""
+    import torch
+
+    from evaluation.hardware import matmul_peak_gflops
+    from serving import artifacts
+    from serving.runtime import RUNTIMES, load
+
+    with load(folder, runtime="torchscript") as reference:
+        runtimes = [r for r in RUNTIMES if r in reference.metadata.runtimes and (
+            r == "torchscript" or reference.metadata.runtimes[r].get("format") == "aoti")]
+        default = reference.metadata.runtimes.get("default", {}).get("serve_runtime", "torchscript")
+        points, _ = reference.example()
+    models = {r: load(folder, runtime=r) for r in runtimes}
+    inputs = [artifacts.frame_inputs(points)]
+    runners = {r: m._forward for r, m in models.items()}
+    for run in runners.values():
+        artifacts.warm_up(run, inputs, 3)
+    samples = artifacts.time_interleaved(runners, inputs, runs, torch.device("cpu"))
+    flops = models["torchscript"].metadata.performance["macs"] * 2
+    peak = matmul_peak_gflops()
+    print(f"\n| runtime ({len(points)} points, interleaved) | p50 ms | p99 ms | GFLOP/s at p50 | % of mm peak "
+          f"({peak:.0f} GFLOP/s) | served by default |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for name, times in samples.items():
+        stats = artifacts.latency_stats(times, len(points))
+        gflops = flops / (stats["p50_ms"] / 1000.0) / 1e9
+        print(f"| {name} | {stats['p50_ms']:.2f} | {stats['p99_ms']:.2f} | {gflops:.1f} | {100 * gflops / peak:.0f}% "
+              f"| {'yes' if name == default else ''} |")
+    for model in models.values():
+        model.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         folder = args.package or build_package(home, args.points, args.small)
         load_before = os.getloadavg()[0]
-        ts_model, pt2_model = load(folder), load(folder, runtime="pt2")
+        ts_model, pt2_model = load(folder, runtime="torchscript"), load(folder, runtime="pt2")
         points, expected = ts_model.example()
         assert np.array_equal(ts_model.predict(points), expected)
         n = len(points)
@@ -177,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_cpp:
             for runtime, report in cpp_latency(folder, args.requests, args.threads).items():
                 assert report["match"] == "yes", report
-                label = "C++ forward, TorchScript" if runtime == "torchscript" else "C++ forward, AOTInductor .pt2"
+                label = {"torchscript": "C++ forward, TorchScript", "aoti": "C++ forward, AOTInductor .pt2",
+                         "int8": "C++ forward, int8 .pt2"}[runtime]
                 rows.append((label, 1, int(report["runs"]), float(report["p50_ms"]), float(report["p99_ms"]),
                              1000.0 / float(report["p50_ms"])))
 
@@ -223,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | {clients} | {count} | {p50:.2f} | {p99:.2f} | {rate:.1f} |")
         print(f"\n<!-- load average before {load_before:.1f}, after {os.getloadavg()[0]:.1f}; C++ requests/s is "
               "1000 / p50 (one caller) -->")
+        print_variant_rows(folder, args.requests)
     finally:
         shutil.rmtree(home, ignore_errors=True)
     return 0

@@ -47,6 +47,12 @@ def gated_latency(hardware: dict[str, Any] | None) -> tuple[str, float] | None:
     return None
 
 
+def serve_variant_note(candidate: dict[str, Any]) -> str:
+    """The verdict's line naming the variant that will be served (``evaluation.variants.choose``)."""
+    choice = candidate["variants"]["choice"]
+    return f"serve variant: {choice['reason']}"
+
+
 def decide(candidate: dict[str, Any], settings: Any, baseline: dict[str, Any] | None = None,
            baseline_label: str = "production") -> Verdict:
     """The verdict on ``candidate`` (the metrics of ``scoring.score_model`` plus ``hardware``) against the
@@ -83,7 +89,7 @@ def decide(candidate: dict[str, Any], settings: Any, baseline: dict[str, Any] | 
         check("max_missed_brake_rate", ok, f"missed-brake rate {_fmt(missed)} {'<=' if ok else '>'} "
                                            f"max_missed_brake_rate {settings.max_missed_brake_rate:.3f}")
 
-    notes = []
+    notes = [serve_variant_note(candidate)] if candidate.get("variants") else []
     comparisons = []
     if baseline is None:
         notes.append("no production model to compare with (first model): absolute thresholds only")

@@ -32,7 +32,7 @@ import os
 import socket
 from typing import Any, Callable
 
-from evaluation import blessing, feedback, hardware, report, scoring, statistics
+from evaluation import blessing, feedback, hardware, report, scoring, statistics, variants
 from evaluation.frames import read_split
 from pipeline.config import PipelineConfig, canonical_json, resolved
 from pipeline.contracts import EvaluationMetrics, Manifest
@@ -175,11 +175,8 @@ def evaluate_into(staging: str, cfg: PipelineConfig, registry: Registry, candida
     result = scoring.score_model(model, frames, settings, device, say)
     add_statistics(result, ev, say)
     picks = sorted({round(i * (len(frames) - 1) / max(1, ev.latency_frames - 1)) for i in range(ev.latency_frames)})
-    # the compiled model.pt2 stays with the metrics: the serve stage ships it instead of compiling again
-    result["hardware"] = hardware.measure(
-        model, os.path.join(candidate.location, "model.ts"), [frames[i].points for i in picks],
-        runs=ev.latency_runs, warmup=ev.latency_warmup, device=device, aot_inductor=ev.aot_inductor,
-        max_points=cfg.serve.max_points, compiled_dir=os.path.join(staging, artifacts.COMPILED_DIR), say=say)
+    result["hardware"], result["variants"] = measure_variants(cfg, data, manifest, candidate, model, frames, picks,
+                                                              result["segmentation"], staging, device, say)
 
     # the production model on the same frames (or its stored metrics on the same dataset)
     baseline, baseline_source = None, None
@@ -208,7 +205,8 @@ def evaluate_into(staging: str, cfg: PipelineConfig, registry: Registry, candida
         baseline_model=production.ref if production else None, baseline_source=baseline_source,
         baseline={k: v for k, v in baseline.items() if k != "hardware"} if baseline else None,
         verdict={"blessed": verdict.blessed, "reasons": verdict.reasons, "checks": verdict.checks,
-                 "comparisons": verdict.comparisons},
+                 "comparisons": verdict.comparisons,
+                 "serve_variant": result["variants"]["choice"]["variant"]},
         worst_scenes=worst,
         feedback={"weights": weights, "file": os.path.join(feedback.FEEDBACK_DIR, feedback.WEIGHTS_FILE)},
     )
@@ -224,6 +222,35 @@ def add_statistics(result: dict[str, Any], ev: Any, say: Callable[[str], None]) 
     result["statistics"] = statistics.describe(result["tallies"], ev)
     say(f"bootstrap: {ev.bootstrap_resamples} resamples of the test logs in "
         f"{len(result['statistics']['slices'])} slices")
+
+
+def measure_variants(cfg: PipelineConfig, data: Artifact, manifest: Manifest, candidate: Artifact, model: Any,
+                     frames: list, picks: list[int], eager_segmentation: dict[str, Any], staging: str, device: Any,
+                     say: Callable[[str], None]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Hardware metrics of every inference variant on the ``picks`` test frames, timed together, and the
+    variant table (accuracy change on the whole test split, matmul peak, the variant to serve); see
+    ``evaluation.variants``. The compiled programs (``model.pt2``, ``int8/model.pt2``) stay with the
+    metrics: the serve stage ships them instead of compiling again."""
+    ev = cfg.evaluate
+    compiled_dir = os.path.join(staging, artifacts.COMPILED_DIR)
+    spec = artifacts.ExportSpec(cfg.serve.max_points)
+    calibration = []
+    if not variants.int8_obstacle(device, ev.aot_inductor, ev.int8, 1):
+        val = read_split(data.location, manifest, "val")
+        calibration = [val[i].points for i in variants.calibration_picks(ev.int8_calibration_frames, len(val))]
+    built, not_built = variants.build(model, os.path.join(candidate.location, "model.ts"), calibration, spec,
+                                      compiled_dir, device, aot_inductor=ev.aot_inductor, int8=ev.int8, say=say)
+    latency_frames = [frames[i].points for i in picks]
+    timed = hardware.measure(model, os.path.join(candidate.location, "model.ts"), latency_frames,
+                             runs=ev.latency_runs, warmup=ev.latency_warmup, device=device,
+                             aot_inductor=ev.aot_inductor, max_points=cfg.serve.max_points,
+                             compiled_dir=compiled_dir, say=say, extra=built)
+    limits = {"latency_budget_ms": ev.latency_p99_budget_ms, "max_miou_drop": ev.variant_max_miou_drop,
+              "max_class_iou_drop": ev.variant_max_class_iou_drop}
+    table = variants.evaluate(timed, built, not_built, frames, latency_frames, model, eager_segmentation,
+                              compiled_dir, device, limits, say)
+    say(table["choice"]["reason"])
+    return timed, table
 
 
 # ----------------------------------------------------------------------------------------- 6. summary

@@ -137,11 +137,12 @@ def exported_variant(model: torch.nn.Module, example: Inputs, spec: artifacts.Ex
 
 def measure(model: torch.nn.Module, torchscript_path: str | None, frames: Sequence[np.ndarray], *, runs: int,
             warmup: int, device: torch.device, aot_inductor: bool, max_points: int, compiled_dir: str,
-            say: Callable[[str], None] = print) -> dict[str, Any]:
+            say: Callable[[str], None] = print, extra: Sequence[Variant] = ()) -> dict[str, Any]:
     """Latency, memory and agreement of every variant on ``frames`` (arrays of points), plus MACs and
     parameters. ``model`` is the eager model (any device; it is moved to ``device``). The exported
     variant uses the serving export spec (point count 1..``max_points``) and leaves its ``model.pt2``
-    and ``export.json`` in ``compiled_dir``."""
+    and ``export.json`` in ``compiled_dir``. ``extra`` variants (``evaluation.variants``) are timed
+    with the others."""
     if not frames:
         raise ValueError("hardware metrics need at least one frame")
     if runs < 1:
@@ -164,6 +165,7 @@ def measure(model: torch.nn.Module, torchscript_path: str | None, frames: Sequen
         variants.append(exported_variant(model, inputs[0], spec, compiled_dir, aot_inductor, device, say))
     except Exception as exc:
         notes.append(f"torch.export failed ({type(exc).__name__}: {str(exc)[:200]}): no exported variant")
+    variants.extend(extra)
     with torch.no_grad():
         reference = model(*inputs[0]).float()
     # Per variant, untimed: the agreement check and the warm-up calls, under the memory probe.

@@ -123,6 +123,50 @@ def plot_latency(hardware: dict[str, Any], budget_ms: float) -> str:
     return _png(fig)
 
 
+def plot_variant_tradeoff(table: dict[str, Any]) -> str:
+    """p50 latency against the mIoU change of every scored variant; the served one is marked."""
+    fig, ax = _figure(6.5, 4.0)
+    rows = {n: r for n, r in table["rows"].items() if r.get("miou_change_pts") is not None}
+    chosen = table["choice"]["variant"]
+    for name, row in rows.items():
+        ax.scatter(row["p50_ms"], row["miou_change_pts"], s=90 if name == chosen else 40,
+                   marker="*" if name == chosen else "o", zorder=3)
+        ax.annotate(name + (" (served)" if name == chosen else ""), (row["p50_ms"], row["miou_change_pts"]),
+                    textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.axhline(-table["limits"]["max_miou_drop"], color="red", linestyle="--", label="largest mIoU loss allowed")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set(xlabel="p50 latency per frame (ms)", ylabel="mIoU change vs eager (IoU points)",
+           title="Inference variants: speed against accuracy")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def variants_section(table: dict[str, Any]) -> str:
+    """The variant table (latency, compute, memory, accuracy change), what was not built, and the choice."""
+    rows = [[name + (" (served)" if name == table["choice"]["variant"] else ""), r["p50_ms"], r["p99_ms"],
+             r["achieved_gflops"], None if r["peak_share"] is None else f"{100 * r['peak_share']:.0f}%",
+             r["peak_memory_mb"], r.get("miou"), r.get("miou_change_pts"),
+             min((r.get("class_iou_change_pts") or {}).values(), default=None),
+             "yes" if r["servable"] else "no", "; ".join(table["choice"]["excluded"].get(name, []))]
+            for name, r in table["rows"].items()]
+    not_built = "".join(f"<li>{html.escape(n)}: not built ({html.escape(why)})</li>"
+                        for n, why in table["not_built"].items())
+    limits = table["limits"]
+    frozen = table.get("frozen_vs_unfrozen")
+    frozen_note = (f"Frozen TorchScript p50 {frozen['frozen_p50_ms']:.1f} ms against {frozen['unfrozen_p50_ms']:.1f} ms "
+                   f"unfrozen ({frozen['speedup_p50']:.2f}x). " if frozen else "")
+    return ("<h2>Inference variants</h2>"
+            + f"<p><b>{html.escape(table['choice']['reason'])}</b></p>"
+            + _table(["variant", "p50 ms", "p99 ms", "GFLOP/s", "of mm peak", "peak MB", "mIoU", "mIoU change pts",
+                      "worst class change pts", "packaged", "not eligible because"], rows)
+            + f"<p class='note'>{frozen_note}float32 torch.mm peak measured in this run: {table['matmul_peak_gflops']:.1f} GFLOP/s. "
+              f"Accuracy on all {table['test_frames']} test frames; limits: p99 within "
+              f"{limits['latency_budget_ms']:.1f} ms, mIoU loss at most {limits['max_miou_drop']:.2f} points, any "
+              f"class at most {limits['max_class_iou_drop']:.2f} points.</p><ul class='note'>{not_built}</ul>"
+            + f"<div class='row'><div>{plot_variant_tradeoff(table)}</div><div></div></div>")
+
+
 def plot_scenes(scenes: dict[str, Any], worst: Sequence[str], baseline: dict[str, Any] | None) -> str:
     logs = sorted((log for log in scenes if scenes[log]["miou"] is not None), key=lambda log: scenes[log]["miou"])
     fig, ax = _figure(6.5, 0.9 + 0.32 * max(1, len(logs)))
@@ -353,6 +397,9 @@ def render(metrics: EvaluationMetrics) -> str:
                      f"Peak memory: {html.escape(hw['memory_method'])}.</p><ul class='note'>{notes}</ul>")
         parts.append(f"<div class='row'><div>{plot_latency(hw, metrics.thresholds['latency_p99_budget_ms'])}</div>"
                      "<div></div></div>")
+
+    if cand.get("variants"):
+        parts.append(variants_section(cand["variants"]))
 
     # --- scenes
     parts.append("<h2>Scenes</h2>")

@@ -123,8 +123,8 @@ class EvaluateConfig:
     # blessing: absolute thresholds, and the largest loss allowed against the production model
     min_miou: float = 0.30  # the lowest acceptable test mIoU
     min_class_recall: float = 0.0  # every class with test points must reach this point recall
-    # TorchScript p99 on the evaluating host (model.ts is what ships). The default suits the demo's shared
-    # 2-core CPU; set the target hardware's real budget in production.
+    # TorchScript p99 on the evaluating host (model.ts is what ships), and the p99 budget of the variant chosen
+    # to serve. The default suits the demo's shared 2-core CPU; set the target hardware's real budget in production.
     latency_p99_budget_ms: float = 2000.0
     max_regression: float = 0.05  # no class IoU, scene mIoU or missed-brake rate may lose more than this
     max_missed_brake_rate: float = 1.0  # share of needed brakes the planner may miss (1.0: not gated)
@@ -146,6 +146,11 @@ class EvaluateConfig:
     latency_frames: int = 8  # distinct logged test frames the timed calls cycle through
     aot_inductor: bool = True  # compile the torch.export program with AOTInductor (else time the program)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where the model is scored and timed
+    # inference variants (docs/evaluation.md): the fastest within the budget and these losses against eager is served
+    variant_max_miou_drop: float = 0.5  # mIoU points (1 point = 0.01 mIoU) a served variant may lose
+    variant_max_class_iou_drop: float = 1.0  # IoU points any class may lose
+    int8: bool = True  # build the int8 PT2E variant (x86 CPU: quantized once, compiled once by AOTInductor)
+    int8_calibration_frames: int = 8  # validation frames its activation observers see
     # objects: predicted points of a class grouped in bird's-eye view, matched to ground-truth boxes
     cluster_radius_m: float = 0.75  # points closer than this (x, y) belong to one object
     min_object_points: int = 5  # fewer points: noise (prediction) or not seen by the sensor (ground truth)
@@ -176,7 +181,8 @@ class ServeConfig:
     example_seed: int = 0
     latency_runs: int = 20  # timed calls per runtime when packaging
     aot_inductor: bool = True  # compile model.pt2 with AOTInductor (else save the ExportedProgram)
-    runtime: Literal["torchscript", "pt2"] = "torchscript"  # what serving.load / avp serve-http run
+    # what serving.load / avp serve-http run; auto: the variant the evaluation chose (metadata.json)
+    runtime: Literal["auto", "torchscript", "pt2", "int8"] = "auto"
     threads: int = 0  # intra-op threads of avp serve-http (0: torch's default, one per core)
 
 

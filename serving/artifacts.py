@@ -1,13 +1,16 @@
 """The deployable forms of a trained model, made, loaded, timed and counted in one place.
 
-A model artifact folder (``model.json`` + ``model.pt``) becomes three runnable forms:
+A model artifact folder (``model.json`` + ``model.pt``) becomes these runnable forms:
 
 * **eager**: the ``nn.Module`` rebuilt from ``model.json`` with the weights of ``model.pt`` (``load_model``);
-* **TorchScript**: ``torch.jit.script`` of the eager model (no tracing, so no shape is baked in), saved
-  with provenance in ``_extra_files`` (``save_torchscript``; loaded by ``load_torchscript`` and C++);
+* **TorchScript**: ``torch.jit.script`` of the eager model (no tracing, so no shape is baked in), frozen
+  (``freeze_torchscript``: weights become graph constants) and saved with provenance in ``_extra_files``
+  (``save_torchscript``; loaded by ``load_torchscript`` and C++);
 * **model.pt2**: ``torch.export`` under the one dynamic-shape spec ``ExportSpec`` (batch 1, the point
   count dynamic from 1 to ``serve.max_points``), compiled by AOTInductor, or the ``ExportedProgram``
-  where AOTInductor is off or cannot compile (``compile_pt2``; loaded by ``load_pt2``).
+  where AOTInductor is off or cannot compile (``compile_pt2``; loaded by ``load_pt2``);
+* **int8**: that export quantized with torchao's PT2E flow for x86 (``quantize_int8``), then exported and
+  compiled like ``model.pt2`` (the evaluate stage's ``int8_pt2e`` variant, kept in ``COMPILED_INT8_DIR``).
 
 The evaluate stage times these forms (``evaluation.hardware``) and the serve stage ships them
 (``serving.package``); both go through this module, so the latency in ``metrics.json`` is measured on
@@ -53,6 +56,8 @@ Runner = Callable[[torch.Tensor, torch.Tensor], Any]
 # The folder of a metrics artifact holding evaluate's compiled model.pt2 and its record.
 COMPILED_DIR = "compiled"
 COMPILED_PT2 = "model.pt2"
+# The subfolder of COMPILED_DIR holding the int8 program (its own model.pt2 and export.json).
+COMPILED_INT8_DIR = "int8"
 PT2_FORMATS = ("aoti", "exported_program")
 
 
@@ -94,12 +99,20 @@ def frame_inputs(points: np.ndarray, device: torch.device | str = "cpu") -> Inpu
 
 # ----------------------------------------------------------------------------------------- TorchScript
 def save_torchscript(model: torch.nn.Module, path: str, extra_files: dict[str, str]) -> torch.jit.ScriptModule:
-    """Script ``model`` (a CPU copy in eval mode), save it to ``path`` with ``extra_files``, and return
-    the module read back from the file, so what is checked afterwards is what was written."""
+    """Script ``model`` (a CPU copy in eval mode), freeze it (``freeze_torchscript``), save it to ``path``
+    with ``extra_files``, and return the module read back from the file, so what is checked afterwards
+    is what was written."""
     from training.checkpoint import script_model
 
-    torch.jit.save(script_model(model), path, _extra_files=extra_files)
+    torch.jit.save(freeze_torchscript(script_model(model)), path, _extra_files=extra_files)
     return load_torchscript(path)
+
+
+def freeze_torchscript(scripted: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """``torch.jit.freeze`` of an eval-mode scripted model: parameters and attributes become constants,
+    so the graph optimiser can fold them (and drop the attribute lookups of every call). The result
+    loads and runs like any TorchScript file, in Python and in C++; only ``forward`` is kept."""
+    return torch.jit.freeze(scripted.eval())
 
 
 def load_torchscript(source: str | bytes, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
@@ -142,6 +155,27 @@ def export_program(model: torch.nn.Module, example: Inputs, spec: ExportSpec) ->
     """``torch.export`` of (a copy of) ``model`` on ``example`` under ``spec``."""
     spec.check(int(example[0].shape[1]), "the export example")
     return torch.export.export(copy.deepcopy(model), example, dynamic_shapes=spec.dynamic_shapes())
+
+
+def quantize_int8(model: torch.nn.Module, calibration: Sequence[Inputs], spec: ExportSpec) -> torch.nn.Module:
+    """Post-training static int8 quantization for x86 CPUs (torchao's PT2E flow): ``torch.export`` of
+    ``model`` under ``spec``, ``prepare_pt2e`` with the ``X86InductorQuantizer`` defaults (per-channel
+    int8 weights, per-tensor int8 activations of convolutions and linears), observers fed with every
+    ``calibration`` frame, then ``convert_pt2e``. The result is a ``GraphModule`` taking the model's
+    inputs; ``export_program`` + ``compile_pt2`` turn it into an AOTInductor package whose quantized
+    ops Inductor lowers to oneDNN int8 kernels. ``ValueError`` without calibration frames; anything the
+    quantizer cannot handle raises (the caller reports the variant as not built, with the reason)."""
+    if not calibration:
+        raise ValueError("int8 quantization needs at least one calibration frame")
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(export_program(model, calibration[0], spec).module(), quantizer)
+    with torch.no_grad():
+        for points, valid in calibration:
+            prepared(points, valid)
+    return convert_pt2e(prepared)
 
 
 def compile_pt2(exported: torch.export.ExportedProgram, path: str, aot_inductor: bool, setting: str,

@@ -161,7 +161,7 @@ def create_app(model: ServingModel, max_points: int | None = None):
 
 
 # ----------------------------------------------------------------------------------------- running
-def open_package(package: str, registry: Any = None, runtime: str = "torchscript") -> ServingModel:
+def open_package(package: str, registry: Any = None, runtime: str = "auto") -> ServingModel:
     """Load ``package``: a folder or ``.tar.gz``; ``package:NAME@vN`` (or ``package:NAME``, the latest);
     or ``NAMESPACE/NAME``, the production package of that promotion. Registry packages are also checked
     against the manifest digest the registry recorded when they were published."""

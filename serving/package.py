@@ -2,7 +2,7 @@
 
 A package is one folder (and a reproducible ``.tar.gz`` of it) holding::
 
-    model.ts               TorchScript, provenance in _extra_files["metadata.json"] (C++ LibTorch, Python)
+    model.ts               frozen TorchScript, provenance in _extra_files["metadata.json"] (C++ LibTorch, Python)
     model.pt2              torch.export -> AOTInductor package (C++ AOTIModelPackageLoader, Python);
                            an ExportedProgram saved with torch.export.save where AOTInductor cannot compile
     metadata.json          model/dataset versions, git SHA, diff hash, run id, user, evaluation summary and
@@ -10,10 +10,14 @@ A package is one folder (and a reproducible ``.tar.gz`` of it) holding::
     example_input.bin      float32 [N, 4] little-endian raw (x, y, z, intensity)
     expected_output.bin    int64 [N] little-endian raw: the class of every example point
     expected_logits.bin    float32 [N, K] little-endian raw: the eager model's logits on the example
+    model_int8.pt2         only when the evaluation chose int8: its int8 PT2E AOTInductor program, with
+    int8_expected_logits.bin   float32 [N, K]: that program's logits on the example
     MANIFEST.sha256        ``sha256sum`` format, one line per file above (``sha256sum -c`` checks it)
 
 ``build_package`` writes all of it from a model artifact folder and checks that eager, TorchScript and
-the ``.pt2`` agree on the example. Loading, scripting, exporting, compiling, timing and MAC counting are
+the ``.pt2`` agree on the example. ``runtimes.default`` in ``metadata.json`` names the runtime consumers
+run by default: the variant the evaluation chose (``evaluation.variants``) when the package carries it,
+else TorchScript (``default_runtime``). Loading, scripting, exporting, compiling, timing and MAC counting are
 ``serving.artifacts``'s (shared with the evaluate stage, whose compiled ``model.pt2`` is shipped when it
 was compiled for the same model and export spec). ``verify_package`` is the gate every consumer passes
 first: every listed file has its checksum, no file is missing or unlisted, no name leaves the folder, nothing is a
@@ -51,6 +55,9 @@ PT2 = "model.pt2"
 EXAMPLE_INPUT = "example_input.bin"
 EXPECTED_CLASSES = "expected_output.bin"
 EXPECTED_LOGITS = "expected_logits.bin"
+# Carried only when the evaluation chose the int8 variant: the program and its own logits on the example.
+INT8_PT2 = "model_int8.pt2"
+INT8_EXPECTED_LOGITS = "int8_expected_logits.bin"
 REQUIRED_FILES = (METADATA, TORCHSCRIPT, PT2, EXAMPLE_INPUT, EXPECTED_CLASSES, EXPECTED_LOGITS)
 # Key under which model.ts carries its provenance (the training stage uses the same name).
 TORCHSCRIPT_METADATA = "metadata.json"
@@ -351,17 +358,28 @@ def build_package(folder: str, *, model_dir: str, facts: dict[str, Any], max_poi
     with torch.inference_mode():
         pt2_logits = pt2_model(points, valid)[0].numpy()
 
+    choice = evaluation_choice(evaluation_dir)
+    int8_runtime, int8_run, why_not_int8 = (
+        package_int8(folder, evaluation_dir, record, (points, valid))
+        if evaluation_dir and choice and choice["runtime"] == "int8" else (None, None, ""))
+    runtimes_built = {"torchscript": True, "pt2": pt2_info["format"] == "aoti", "int8": int8_runtime is not None}
+    default = default_runtime(choice, runtimes_built, why_not_int8)
+    say(f"default runtime: {default['serve_runtime']} ({default['reason']})")
+
     agreement = {"torchscript_vs_eager": compare_logits(eager_logits, ts_logits),
                  "pt2_vs_eager": compare_logits(eager_logits, pt2_logits),
                  "pt2_vs_torchscript": compare_logits(ts_logits, pt2_logits)}
+    if int8_run is not None:  # not required to agree: its accuracy cost was judged on the test split
+        with torch.inference_mode():
+            agreement["int8_vs_eager"] = compare_logits(eager_logits, int8_run(points, valid)[0].numpy())
     for pair, result in agreement.items():
-        if not result["agrees"]:
+        if not result["agrees"] and pair != "int8_vs_eager":
             raise PackageError(f"{pair.replace('_', ' ')}: logits differ by {result['max_abs_diff']:.3g} "
                                f"(tolerance {result['tolerance']:.3g}), {result['real_mismatches']} points change "
                                "class; the exported model does not match the trained one")
 
     say(f"measuring latency over {latency_runs} interleaved runs on the {example_points}-point example")
-    runners = {"torchscript": scripted, "pt2": pt2_model, "eager": model}
+    runners = {"torchscript": scripted, "pt2": pt2_model, "eager": model, **({"int8": int8_run} if int8_run else {})}
     for run in runners.values():
         artifacts.warm_up(run, [(points, valid)], LATENCY_WARMUP)
     samples = artifacts.time_interleaved(runners, [(points, valid)], latency_runs, torch.device("cpu"))
@@ -420,12 +438,67 @@ def build_package(folder: str, *, model_dir: str, facts: dict[str, Any], max_poi
                             "provenance_extra_file": TORCHSCRIPT_METADATA},
             "pt2": {"file": PT2, **pt2_info, "dynamic_shapes": {"num_points": export_spec.as_dict()["num_points"]},
                     "batch": export_spec.as_dict()["batch"]},
+            **({"int8": int8_runtime} if int8_runtime else {}),
+            "default": default,
         },
         "agreement": agreement,
         "performance": performance,
     }, METADATA)
     metadata.save_to(folder)
     return metadata
+
+
+def evaluation_choice(evaluation_dir: str | None) -> dict[str, Any] | None:
+    """The variant the evaluation chose to serve (``metrics.json``: ``candidate.variants.choice``), or None
+    (no evaluation, or one from before variants were chosen)."""
+    from pipeline.contracts import EvaluationMetrics
+
+    if not evaluation_dir or not os.path.isfile(os.path.join(evaluation_dir, EvaluationMetrics.FILE)):
+        return None
+    return (EvaluationMetrics.load_from(evaluation_dir).candidate.get("variants") or {}).get("choice")
+
+
+def package_int8(folder: str, evaluation_dir: str, record: dict[str, Any], inputs: Any) -> tuple[Any, Any, str]:
+    """Ship the evaluation's int8 program as ``model_int8.pt2`` when its record matches (checked like
+    ``model.pt2``, see ``serving.artifacts.reuse_compiled``), with its own logits on the example
+    (``int8_expected_logits.bin``: what a consumer of this program must reproduce). Returns (the
+    ``runtimes.int8`` entry, the loaded program, "") or (None, None, why not)."""
+    import torch
+
+    from serving import artifacts
+
+    source = os.path.join(evaluation_dir, artifacts.COMPILED_DIR, artifacts.COMPILED_INT8_DIR)
+    info, why = artifacts.reuse_compiled(source, record, os.path.join(folder, INT8_PT2))
+    if info is None:
+        return None, None, why.replace("model.pt2", "int8 model.pt2")
+    run = artifacts.load_pt2(os.path.join(folder, INT8_PT2), "aoti")
+    with torch.inference_mode():
+        logits = run(*inputs)[0].numpy()
+    _write_raw(os.path.join(folder, INT8_EXPECTED_LOGITS), logits, "<f4")
+    entry = {"file": INT8_PT2, **info, "compiled_by": "evaluate",
+             "quantization": "int8 static PT2E (torchao X86InductorQuantizer defaults), x86 CPU",
+             "expected_logits": {"file": INT8_EXPECTED_LOGITS, "dtype": "float32", "byte_order": "little",
+                                 "shape": list(logits.shape)},
+             "logits_tolerance": tolerance_for(logits)}
+    return entry, run, ""
+
+
+def default_runtime(choice: dict[str, Any] | None, built: dict[str, bool], why_not_int8: str) -> dict[str, Any]:
+    """``runtimes.default``: what ``serving.load`` (runtime ``auto``), ``avp serve-http`` and the C++
+    consumer run unless told otherwise - the evaluation's chosen variant when the package carries it,
+    else the reference TorchScript ``model.ts``, saying why."""
+    files = {"torchscript": TORCHSCRIPT, "pt2": PT2, "int8": INT8_PT2}
+    if choice is None:
+        runtime, reason = "torchscript", "no evaluation choice: the reference TorchScript"
+    elif built.get(choice["runtime"]):
+        runtime, reason = choice["runtime"], f"chosen by the evaluation: {choice['reason']}"
+    else:
+        why = why_not_int8 if choice["runtime"] == "int8" else f"this package's {files[choice['runtime']]} is not " \
+                                                               "an AOTInductor program"
+        runtime = "torchscript"
+        reason = f"the evaluation chose {choice['variant']}, but {why}: the reference TorchScript"
+    return {"variant": choice["variant"] if choice and runtime == choice["runtime"] else "torchscript_frozen",
+            "serve_runtime": runtime, "file": files[runtime], "reason": reason}
 
 
 # ----------------------------------------------------------------------------------------- shell entry

@@ -24,6 +24,7 @@ import numpy as np
 from pipeline.contracts import ContractError, PackageMetadata
 from serving.package import (
     FORMAT,
+    INT8_PT2,
     METADATA,
     PT2,
     TORCHSCRIPT,
@@ -34,7 +35,9 @@ from serving.package import (
     verify_package,
 )
 
-RUNTIMES = ("torchscript", "pt2")
+RUNTIMES = ("torchscript", "pt2", "int8")
+# The runtime ``load`` picks by default: the package's ``runtimes.default`` (the evaluation's choice).
+AUTO = "auto"
 
 
 class InvalidInput(ValueError):
@@ -126,7 +129,9 @@ class ServingModel:
         """Run the packaged example ``runs`` times (this also warms the runtime up: TorchScript optimises
         during its first calls) and compare with the expected logits; ``PackageError`` if they disagree."""
         points, _classes = self.example()
-        spec = self.metadata.example["expected_logits"]
+        # A quantized program reproduces its own packaged logits, not the float model's.
+        spec = (self.metadata.runtimes.get(self.runtime, {}).get("expected_logits")
+                or self.metadata.example["expected_logits"])
         expected = np.fromfile(os.path.join(self.folder, spec["file"]), dtype="<f4").reshape(spec["shape"])
         for _ in range(max(1, runs)):
             logits = self.predict_logits(points)
@@ -150,15 +155,17 @@ class ServingModel:
         self.close()
 
 
-def load(path: str, runtime: str = "torchscript", expected_manifest_sha256: str | None = None) -> ServingModel:
+def load(path: str, runtime: str = AUTO, expected_manifest_sha256: str | None = None) -> ServingModel:
     """Verify and load a package folder or ``.tar.gz``; ``PackageError`` names the file when it is refused.
 
-    ``runtime`` picks ``model.ts`` (TorchScript, the default, what the C++ consumer runs) or ``model.pt2``
-    (AOTInductor, or the ExportedProgram fallback). ``expected_manifest_sha256`` (the registry's record)
-    additionally pins the exact manifest.
+    ``runtime`` picks ``model.ts`` (TorchScript), ``model.pt2`` (AOTInductor, or the ExportedProgram
+    fallback) or ``model_int8.pt2`` (the int8 program, when the package carries it); ``auto``, the
+    default, is the package's ``runtimes.default`` - the variant the evaluation chose - like the C++
+    consumer's default (TorchScript for packages from before that choice). ``expected_manifest_sha256``
+    (the registry's record) additionally pins the exact manifest.
     """
-    if runtime not in RUNTIMES:
-        raise PackageError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime not in (AUTO, *RUNTIMES):
+        raise PackageError(f"unknown runtime {runtime!r}; choose one of {', '.join((AUTO, *RUNTIMES))}")
     path = os.path.abspath(os.path.expanduser(str(path)))
     cleanup = None
     if os.path.isfile(path) and path.endswith((".tar.gz", ".tgz")):
@@ -183,12 +190,18 @@ def load(path: str, runtime: str = "torchscript", expected_manifest_sha256: str 
             raise PackageError(str(exc)) from None
         if metadata.format != FORMAT:
             raise PackageError(f"{METADATA}: format is {metadata.format!r}, not an avp serving package")
+        runtime = default_runtime(metadata) if runtime == AUTO else runtime
         forward = _load_runtime(folder, files, metadata, runtime)
     except BaseException:
         if cleanup:
             shutil.rmtree(cleanup, ignore_errors=True)
         raise
     return ServingModel(folder, metadata, forward, runtime, verified["manifest_sha256"], cleanup)
+
+
+def default_runtime(metadata: PackageMetadata) -> str:
+    """The runtime the package says to serve (``runtimes.default.serve_runtime``), else TorchScript."""
+    return (metadata.runtimes.get("default") or {}).get("serve_runtime", "torchscript")
 
 
 def _load_runtime(folder: str, files: dict[str, str], metadata: PackageMetadata, runtime: str) -> Any:
@@ -201,11 +214,14 @@ def _load_runtime(folder: str, files: dict[str, str], metadata: PackageMetadata,
             return artifacts.load_torchscript(data)
         except RuntimeError as exc:
             raise PackageError(f"{TORCHSCRIPT}: TorchScript could not load it ({str(exc).splitlines()[0]})") from None
-    pt2_format = metadata.runtimes["pt2"]["format"]
+    if runtime == "int8" and "int8" not in metadata.runtimes:
+        raise PackageError(f"runtime int8: this package carries no {INT8_PT2} (the evaluation did not choose int8)")
+    name = INT8_PT2 if runtime == "int8" else PT2
+    pt2_format = metadata.runtimes[runtime]["format"]
     # AOTInductor loads the package from a path (it extracts a shared library); the manifest check just
     # passed, and the read below re-checks the bytes right before handing the path over.
-    read_verified(folder, PT2, files)
+    read_verified(folder, name, files)
     try:
-        return artifacts.load_pt2(os.path.join(folder, PT2), pt2_format)
+        return artifacts.load_pt2(os.path.join(folder, name), pt2_format)
     except ValueError as exc:
-        raise PackageError(f"{METADATA}: runtimes.pt2.format: {exc}") from None
+        raise PackageError(f"{METADATA}: runtimes.{runtime}.format: {exc}") from None

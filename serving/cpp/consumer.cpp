@@ -1,17 +1,22 @@
 // avp_consumer: runs a serving package the way the vehicle's C++ stack would, with LibTorch only.
 //
-//   avp_consumer PACKAGE_DIR [--runs N] [--warmup N] [--threads N] [--runtime torchscript|aoti|all]
+//   avp_consumer PACKAGE_DIR [--runs N] [--warmup N] [--threads N]
+//                [--runtime default|torchscript|aoti|int8|all]
 //
 // 1. Reads the example cloud (example_input.bin: float32 [N, 4], little-endian raw) and what the
 //    trained model produced for it (expected_output.bin: int64 classes [N]; expected_logits.bin:
 //    float32 [N, K]). N and K follow from the file sizes (metadata.json records the same shapes; a
 //    JSON parser is not needed here).
-// 2. Loads model.ts with torch::jit::load and, when the package's model.pt2 is an AOTInductor package
-//    (metadata.json says "format": "aoti"), model.pt2 with AOTIModelPackageLoader.
+// 2. Loads model.ts (frozen TorchScript) with torch::jit::load and, when the package's model.pt2 is an
+//    AOTInductor package (metadata.json says "format": "aoti"), model.pt2 with AOTIModelPackageLoader;
+//    model_int8.pt2 (the int8 program, carried when the evaluation chose it) likewise. The default,
+//    --runtime default, runs the one metadata.json names in runtimes.default.serve_runtime (the variant
+//    the evaluation chose to serve; TorchScript when it names none); --runtime all runs every one.
 // 3. Runs each on the example and compares with the expected output: the exact class match rate, the
 //    points whose class differs although the expected top-2 logit margin is above the tolerance (real
 //    mismatches, not near-ties), and the max absolute logit difference. The tolerance is the one the
-//    packager used: 1e-4 * max(1, max |expected logit|).
+//    packager used: 1e-4 * max(1, max |expected logit|). The int8 program is compared with its own
+//    logits on the example (int8_expected_logits.bin), not the float model's.
 // 4. Times N runs (p50/p99 in ms).
 //
 // Output: one "key=value ..." line per runtime and a final "RESULT: OK" or "RESULT: MISMATCH".
@@ -50,7 +55,7 @@ struct Options {
   int runs = 20;
   int warmup = 2;
   int threads = 0;  // 0: LibTorch's default
-  std::string runtime = "all";
+  std::string runtime = "default";
 };
 
 struct Example {
@@ -74,7 +79,7 @@ struct Comparison {
 [[noreturn]] void usage_error(const std::string& message) {
   std::cerr << "avp_consumer: " << message << "\n"
             << "usage: avp_consumer PACKAGE_DIR [--runs N] [--warmup N] [--threads N] "
-               "[--runtime torchscript|aoti|all]\n";
+               "[--runtime default|torchscript|aoti|int8|all]\n";
   std::exit(2);
 }
 
@@ -105,8 +110,9 @@ Options parse_args(int argc, char** argv) {
       options.threads = number("--threads");
     } else if (arg == "--runtime") {
       options.runtime = value("--runtime");
-      if (options.runtime != "torchscript" && options.runtime != "aoti" && options.runtime != "all")
-        usage_error("--runtime is torchscript, aoti or all, got '" + options.runtime + "'");
+      if (options.runtime != "default" && options.runtime != "torchscript" && options.runtime != "aoti" &&
+          options.runtime != "int8" && options.runtime != "all")
+        usage_error("--runtime is default, torchscript, aoti, int8 or all, got '" + options.runtime + "'");
     } else if (arg == "-h" || arg == "--help") {
       usage_error("help");
     } else if (!arg.empty() && arg[0] == '-') {
@@ -164,11 +170,46 @@ Example read_example(const std::string& dir) {
   return example;
 }
 
+// The runtime metadata.json names in runtimes.default ("serve_runtime": "torchscript" | "pt2" | "int8"), as
+// this program calls it (pt2 is aoti); torchscript when the package names none.
+std::string default_runtime(const std::string& dir) {
+  const auto bytes = read_file(dir + "/metadata.json");
+  const std::string text(bytes.begin(), bytes.end());
+  const std::string key = "\"serve_runtime\": \"";
+  const size_t at = text.find(key);
+  if (at == std::string::npos) return "torchscript";
+  const size_t start = at + key.size();
+  const std::string value = text.substr(start, text.find('"', start) - start);
+  if (value == "pt2") return "aoti";
+  if (value == "torchscript" || value == "int8") return value;
+  throw std::runtime_error("metadata.json: unknown runtimes.default.serve_runtime '" + value + "'");
+}
+
+bool file_exists(const std::string& path) { return static_cast<bool>(std::ifstream(path)); }
+
+// The example with the int8 program's own logits (and their argmax) as the expected output.
+Example int8_example(const Example& example, const std::string& dir) {
+  const auto logits = read_file(dir + "/int8_expected_logits.bin");
+  if (logits.size() != static_cast<size_t>(example.points * example.classes) * 4)
+    throw std::runtime_error("int8_expected_logits.bin: " + std::to_string(logits.size()) +
+                             " bytes, expected N x K float32 like expected_logits.bin");
+  Example int8 = example;
+  int8.expected_logits = tensor_from_bytes(logits, {example.points, example.classes}, at::kFloat);
+  int8.expected_classes = int8.expected_logits.argmax(-1);
+  return int8;
+}
+
 bool package_has_aoti(const std::string& dir) {
-  // The one fact read from metadata.json. json.dump(indent=2) writes exactly this for an AOTInductor
-  // .pt2 (the fallback writes "exported_program", which LibTorch cannot run).
-  const auto text = read_file(dir + "/metadata.json");
-  return std::string(text.begin(), text.end()).find("\"format\": \"aoti\"") != std::string::npos;
+  // Read from metadata.json's runtimes.pt2 entry (runtimes.int8 is AOTInductor too). json.dump(indent=2)
+  // writes exactly this for an AOTInductor .pt2 (the fallback writes "exported_program", which LibTorch
+  // cannot run).
+  const auto bytes = read_file(dir + "/metadata.json");
+  const std::string text(bytes.begin(), bytes.end());
+  const size_t entry = text.find("\"pt2\": {");
+  if (entry == std::string::npos) return false;
+  const std::string key = "\"format\": \"";
+  const size_t at = text.find(key, entry);
+  return at != std::string::npos && text.compare(at + key.size(), 5, "aoti\"") == 0;
 }
 
 Comparison compare(const at::Tensor& logits_batch, const Example& example) {
@@ -254,7 +295,13 @@ int main(int argc, char** argv) {
   int ran = 0;
   try {
     c10::InferenceMode inference;  // no autograd bookkeeping: what a deployed model runs under
-    if (options.runtime == "torchscript" || options.runtime == "all") {
+    std::string runtime = options.runtime;
+    if (runtime == "default") {
+      runtime = default_runtime(options.package);
+      std::cout << "default_runtime=" << runtime << std::endl;
+    }
+    const bool all = runtime == "all";
+    if (runtime == "torchscript" || all) {
       torch::jit::Module module = torch::jit::load(options.package + "/model.ts", at::kCPU);
       module.eval();
       std::vector<c10::IValue> inputs{example.input, example.valid};
@@ -264,27 +311,33 @@ int main(int argc, char** argv) {
       all_ok = report("torchscript", example, c, ms) && all_ok;
       ++ran;
     }
-    if (options.runtime == "aoti" || options.runtime == "all") {
-      if (!package_has_aoti(options.package)) {
-        if (options.runtime == "aoti") {
-          std::cerr << "avp_consumer: this package's model.pt2 is not an AOTInductor package "
-                       "(see runtimes.pt2 in metadata.json)\n";
+    // AOTInductor programs: model.pt2, and model_int8.pt2 where the package carries it.
+    for (const std::string name : {"aoti", "int8"}) {
+      if (runtime != name && !all) continue;
+      const bool is_int8 = name == std::string("int8");
+      const std::string file = options.package + (is_int8 ? "/model_int8.pt2" : "/model.pt2");
+      const bool present = is_int8 ? file_exists(file) : package_has_aoti(options.package);
+      if (!present) {
+        if (!all) {
+          std::cerr << "avp_consumer: this package has no AOTInductor " << (is_int8 ? "model_int8.pt2" : "model.pt2")
+                    << " (see runtimes in metadata.json)\n";
           return 2;
         }
-        std::cout << "runtime=aoti skipped=model.pt2-is-not-an-AOTInductor-package" << std::endl;
-      } else {
-#ifdef AVP_WITH_AOTI
-        torch::inductor::AOTIModelPackageLoader loader(options.package + "/model.pt2");
-        const std::vector<at::Tensor> inputs{example.input, example.valid};
-        const at::Tensor logits = loader.run(inputs).at(0);
-        const Comparison c = compare(logits, example);
-        const auto ms = time_runs([&] { return loader.run(inputs); }, options.warmup, options.runs);
-        all_ok = report("aoti", example, c, ms) && all_ok;
-        ++ran;
-#else
-        std::cout << "runtime=aoti skipped=built-without-AVP_WITH_AOTI" << std::endl;
-#endif
+        if (!is_int8) std::cout << "runtime=aoti skipped=model.pt2-is-not-an-AOTInductor-package" << std::endl;
+        continue;
       }
+#ifdef AVP_WITH_AOTI
+      const Example expected = is_int8 ? int8_example(example, options.package) : example;
+      torch::inductor::AOTIModelPackageLoader loader(file);
+      const std::vector<at::Tensor> inputs{example.input, example.valid};
+      const at::Tensor logits = loader.run(inputs).at(0);
+      const Comparison c = compare(logits, expected);
+      const auto ms = time_runs([&] { return loader.run(inputs); }, options.warmup, options.runs);
+      all_ok = report(name, expected, c, ms) && all_ok;
+      ++ran;
+#else
+      std::cout << "runtime=" << name << " skipped=built-without-AVP_WITH_AOTI" << std::endl;
+#endif
     }
   } catch (const c10::Error& error) {
     std::cerr << "avp_consumer: LibTorch error: " << error.what_without_backtrace() << "\n";

@@ -82,7 +82,9 @@ def test_first_model_is_judged_on_absolute_thresholds_and_recorded(world, first)
     metrics = json.loads(Path(first["metrics"]).read_text())
     assert metrics["verdict"]["blessed"] is True and metrics["baseline"] is None
     hw = metrics["candidate"]["hardware"]
-    assert {"eager", "torchscript"} <= set(hw["variants"]) and len(hw["variants"]) == 3
+    # eager, TorchScript, the .pt2 and the variants of tests/evaluation/test_variants.py (frozen TorchScript, int8)
+    assert {"eager", "torchscript", "torchscript_frozen", "int8_pt2e"} <= set(hw["variants"])
+    assert len(hw["variants"]) == 5
     assert hw["macs"] > 0 and hw["parameters"] == sum(p.numel() for p in builders.train_tiny([], 0).parameters())
     titles = [t[0] for t in first["tables"]]
     assert titles[-1] == "verdict: BLESSED" and any(t.startswith("latency on cpu") for t in titles)

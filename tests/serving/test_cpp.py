@@ -43,7 +43,7 @@ def fields(output: str, runtime: str) -> dict[str, str]:
 
 
 def test_consumer_runs_torchscript_and_aoti_and_matches(consumer, aoti_served):
-    out = run_consumer(consumer, aoti_served[3]["location"])
+    out = run_consumer(consumer, aoti_served[3]["location"], "--runtime", "all")
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip().endswith("RESULT: OK")
     for runtime in ("torchscript", "aoti"):
@@ -55,7 +55,7 @@ def test_consumer_runs_torchscript_and_aoti_and_matches(consumer, aoti_served):
 
 
 def test_consumer_skips_aoti_for_an_exported_program_package(consumer, served):
-    out = run_consumer(consumer, served[3]["location"])
+    out = run_consumer(consumer, served[3]["location"], "--runtime", "all")
     assert out.returncode == 0 and "runtime=aoti skipped=" in out.stdout, out.stdout + out.stderr
     assert fields(out.stdout, "torchscript")["match"] == "yes"
 
