@@ -39,6 +39,7 @@ import html
 import json
 import os
 import time
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional
 from urllib.parse import quote
@@ -46,7 +47,7 @@ from urllib.parse import quote
 import httpx
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from pipeline import config as config_mod
 from pipeline import provenance
@@ -71,39 +72,19 @@ class Event(BaseModel):
     reason: str
 
 
-class ArtifactOut(BaseModel):
-    """Every recorded field of an artifact (``pipeline.registry.Artifact``) and its reference."""
-
-    ref: str
-    id: int
-    kind: str
-    name: str
-    version: int
-    content_key: str
-    state: str
-    blessed: Optional[bool]
-    git_sha: str
-    diff_hash: str
-    entry_point: str
-    config: dict[str, Any]
-    locations: list[str]
-    meta: dict[str, Any]
-    reason: str
-    created_by: str
-    created_at: dt.datetime
-    updated_at: dt.datetime
-    host: str
-    pid: int
-    lease_until: Optional[dt.datetime]
-    dag_id: Optional[str]
-    dag_run_id: Optional[str]
-
+class _ArtifactFields(BaseModel):
     @classmethod
     def of(cls, art: Artifact) -> "ArtifactOut":
         return cls(ref=art.ref, **{k: v for k, v in vars(art).items() if k != "cached"})
 
     def artifact(self) -> Artifact:
         return Artifact(**self.model_dump(include=set(ArtifactOut.model_fields) - {"ref"}))
+
+
+# Every recorded field of an artifact, typed as ``pipeline.registry.Artifact`` declares it, and its reference.
+ArtifactOut = create_model(
+    "ArtifactOut", __base__=_ArtifactFields, ref=(str, ...),
+    **{name: (hint, ...) for name, hint in typing.get_type_hints(Artifact).items() if name != "cached"})
 
 
 class PromotionOut(BaseModel):
