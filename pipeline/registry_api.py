@@ -45,9 +45,10 @@ from typing import Any, Callable, Literal, Optional
 from urllib.parse import quote
 
 import httpx
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from sqlalchemy import exc as sa_exc
 
 from pipeline import config as config_mod
 from pipeline import provenance
@@ -231,9 +232,12 @@ class TokenAuth:
         if not given:
             raise HTTPException(401, "not authenticated: send Authorization: Bearer <token>",
                                 headers={"WWW-Authenticate": "Bearer"})
-        if not hmac.compare_digest(given.encode(), self._token.encode()):
+        if not self.valid(given):
             raise HTTPException(403, "invalid token")
-        return Caller(request.headers.get("x-avp-user") or "api-token", may_write=True)
+        return Caller((request.headers.get("x-avp-user") or "api-token")[:128], may_write=True)  # the "by" column
+
+    def valid(self, given: str) -> bool:
+        return hmac.compare_digest(given.encode(), self._token.encode())
 
     def airflow(self, request: Request) -> tuple[str, dict[str, str]] | None:
         if not self.airflow_url:
@@ -290,6 +294,13 @@ def create_app(registry: Callable[[], Registry], auth: TokenAuth | AirflowAuth, 
     @app.exception_handler(UnsafeNameError)
     async def _bad_name(_request: Request, exc: UnsafeNameError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    # A value the database cannot hold (an id beyond its integers) is bad input too, not a server error.
+    @app.exception_handler(OverflowError)
+    @app.exception_handler(sa_exc.DataError)
+    async def _out_of_range(_request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"a value is out of the registry's range: {str(exc).splitlines()[0]}"},
+                            status_code=422)
 
     async def reader(request: Request) -> Caller:
         return await auth.caller(request)
@@ -419,6 +430,21 @@ def create_app(registry: Callable[[], Registry], auth: TokenAuth | AirflowAuth, 
         return HTMLResponse(_artifact_html(base(request), caller, detail(request, art), _graph(reg, art),
                                            _actions(reg, art, namespace) if caller.may_write else []))
 
+    if isinstance(auth, TokenAuth):  # a browser signs in once; the token then travels in an HttpOnly cookie
+        @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+        def login_form(request: Request) -> HTMLResponse:
+            return HTMLResponse(_page("sign in", f"<h2>avp registry</h2><form method='post' action='{base(request)}"
+                                                 "/login'><label>token <input type='password' name='token'></label>"
+                                                 "<button type='submit'>Sign in</button></form>"))
+
+        @app.post("/login", include_in_schema=False)
+        def login(request: Request, token: str = Form(...)) -> RedirectResponse:
+            if not auth.valid(token):
+                raise HTTPException(403, "invalid token")
+            signed_in = RedirectResponse(f"{base(request)}/", status_code=303)
+            signed_in.set_cookie(TokenAuth.COOKIE, token, httponly=True, samesite="strict", path=base(request) or "/")
+            return signed_in
+
     return app
 
 
@@ -497,15 +523,26 @@ form.filters label{display:flex;flex-direction:column;font-size:12px;color:#4a55
 .deprecated,.end_of_life{background:#e2e8f0;color:#718096}
 button{padding:4px 10px;border:1px solid #2b6cb0;border-radius:4px;background:#ebf8ff;cursor:pointer;margin:2px}
 pre{background:#f7fafc;padding:6px;max-width:900px;overflow:auto;margin:0} svg a:hover rect{stroke-width:3}
+.confirm{border:1px solid #dd6b20;background:#fffaf0;padding:8px 12px;max-width:700px} #message{color:#c53030}
 """
+# Airflow shows the pages in an iframe sandboxed without allow-modals, so confirm()/alert() would be ignored:
+# the confirmation and any refusal are shown in the page itself.
 _SCRIPT = """
-async function registryAction(url, body, question) {
-  if (!confirm(question)) return;
-  const r = await fetch(url, {method: "POST", credentials: "same-origin",
-                              headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+let pendingAction = null;
+function askFirst(url, body, question) {
+  pendingAction = {url: url, body: body};
+  document.getElementById("confirm-question").textContent = question;
+  document.getElementById("confirm").hidden = false;
+}
+function cancelAction() { pendingAction = null; document.getElementById("confirm").hidden = true; }
+async function confirmAction() {
+  const action = pendingAction;
+  cancelAction();
+  const r = await fetch(action.url, {method: "POST", credentials: "same-origin",
+                                     headers: {"Content-Type": "application/json"}, body: JSON.stringify(action.body)});
   if (r.ok) { location.reload(); return; }
   let why = r.status + ""; try { why += ": " + (await r.json()).detail; } catch (e) {}
-  alert("refused: " + why);
+  document.getElementById("message").textContent = "refused: " + why;
 }
 """
 
@@ -542,7 +579,7 @@ def _table_html(base: str, caller: Caller, arts: list[Artifact], query: dict[str
         f"<tr><td><a href='{base}/artifacts/{a.id}'>{_e(a.ref)}</a></td><td>{_e(a.kind)}</td><td>{_state(a.state)}</td>"
         f"<td>{'' if a.blessed is None else ('yes' if a.blessed else 'no')}</td><td>{_e(a.git_sha[:10])}</td>"
         f"<td>{a.created_at:%Y-%m-%d %H:%M}</td><td>{_e(a.created_by)}</td><td>{_e(a.dag_run_id)}</td></tr>"
-        for a in reversed(arts))
+        for a in sorted(arts, key=lambda a: a.id, reverse=True))  # newest first
     return _page("avp registry", f"<h2>Artifact registry</h2><p>signed in as {_e(caller.name)} · "
                  f"<a href='{base}/docs'>API</a></p>{filters}<table id='artifacts'><tr><th>artifact</th><th>kind</th>"
                  f"<th>state</th><th>blessed</th><th>code</th><th>created (UTC)</th><th>by</th><th>Airflow run</th>"
@@ -637,11 +674,13 @@ def _artifact_html(base: str, caller: Caller, art: ArtifactDetail, graph: _Graph
                          f"<td>{p.promoted_at:%Y-%m-%d %H:%M}</td><td>{_e(p.promoted_by)}</td></tr>"
                          for p in art.promotions)
     buttons = "".join(
-        f"<button onclick='registryAction({json.dumps(base + a.url)}, {json.dumps(a.body)}, "
+        f"<button onclick='askFirst({_e(json.dumps(base + a.url))}, {_e(json.dumps(a.body))}, "
         f"{_e(json.dumps(a.question))})'>{_e(a.label)}</button>" for a in actions)
     return _page(art.ref, (
         f"<p><a href='{base}/'>← all artifacts</a></p><h2>{_e(art.ref)} {_state(art.state)}</h2>"
-        f"<div id='actions'>{buttons}</div>"
+        f"<div id='actions'>{buttons}</div><div id='confirm' class='confirm' hidden><p id='confirm-question'></p>"
+        f"<button onclick='confirmAction()'>Confirm</button><button onclick='cancelAction()'>Cancel</button></div>"
+        f"<p id='message'></p>"
         f"<h3>Lineage</h3>{_graph_svg(base, graph)}"
         f"<h3>Links</h3><ul id='links'>{links or '<li>none</li>'}</ul>"
         f"<h3>Promotions</h3><table id='promotions'><tr><th>version</th><th>status</th><th>when (UTC)</th>"

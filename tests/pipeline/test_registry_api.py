@@ -188,6 +188,7 @@ def test_errors_are_404_409_422_401_403_503_never_500(api, world):
     v3 = world.models[2]
     assert status("GET", "/api/artifacts/model:segnet@v9") == 404
     assert status("GET", "/api/artifacts/99999") == 404
+    assert status("GET", "/api/artifacts/99999999999999999999999") == 422  # beyond the database's integers
     assert status("GET", "/api/artifacts/widget:segnet@v1") == 404  # unknown kind
     assert status("GET", "/api/artifacts/model:segnet@v1/lineage", params={"direction": "sideways"}) == 422
     assert status("GET", "/api/promotions/perception/nothing") == 404
@@ -210,12 +211,20 @@ def test_errors_are_404_409_422_401_403_503_never_500(api, world):
     assert status("POST", "/api/models", json={"dataset": world.dataset.ref, "epochs": 0}) == 422
     assert status("POST", "/api/models", json={"dataset": "dataset:fleet@v9"}) == 404
     assert status("POST", "/api/models", json={"dataset": world.models[0].ref}) == 409  # not a dataset
+    long_name = api.post("/api/promotions/perception/long-user", json={"ref": world.models[0].ref},
+                         headers={"X-AVP-User": "x" * 300})
+    assert long_name.status_code == 200 and long_name.json()["promoted_by"] == "x" * 128  # what the column holds
     unavailable = api.post("/api/datasets", json={})
     assert unavailable.status_code == 503 and "registry.airflow_url" in unavailable.json()["detail"]
     base = str(api.base_url)
     assert httpx.get(f"{base}/api/artifacts").status_code == 401
     assert httpx.get(f"{base}/api/artifacts", headers={"Authorization": "Bearer wrong"}).status_code == 403
-    assert httpx.get(f"{base}/", cookies={TokenAuth.COOKIE: TOKEN}).status_code == 200  # a browser's cookie
+    # a browser signs in with the token once and then carries it in a cookie
+    assert httpx.post(f"{base}/login", data={"token": "wrong"}).status_code == 403
+    signed_in = httpx.post(f"{base}/login", data={"token": TOKEN})
+    assert signed_in.status_code == 303 and signed_in.cookies[TokenAuth.COOKIE] == TOKEN
+    assert httpx.get(f"{base}/", cookies=signed_in.cookies).status_code == 200
+    assert httpx.get(f"{base}/login").status_code == 200
 
 
 def test_concurrent_promotions_end_with_exactly_one_production(api, world):
