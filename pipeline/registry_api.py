@@ -236,6 +236,9 @@ class TokenAuth:
             raise HTTPException(403, "invalid token")
         return Caller((request.headers.get("x-avp-user") or "api-token")[:128], may_write=True)  # the "by" column
 
+    def login_url(self, request: Request) -> str:
+        return f"{request.scope.get('root_path', '').rstrip('/')}/login"
+
     def valid(self, given: str) -> bool:
         return hmac.compare_digest(given.encode(), self._token.encode())
 
@@ -266,6 +269,11 @@ class AirflowAuth:
                                                          details=DagDetails(id=DAG_ID), user=user)
         return Caller(user.get_name(), may_write)
 
+    def login_url(self, request: Request) -> str:
+        from airflow.api_fastapi.app import get_auth_manager
+
+        return get_auth_manager().get_url_login(next_url=str(request.url))
+
     def airflow(self, request: Request) -> tuple[str, dict[str, str]] | None:
         from airflow.api_fastapi.auth.managers.base_auth_manager import COOKIE_NAME_JWT_TOKEN
 
@@ -277,6 +285,14 @@ class AirflowAuth:
 
 
 # -------------------------------------------------------------------------------------------------- app
+class _SignIn(Exception):
+    """A page was opened without credentials: redirect to ``url`` to sign in."""
+
+    def __init__(self, url: str):
+        super().__init__(url)
+        self.url = url
+
+
 def _status_for(exc: RegistryError) -> int:
     return 404 if isinstance(exc, NotFound) else 409
 
@@ -304,6 +320,19 @@ def create_app(registry: Callable[[], Registry], auth: TokenAuth | AirflowAuth, 
 
     async def reader(request: Request) -> Caller:
         return await auth.caller(request)
+
+    async def page_reader(request: Request) -> Caller:
+        """``reader`` for the HTML pages: a browser without credentials is sent to sign in instead."""
+        try:
+            return await auth.caller(request)
+        except HTTPException as exc:
+            if exc.status_code == 401:
+                raise _SignIn(auth.login_url(request)) from None
+            raise
+
+    @app.exception_handler(_SignIn)
+    async def _sign_in(_request: Request, exc: _SignIn) -> RedirectResponse:
+        return RedirectResponse(exc.url, status_code=303)
 
     async def writer(request: Request) -> Caller:
         caller = await auth.caller(request)
@@ -412,7 +441,7 @@ def create_app(registry: Callable[[], Registry], auth: TokenAuth | AirflowAuth, 
 
     # -------------------------------------------------------------------------------------------- pages
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def table_page(request: Request, caller: Caller = Depends(reader)) -> HTMLResponse:
+    def table_page(request: Request, caller: Caller = Depends(page_reader)) -> HTMLResponse:
         query = {k: v for k, v in request.query_params.items() if v}
         blessed = {"yes": True, "no": False}.get(query.get("blessed", ""))
         try:
@@ -424,7 +453,7 @@ def create_app(registry: Callable[[], Registry], auth: TokenAuth | AirflowAuth, 
         return HTMLResponse(_table_html(base(request), caller, arts, query))
 
     @app.get("/artifacts/{ref}", response_class=HTMLResponse, include_in_schema=False)
-    def artifact_page(ref: str, request: Request, caller: Caller = Depends(reader)) -> HTMLResponse:
+    def artifact_page(ref: str, request: Request, caller: Caller = Depends(page_reader)) -> HTMLResponse:
         reg = registry()
         art = reg.get(ref)
         return HTMLResponse(_artifact_html(base(request), caller, detail(request, art), _graph(reg, art),

@@ -225,6 +225,8 @@ def test_errors_are_404_409_422_401_403_503_never_500(api, world):
     assert signed_in.status_code == 303 and signed_in.cookies[TokenAuth.COOKIE] == TOKEN
     assert httpx.get(f"{base}/", cookies=signed_in.cookies).status_code == 200
     assert httpx.get(f"{base}/login").status_code == 200
+    sign_in = httpx.get(f"{base}/artifacts/1")  # a page without credentials: sent to sign in
+    assert sign_in.status_code == 303 and sign_in.headers["location"] == "/login"
 
 
 def test_concurrent_promotions_end_with_exactly_one_production(api, world):
