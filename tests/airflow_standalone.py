@@ -62,7 +62,10 @@ class Standalone:
     def run_end_state(self, client: httpx.Client, run_id: str, timeout: float = 900) -> str:
         """``success`` or ``failed``: how avp_daily's run ``run_id`` ended, polled through ``client``."""
         def finished() -> str | None:
-            state = client.get(f"/api/v2/dags/avp_daily/dagRuns/{run_id}").json()["state"]
+            try:
+                state = client.get(f"/api/v2/dags/avp_daily/dagRuns/{run_id}").json()["state"]
+            except httpx.TimeoutException:  # an API server busy behind a locked SQLite: ask again
+                return None
             return state if state in ("success", "failed") else None
 
         return wait_for(finished, timeout, f"run {run_id}")

@@ -53,7 +53,9 @@ def test_plugin_is_listed_and_behind_airflow_auth(airflow, world, admin):
 
     anonymous = airflow.client()
     assert anonymous.get("/avp/api/artifacts").status_code == 401
-    assert anonymous.get("/avp/").status_code == 401
+    page = anonymous.get("/avp/")  # a page: sent to Airflow's login, and back here afterwards
+    assert page.status_code == 303 and page.headers["location"].startswith("/auth/login")
+    assert "next=" in page.headers["location"] and "%2Favp%2F" in page.headers["location"]
     assert anonymous.post("/avp/api/promotions/perception/auth-check", json={"ref": world.models[0].ref}).status_code == 401
     viewer = airflow.client(headers={"Authorization": f"Bearer {airflow.token('viewer')}"})
     listed = viewer.get("/avp/api/artifacts", params={"kind": "model"})
@@ -86,9 +88,12 @@ def test_registry_pages_from_the_airflow_navigation_to_a_promotion(airflow, worl
         shown = frame.locator("#artifacts a").all_inner_texts()
         assert shown == [v2.ref, v1.ref]
 
+        frame.get_by_role("link", name=v1.ref).click()  # the model with a package: reports and model card
+        expect(frame.locator("#links a")).to_have_text(["evaluation report", "model card"])
+        page.screenshot(path=IMAGES / "registry-model.png")
+        frame.get_by_role("link", name="all artifacts").click()
         frame.get_by_role("link", name=v2.ref).click()
         frame.locator("#lineage").wait_for()
-        page.screenshot(path=IMAGES / "registry-model.png")
         # follow the lineage: the model's dataset, then one of the dataset's drive logs
         frame.locator(f"#lineage a[data-ref='{world.dataset.ref}']").click()
         frame.get_by_role("heading", name=world.dataset.ref).wait_for()
@@ -136,3 +141,22 @@ def test_a_registered_dataset_build_runs_until_validation(airflow, admin):
     assert links["airflow_run"] == f"/dags/avp_daily/runs/{quote(run_id, safe='')}"  # the run's page in the UI
     report = admin.get(links["validation_report"])
     assert report.status_code == 200 and dataset["ref"] in report.text
+
+
+def test_a_registered_model_build_trains_on_the_given_dataset(airflow, admin):
+    """After the dataset build above: train (only) on that dataset, which ingest hands on instead of building."""
+    [dataset] = admin.get("/avp/api/artifacts", params={"kind": "dataset", "name": "fleet-lidar"}).json()
+    started = admin.post("/avp/api/models", json={"dataset": dataset["ref"], "until": "train", "epochs": 1})
+    assert started.status_code == 202, started.text
+    assert started.json()["conf"] == {"dataset": dataset["ref"], "until": "train", "epochs": 1, "force": False}
+    run_id = started.json()["dag_run_id"]
+    assert airflow.run_end_state(admin, run_id) == "success", airflow.log_tail()
+    tasks = admin.get(f"/api/v2/dags/avp_daily/dagRuns/{run_id}/taskInstances").json()["task_instances"]
+    assert {t["task_id"]: t["state"] for t in tasks} == {
+        "ingest": "success", "validate": "success", "train": "success", "evaluate": "skipped", "serve": "skipped"}
+    [model] = [a for a in admin.get(started.json()["artifacts"]).json() if a["kind"] == "model"]
+    assert model["state"] == "succeeded" and model["config"]["epochs"] == 1
+    assert admin.get(f"/avp/api/artifacts/{model['id']}").json()["parents"] == [dataset["ref"]]
+    # no dataset was built for it
+    assert [a["ref"] for a in admin.get("/avp/api/artifacts", params={"kind": "dataset", "name": "fleet-lidar"})
+            .json()] == [dataset["ref"]]
