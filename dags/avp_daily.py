@@ -18,7 +18,9 @@ pipeline home (`AVP_HOME`).
   (or *Backfill* in the UI) gives one dataset version per day; re-running a day is a cache hit.
 * **Params** (Trigger DAG w/ config): epochs, backend, np, force, window, window_days, split, spark_master
   (declared by the stage specs in `pipeline/stages.py`); any other config field by its full name, e.g.
-  `{"ingest.train_share": 0.8, "ingest.test_share": 0.1}`.
+  `{"ingest.train_share": 0.8, "ingest.test_share": 0.1}`; `until` (validate|train|evaluate|serve) ends the
+  run after that stage (later tasks skip) and `dataset` trains on a registered dataset instead of ingesting
+  (the registry API's `POST /datasets` and `POST /models` trigger runs with them; docs/registry.md).
 * One training at a time through the `avp_training` pool; with `AVP_TRAINING_QUEUE` set (CeleryExecutor,
   see docs/deploy.md) `train` goes to that queue's workers (GPU hosts), every other task to the default one.
 * **Spark cluster**: with `AVP_SPARK_CONN_ID` set (to an Airflow Spark connection, e.g.
@@ -63,9 +65,9 @@ def avp_daily():
     @task(outlets=[DATASET_ASSET])
     def ingest(params=None, data_interval_start=None, data_interval_end=None) -> str:
         """Spark reads the day's drive logs and writes Petastorm train/test/val splits (75/15/10 by log)."""
-        from pipeline.orchestration import run_stage
+        from pipeline.orchestration import ingest_or_given
 
-        return run_stage("ingest", params, data_interval_start, data_interval_end)["ref"]
+        return ingest_or_given(params, data_interval_start, data_interval_end)
 
     @task
     def plan_ingest(params=None, data_interval_start=None, data_interval_end=None, dag_run=None) -> str:
@@ -105,16 +107,18 @@ def avp_daily():
     def train(dataset: str, params=None, data_interval_start=None, data_interval_end=None) -> str:
         """Data-parallel training (Horovod or DDP) on the validated dataset; resumes from its checkpoint.
         With a Spark connection, Horovod's ranks run as Spark tasks on its master (`horovod.spark.run`)."""
-        from pipeline.orchestration import run_stage, train_params
+        from pipeline.orchestration import run_stage, skip_past_until, train_params
 
+        skip_past_until("train", params)
         return run_stage("train", train_params(params, SPARK_CONN_ID), data_interval_start, data_interval_end,
                          dataset=dataset, resume=True)["ref"]
 
     @task
     def evaluate(model: str, params=None, data_interval_start=None, data_interval_end=None) -> dict:
         """Model, system and hardware metrics on the test split, and the blessing verdict."""
-        from pipeline.orchestration import run_stage
+        from pipeline.orchestration import run_stage, skip_past_until
 
+        skip_past_until("evaluate", params)
         result = run_stage("evaluate", params, data_interval_start, data_interval_end, model=model)
         return {"model": model, "ref": result["ref"], "blessed": bool(result["blessed"]),
                 "reasons": list(result.get("reasons", []))}
@@ -125,8 +129,9 @@ def avp_daily():
         from airflow.sdk.exceptions import AirflowSkipException
 
         from pipeline.errors import StageFailed
-        from pipeline.orchestration import require_blessed, run_stage
+        from pipeline.orchestration import require_blessed, run_stage, skip_past_until
 
+        skip_past_until("serve", params)
         try:
             require_blessed(evaluation)
         except StageFailed as why:

@@ -13,6 +13,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 AVP_VENV=/opt/venv PATH=/opt/venv/bin:$PATH \
     PYSPARK_PYTHON=/opt/venv/bin/python SPARK_LOCAL_IP=127.0.0.1 AVP_HOME=/data/avp \
     AIRFLOW_HOME=/opt/airflow AIRFLOW__CORE__DAGS_FOLDER=/opt/avp/dags AIRFLOW__CORE__LOAD_EXAMPLES=False \
+    AIRFLOW__CORE__PLUGINS_FOLDER=/opt/avp/pipeline/airflow_plugins \
     AIRFLOW__CORE__PARALLELISM=4 \
     AVP_CACHE_DIR=/tmp/avp-cache
 WORKDIR /opt/avp

@@ -195,6 +195,12 @@ class RegistryConfig:
     # Registry checks 0 < lease_renew_s < lease_s (here the two could be set one after the other).
     lease_s: float = 60.0
     lease_renew_s: float = 10.0
+    # The registry API on its own (`avp registry serve`; inside Airflow the plugin uses Airflow's login)
+    api_host: str = "127.0.0.1"  # address avp registry serve binds
+    api_port: int = 8766  # port avp registry serve listens on
+    token_env: str = "AVP_REGISTRY_TOKEN"  # environment variable with the API's bearer token (never in a file)
+    airflow_url: str = ""  # Airflow API server that POST /datasets and /models trigger avp_daily on ("": none)
+    airflow_token_env: str = "AVP_AIRFLOW_TOKEN"  # environment variable with a JWT for that Airflow API server
 
 
 @dataclass

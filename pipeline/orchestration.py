@@ -22,6 +22,15 @@ WINDOW_PARAMS: dict[str, dict[str, Any]] = {
                "description": "which logs make the dataset"},
     "window_days": {"default": 7, "type": "integer", "minimum": 1, "description": "days in a rolling window"},
 }
+# DAG-only params of a registered build (the registry API's POST /datasets and /models): where the run stops,
+# and a registered dataset to train on instead of ingesting one.
+UNTIL_STAGES = ("validate", "train", "evaluate", "serve")
+BUILD_PARAMS: dict[str, dict[str, Any]] = {
+    "until": {"default": "serve", "enum": list(UNTIL_STAGES),
+              "description": "the last stage this run performs (validate: a dataset build stops after validation)"},
+    "dataset": {"default": None, "type": ["null", "string"],
+                "description": "a registered dataset (dataset:name@vN) to train on instead of ingesting one"},
+}
 _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
 
 
@@ -42,7 +51,7 @@ def dag_params() -> dict[str, dict[str, Any]]:
             params[name]["enum"] = [None, *choices]
         if dotted in config_mod.MINIMUMS:
             params[name]["minimum"] = config_mod.MINIMUMS[dotted]
-    return {**params, **WINDOW_PARAMS}
+    return {**params, **WINDOW_PARAMS, **BUILD_PARAMS}
 
 
 def _day(value: Any) -> dt.date:
@@ -92,6 +101,24 @@ def run_stage(stage: str, params: Mapping[str, Any] | None, interval_start: Any 
     cfg = run_config(params, interval_start, interval_end)
     result = stages.invoke(stage, cfg, say=print, **inputs)
     return {k: v for k, v in result.items() if k != "tables"}
+
+
+def ingest_or_given(params: Mapping[str, Any] | None, interval_start: Any = None, interval_end: Any = None) -> str:
+    """The run's dataset: the registered one its ``dataset`` param names, else the one ingest builds."""
+    given = (params or {}).get("dataset")
+    return given if given else run_stage("ingest", params, interval_start, interval_end)["ref"]
+
+
+def skip_past_until(stage: str, params: Mapping[str, Any] | None) -> None:
+    """Skip ``stage`` (and so everything after it) when it comes after the run's ``until`` param."""
+    until = (params or {}).get("until") or BUILD_PARAMS["until"]["default"]
+    if until not in UNTIL_STAGES:
+        raise config_mod.ConfigError(f"DAG param until: {until!r} is not allowed; allowed values: "
+                                     f"{', '.join(UNTIL_STAGES)}")
+    if UNTIL_STAGES.index(stage) > UNTIL_STAGES.index(until):
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        raise AirflowSkipException(f"until={until}: this run stops after {until}")
 
 
 def require_blessed(evaluation: Mapping[str, Any]) -> None:

@@ -4,6 +4,8 @@ Airflow context, and a content hash of the code a stage's entry point runs."""
 from __future__ import annotations
 
 import ast
+import contextlib
+import contextvars
 import functools
 import getpass
 import hashlib
@@ -11,6 +13,7 @@ import os
 import socket
 import subprocess
 from pathlib import Path
+from typing import Iterator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,7 +51,24 @@ def diff_hash() -> str:
     return hashlib.sha256(diff.encode()).hexdigest() if diff.strip() else ""
 
 
+# The person a registry API request authenticated as (``acting_as``): what the registry records as "by".
+_acting_user: contextvars.ContextVar[str] = contextvars.ContextVar("avp_acting_user", default="")
+
+
+@contextlib.contextmanager
+def acting_as(name: str) -> Iterator[None]:
+    """Within the block (this thread or task only), ``user()`` is ``name``."""
+    token = _acting_user.set(name)
+    try:
+        yield
+    finally:
+        _acting_user.reset(token)
+
+
 def user() -> str:
+    """Who acts: the API caller inside ``acting_as``, else the OS user."""
+    if _acting_user.get():
+        return _acting_user.get()
     try:
         return getpass.getuser()
     except (KeyError, OSError):

@@ -765,6 +765,13 @@ class Registry:
                 raise PromotionRefused(f"{namespace}/{name} has no previous version to roll back to")
             conn.execute(p.update().where(p.c.id == current[0].id).values(status="rolled_back"))
             conn.execute(p.update().where(p.c.id == previous[0].id).values(status="production"))
+            # who rolled back, on the restored artifact's history (as promote records it on the promoted one)
+            state = conn.execute(sa.select(artifacts_table.c.state).where(
+                artifacts_table.c.id == previous[0].artifact_id)).scalar_one()
+            conn.execute(events_table.insert().values(
+                artifact_id=previous[0].artifact_id, from_state=state, to_state=state, at=_now(), by=provenance.user(),
+                reason=f"rolled back {namespace}/{name}: production again instead of {current[0].major}."
+                       f"{current[0].minor}"))
         restored = self.production(namespace, name)
         assert restored is not None
         return restored

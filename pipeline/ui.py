@@ -62,10 +62,13 @@ _ARTIFACT_COLUMNS = ["id", "kind", "name", "version", "state", "blessed", "conte
 
 
 def registry_command(cfg, args: argparse.Namespace) -> int:
+    from pipeline import registry_api
     from pipeline.registry import Registry
 
-    registry = Registry.open(cfg)
     action = args.action
+    if action == "serve":
+        return registry_api.serve(cfg)
+    registry = registry_api.remote_registry(args.remote, cfg) if args.remote else Registry.open(cfg)
     if action == "list":
         table(f"artifacts in {registry.url}", _ARTIFACT_COLUMNS,
               _artifact_rows(registry.list(args.kind, args.name, args.state)))

@@ -5,6 +5,7 @@ process group, and the system Chromium driven by Playwright (browsers cannot be 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -48,6 +49,27 @@ class Standalone:
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
+    def token(self, username: str) -> str:
+        """A JWT for ``username`` of the simple auth manager (AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS), logged
+        in with the password Airflow generated for it."""
+        passwords = json.loads((Path(self.env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated")
+                               .read_text())
+        answer = httpx.post(f"{self.base_url}/auth/token", json={"username": username, "password": passwords[username]},
+                            timeout=30)
+        answer.raise_for_status()
+        return answer.json()["access_token"]
+
+    def run_end_state(self, client: httpx.Client, run_id: str, timeout: float = 900) -> str:
+        """``success`` or ``failed``: how avp_daily's run ``run_id`` ended, polled through ``client``."""
+        def finished() -> str | None:
+            try:
+                state = client.get(f"/api/v2/dags/avp_daily/dagRuns/{run_id}").json()["state"]
+            except httpx.TimeoutException:  # an API server busy behind a locked SQLite: ask again
+                return None
+            return state if state in ("success", "failed") else None
+
+        return wait_for(finished, timeout, f"run {run_id}")
+
     def healthy(self) -> dict | None:
         try:
             health = httpx.get(f"{self.base_url}/api/v2/monitor/health", timeout=5).json()
@@ -64,8 +86,8 @@ def standalone_airflow(tmp_path: Path, *, simulate: bool = True, **extra_env: st
     users log in; its generated passwords are in AIRFLOW_HOME)."""
     port = free_port()
     env = airflow_env(tmp_path, AIRFLOW__API__HOST="127.0.0.1", AIRFLOW__API__PORT=str(port),
-                      AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",
-                      AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False", **extra_env)
+                      **{"AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+                         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False", **extra_env})
     if simulate:
         simulated = subprocess.run(["avp", "simulate"], env=env, cwd=REPO, capture_output=True, text=True,
                                    timeout=600)

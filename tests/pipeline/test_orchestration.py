@@ -60,3 +60,22 @@ def test_dag_params_keep_their_names_defaults_and_checks():
     assert params["backend"]["enum"] == [None, "horovod", "ddp"] and params["split"]["enum"] == [None, "hash", "geo"]
     assert params["force"]["type"] == "boolean"
     assert params["epochs"]["description"].startswith("passes over the train split (train.epochs")
+
+
+def test_until_skips_the_stages_after_it_and_a_given_dataset_skips_ingest():
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    for until, runs in (("validate", []), ("train", ["train"]), ("serve", ["train", "evaluate", "serve"])):
+        ran = []
+        for stage in ("train", "evaluate", "serve"):
+            try:
+                orchestration.skip_past_until(stage, {"until": until})
+                ran.append(stage)
+            except AirflowSkipException as why:
+                assert f"until={until}" in str(why)
+        assert ran == runs, until
+    orchestration.skip_past_until("serve", {})  # default: the whole DAG
+    with pytest.raises(ConfigError, match="DAG param until: 'deploy' is not allowed"):
+        orchestration.skip_past_until("train", {"until": "deploy"})
+    assert orchestration.ingest_or_given({"dataset": "dataset:fleet-lidar@v3"}) == "dataset:fleet-lidar@v3"
+    assert orchestration.dag_params()["until"]["enum"] == list(orchestration.UNTIL_STAGES)
