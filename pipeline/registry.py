@@ -242,6 +242,8 @@ def parse_ref(ref: str) -> tuple[str | None, str, int | None]:
         number = int(version.lstrip("v")) if sep else None
     except ValueError as exc:
         raise NotFound(f"bad artifact reference {ref!r}: expected kind:name@vN ({exc})") from None
+    if number is not None and not 0 <= number < 2**31:  # the database's integer column
+        raise NotFound(f"bad artifact reference {ref!r}: version {number} is out of range")
     return kind, name, number
 
 
@@ -304,9 +306,12 @@ class Registry:
                                        pool_pre_ping=not url.startswith("sqlite"))
         if url.startswith("sqlite"):
             self._serialise_sqlite_writes()
-        with self._tx() as conn:
-            metadata.create_all(conn)
-            _add_missing_columns(conn)
+        try:
+            with self._tx() as conn:
+                metadata.create_all(conn)
+                _add_missing_columns(conn)
+        except sa.exc.OperationalError as exc:  # unreachable server, read-only or missing database file
+            raise RegistryError(f"cannot open the registry {self.url}: {exc.orig}") from None
 
     @classmethod
     def open(cls, cfg: Any) -> "Registry":
@@ -348,6 +353,8 @@ class Registry:
         with self.engine.connect() as conn:
             t = artifacts_table
             if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+                if len(str(ref)) > 10 or not 0 <= int(ref) < 2**31:  # the database's integer column
+                    raise NotFound(f"no artifact with id {ref}")
                 row = conn.execute(sa.select(t).where(t.c.id == int(ref))).first()
                 if row is None:
                     raise NotFound(f"no artifact with id {ref}")
@@ -677,6 +684,12 @@ class Registry:
             self._set_state(conn, art.id, "building", locations=canonical_json([location]))
             self._set_state(conn, art.id, "succeeded")
         return self.get(art.id)
+
+    def assignments(self, ledger: str) -> dict[str, str]:
+        """Every value ``ledger`` holds (key -> value), read only."""
+        a = assignments_table
+        with self.engine.connect() as conn:
+            return {r.key: r.value for r in conn.execute(sa.select(a.c.key, a.c.value).where(a.c.ledger == ledger))}
 
     def sticky_assign(self, ledger: str, keys: Sequence[str],
                       decide: Callable[[dict[str, str], list[str]], dict[str, str]]) -> dict[str, str]:
