@@ -37,7 +37,7 @@ from dataclasses import asdict
 from typing import Any, Callable, Iterable
 
 from pipeline.config import PipelineConfig, resolved
-from pipeline.contracts import Manifest, SplitInfo
+from pipeline.contracts import Manifest, SplitInfo, seal_dataset
 from pipeline.errors import UserError
 from pipeline.files import atomic_path
 from pipeline.home import Home, UnsafeNameError, check_name
@@ -387,11 +387,12 @@ def _extract_and_write(cfg: PipelineConfig, staging: str, tasks: list[LogTask], 
               for s in logs},
         quarantined=sorted(quarantined, key=lambda q: q["log_id"]),
     )
-    manifest.save_to(staging)
+    sealed = seal_dataset(staging, manifest)  # every file's checksum, and the manifest's for the registry
     elapsed = time.time() - started
     frames = sum(s["frames"] for s in logs)
     say(f"wrote {frames} frames from {len(logs)} logs in {elapsed:.1f} s ({frames / max(elapsed, 1e-9):.1f} frames/s)")
-    return {"frames": frames, "logs": len(logs), "quarantined": len(quarantined), "job_seconds": round(elapsed, 3),
+    return {**sealed, "frames": frames, "logs": len(logs), "quarantined": len(quarantined),
+            "job_seconds": round(elapsed, 3),
             "spark_master": spark.sparkContext.master, "date_from": ing.date_from, "date_to": ing.date_to,
             "splits": {k: {"logs": len(v.logs), "frames": v.frames} for k, v in manifest.splits.items()}}
 

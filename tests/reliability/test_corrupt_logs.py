@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import config, stages
+from pipeline.contracts import verified_manifest
 from pipeline.home import Home
 from pipeline.registry import Registry
 from spark_jobs.extract import LogTask, extract_log
@@ -150,3 +151,5 @@ def test_corrupt_logs_among_good_ones_are_quarantined_alone_and_the_splits_stay_
     assert all(grown_split_of[log] == split for log, split in split_of.items())
     _check_balance(grown_split_of)
     assert registry.assignments("split:fleet-lidar:hash") == grown_split_of
+    sealed = verified_manifest(registry.get("dataset:fleet-lidar"))  # every file checksummed by ingest
+    assert any(name.endswith("_common_metadata") for name in sealed.files)
