@@ -426,7 +426,8 @@ BOUNDS: dict[str, Bound] = {
 
 # Text fields with a format, by dotted path: (pattern the whole value must match, what is expected).
 _DATE = r"\d{4}-\d{2}-\d{2}"
-_SPARK_MASTER = (r"local(\[(\*|[1-9]\d*)(,[0-9]+)?\])?|spark://[\w.-]+(:\d+)?(,[\w.-]+(:\d+)?)*|yarn"
+_SPARK_MASTER = (r"local(\[(\*|[1-9]\d*)(,[0-9]+)?\])?|local-cluster\[\d+,\d+,\d+\]"
+                 r"|spark://[\w.-]+(:\d+)?(,[\w.-]+(:\d+)?)*|yarn"
                  r"|k8s://\S+|mesos://\S+")
 FORMATS: dict[str, tuple[str, str]] = {
     "simulate.start_date": (_DATE, "a date YYYY-MM-DD"),
