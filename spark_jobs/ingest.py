@@ -125,7 +125,8 @@ def select_logs(cfg: PipelineConfig, home: Home, say: Callable[[str], None]) -> 
 
 
 def _one_log_per_id(candidates: list[dict], rejected: list[dict], say: Callable[[str], None]) -> list[dict]:
-    """Logs sharing an id: identical copies (same bytes) are one log, the first handle; with different
+    """Logs sharing an id: identical copies (same bytes) are one log, read from the file named after the id
+    if there is one (so a stray copy does not change the log's record), else the first; with different
     content none can be told apart from the other, so every one of them goes to ``rejected``."""
     by_id: dict[str, list[dict]] = {}
     for log in candidates:
@@ -136,7 +137,8 @@ def _one_log_per_id(candidates: list[dict], rejected: list[dict], say: Callable[
         if len({log["content"] for log in logs}) == 1:
             if len(logs) > 1:
                 say(f"warning: log {log_id} is in {len(logs)} identical files ({handles}); ingesting it once")
-            selected.append(logs[0])
+            named = [log for log in logs if os.path.splitext(os.path.basename(log["handle"]))[0] == log_id]
+            selected.append((named or logs)[0])
             continue
         rejected.extend({"log_id": log_id, "handle": log["handle"], "sha256": log["sha256"],
                          "reason": f"duplicate log id: {len(logs)} files with different content ({handles})"}

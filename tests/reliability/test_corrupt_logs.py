@@ -136,7 +136,8 @@ def test_corrupt_logs_among_good_ones_are_quarantined_alone_and_the_splits_stay_
     registry = Registry.open(cfg)
     ledger = registry.assignments("split:fleet-lidar:hash")
     assert ledger == split_of  # no slot for a quarantined log, no row for an unsafe id
-    assert len(registry.list("log", good[0])) == 1  # the copy is the same log record
+    [record] = registry.list("log", good[0])  # the copy is the same log, read from the file named after it
+    assert record.location == str(logs / f"{good[0]}.mcap")
     assert not any(a.name in ("..", "evil") or " " in a.name for a in registry.list("log"))
 
     # the quarantined logs are repaired: each gets its slot now, and no log that had one moves
