@@ -130,3 +130,12 @@ def test_a_home_that_is_not_a_writable_folder_is_one_line(avp_env, tmp_path):
         for home in (fresh, used):
             for path in (home, *home.rglob("*")):
                 path.chmod(0o755)
+
+
+def test_simulate_force_with_a_bad_value_leaves_the_good_logs_alone(avp_env, tmp_path):
+    tiny = ["--logs", "1", "--frames", "1", "--set", "simulate.beams=4", "--set", "simulate.azimuth_steps=16"]
+    assert avp(avp_env, "simulate", *tiny).returncode == 0
+    [log] = (tmp_path / "home" / "logs").glob("*.mcap")
+    before = log.read_bytes()
+    _one_line_exit_2(avp(avp_env, "simulate", *tiny, "--force", "--set", "simulate.dropout=2"), "simulate.dropout")
+    assert log.read_bytes() == before
