@@ -15,6 +15,17 @@ code ``avp evaluate`` uses. The peak is the best of five ``torch.mm`` of 2048 x 
 disturbed by other load; p50-based GFLOP/s is printed too).
 
 Prints markdown rows for docs/benchmarks.md (and docs/evaluation.md).
+
+``--bootstrap`` measures instead what the statistics (``evaluation.statistics``) add to evaluate, side by
+side with them off:
+
+    .venv/bin/python -m bench.evaluate_bench --bootstrap [--logs 4 --log-frames 20 --resamples 1000]
+
+Two models (``--model`` with fresh weights, seeds 0 and 1: candidate and production) score the same
+simulated test logs at the demo's sensor settings through ``scoring.score_model``, the code ``avp
+evaluate`` runs; the per-log tallies are timed inside that pass. Then ``statistics.describe`` (the
+candidate's intervals) and ``statistics.compare`` (the paired test) run with the bootstrap off (0
+resamples: point estimates) and on. The overhead is (tallies + bootstrap) / (scoring without the tallies).
 """
 
 from __future__ import annotations
@@ -57,6 +68,66 @@ def load(args: argparse.Namespace, workdir: str) -> tuple[torch.nn.Module, str, 
     return model, path, f"{args.model} (default config, fresh weights)"
 
 
+def bootstrap_overhead(args: argparse.Namespace) -> None:
+    """The statistics' cost against the scoring pass they ride on (see the module docstring)."""
+    import time
+
+    from evaluation import scoring, statistics
+    from evaluation.frames import LoggedFrame
+    from pipeline.config import EvaluateConfig, SimulateConfig
+    from spark_jobs.simulator import fleet_plan, simulate_log
+    from training.models import build_model
+
+    sim = SimulateConfig(logs=args.logs, frames=args.log_frames)
+    frames = [LoggedFrame(f.log_id, f.frame_index, meta.city, f.points, f.labels, f.boxes, float(f.ego[4]),
+                          f.timestamp_ns) for meta in fleet_plan(sim) for f in simulate_log(meta, sim)]
+    ev = EvaluateConfig(bootstrap_resamples=args.resamples)
+    settings = scoring.Settings.from_config(ev)
+    tally_seconds = [0.0]
+    update = statistics.SliceTally.update
+
+    def timed_update(self, *a, **k):
+        start = time.perf_counter()
+        update(self, *a, **k)
+        tally_seconds[0] += time.perf_counter() - start
+
+    statistics.SliceTally.update = timed_update
+    scored, seconds = [], 0.0
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = build_model(args.model).eval()
+        start = time.perf_counter()
+        scored.append(scoring.score_model(model, frames, settings, say=lambda _m: None))
+        seconds += time.perf_counter() - start
+    statistics.SliceTally.update = update
+    candidate, production = scored
+    timings = {}
+    for resamples in (0, args.resamples):
+        cfg = EvaluateConfig(bootstrap_resamples=resamples)
+        start = time.perf_counter()
+        candidate["statistics"] = statistics.describe(candidate["tallies"], cfg)
+        comparisons = statistics.compare(candidate, production, cfg)
+        timings[resamples] = time.perf_counter() - start
+    base = seconds - tally_seconds[0]
+    points = sum(len(f.points) for f in frames)
+    print(f"{len(frames)} frames of {args.logs} simulated logs ({points:,} points), two {args.model} models "
+          f"(candidate, production), {len(candidate['statistics']['slices'])} slices, {len(comparisons)} "
+          f"comparisons; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print()
+    print("| step | bootstrap off s | bootstrap on s |")
+    print("| --- | ---: | ---: |")
+    print(f"| scoring both models, without the tallies | {base:.2f} | {base:.2f} |")
+    print(f"| per-log tallies (inside the scoring pass) | {tally_seconds[0]:.3f} | {tally_seconds[0]:.3f} |")
+    print(f"| intervals + paired test ({args.resamples} resamples when on) | {timings[0]:.3f} | "
+          f"{timings[args.resamples]:.3f} |")
+    total_off, total_on = base + tally_seconds[0] + timings[0], base + tally_seconds[0] + timings[args.resamples]
+    print(f"| total | {total_off:.2f} | {total_on:.2f} |")
+    print()
+    print(f"bootstrap on vs off: +{100 * (total_on - total_off) / total_off:.2f}%; everything statistical "
+          f"(tallies + intervals + paired test) vs scoring without it: "
+          f"+{100 * (tally_seconds[0] + timings[args.resamples]) / base:.2f}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="bev_segnet")
@@ -66,7 +137,14 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=3)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--no-aot", action="store_true", help="time the torch.export program instead of AOTInductor")
+    parser.add_argument("--bootstrap", action="store_true", help="time the statistics against scoring instead")
+    parser.add_argument("--logs", type=int, default=4, help="--bootstrap: simulated test logs (the demo's: 4)")
+    parser.add_argument("--log-frames", type=int, default=20, help="--bootstrap: frames per log")
+    parser.add_argument("--resamples", type=int, default=1000, help="--bootstrap: bootstrap resamples when on")
     args = parser.parse_args()
+    if args.bootstrap:
+        bootstrap_overhead(args)
+        return
 
     device = hardware.pick_device(args.device)
     frames = demo_frames(args.frames)

@@ -6,10 +6,13 @@ Two kinds of checks, all thresholds from ``cfg.evaluate``:
   >= ``min_class_recall``; the TorchScript latency p99 on this machine <= ``latency_p99_budget_ms``
   (TorchScript is the format the training stage ships; eager when there is none); the planner's
   missed-brake rate <= ``max_missed_brake_rate`` (1.0, the default, leaves it ungated).
-* **Relative to production** (when there is a production model, evaluated on the same test frames): no
-  class IoU, no scene (log) mIoU may fall more than ``max_regression`` below production's, and the
-  missed-brake rate may not rise by more than ``max_regression``. The first model has no production
-  baseline: the verdict says so and rests on the absolute checks alone.
+* **Relative to production** (when there is a production model, evaluated on the same test frames): the
+  paired bootstrap over test logs of ``statistics.compare``, per slice (all, city, distance, speed, time
+  of day) and gated metric (mIoU, class IoU, object recall, missed-brake rate). A change whose interval
+  lies entirely beyond ``max_regression`` fails; one whose interval straddles it is "not enough
+  evidence", which blocks for the safety metric (missed brakes) and warns for the rest by default
+  (``undecided_blocks``); a slice with too few logs or too little evidence is named, never judged. The
+  first model has no production baseline: the verdict says so and rests on the absolute checks alone.
 
 ``decide`` returns the verdict and its reasons: the failed checks first, then the passed ones, each a
 sentence a person can act on. The registry records both (``Registry.set_blessing``).
@@ -20,12 +23,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from evaluation import statistics
+
 
 @dataclass
 class Verdict:
     blessed: bool
     reasons: list[str]
     checks: list[dict[str, Any]] = field(default_factory=list)
+    comparisons: list[dict[str, Any]] = field(default_factory=list)  # statistics.compare, one per slice x metric
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -78,51 +84,45 @@ def decide(candidate: dict[str, Any], settings: Any, baseline: dict[str, Any] | 
                                            f"max_missed_brake_rate {settings.max_missed_brake_rate:.3f}")
 
     notes = []
+    comparisons = []
     if baseline is None:
         notes.append("no production model to compare with (first model): absolute thresholds only")
     else:
-        _relative_checks(candidate, baseline, settings.max_regression, baseline_label, check)
+        comparisons = _relative_checks(candidate, baseline, settings, baseline_label, check, notes)
+    small = statistics.evidence_warning(candidate.get("statistics"))
+    if small:
+        notes.append(small)
 
     blessed = all(c["passed"] for c in checks)
     failed = [c["text"] for c in checks if not c["passed"]]
     passed = [c["text"] for c in checks if c["passed"]]
-    return Verdict(blessed, [*failed, *passed, *notes], checks)
+    return Verdict(blessed, [*failed, *passed, *notes], checks, comparisons)
 
 
-def _relative_checks(candidate: dict[str, Any], baseline: dict[str, Any], max_regression: float, label: str,
-                     check) -> None:
-    """Class IoU, scene mIoU and missed-brake rate against the baseline, one line per failure (and
-    one summary line per kind when nothing failed)."""
-    drops = []
-    for name, mine in candidate["segmentation"]["classes"].items():
-        theirs = baseline["segmentation"]["classes"].get(name, {})
-        if mine.get("iou") is not None and theirs.get("iou") is not None:
-            drops.append((theirs["iou"] - mine["iou"], name, mine["iou"], theirs["iou"]))
-    _regressions("class_regression", "class", "IoU", drops, max_regression, label, check)
-
-    drops = []
-    for log, mine in candidate["scenes"].items():
-        theirs = baseline["scenes"].get(log, {})
-        if mine.get("miou") is not None and theirs.get("miou") is not None:
-            drops.append((theirs["miou"] - mine["miou"], log, mine["miou"], theirs["miou"]))
-    _regressions("scene_regression", "scene", "mIoU", drops, max_regression, label, check)
-
-    mine, theirs = candidate["planner"]["missed_brake_rate"], baseline["planner"]["missed_brake_rate"]
-    if mine is not None and theirs is not None:
-        ok = mine - theirs <= max_regression
-        check("planner_regression", ok, f"missed-brake rate {mine:.3f} vs {label} {theirs:.3f} "
-                                        f"({'+' if mine >= theirs else ''}{mine - theirs:.3f}; allowed +{max_regression:.3f})")
-
-
-def _regressions(name: str, what: str, metric: str, drops: list[tuple[float, str, float, float]],
-                 max_regression: float, label: str, check) -> None:
-    """One failed check per item that dropped more than allowed, else one passed summary check."""
-    worse = [d for d in drops if d[0] > max_regression + 1e-12]
-    for drop, item, mine, theirs in sorted(worse, reverse=True):
-        check(name, False, f"{what} {item} {metric} {mine:.3f} vs {label} {theirs:.3f} "
-                           f"(-{drop:.3f}, more than the allowed {max_regression:.3f})")
-    if not worse and drops:
-        drop, item, _mine, _theirs = max(drops)
-        change = f"largest drop {drop:.3f} ({item})" if drop > 0 else "none dropped"
-        check(name, True, f"no {what} {metric} fell more than {max_regression:.3f} below {label} "
-                          f"({len(drops)} compared; {change})")
+def _relative_checks(candidate: dict[str, Any], baseline: dict[str, Any], settings: Any, label: str, check,
+                     notes: list[str]) -> list[dict[str, Any]]:
+    """The paired bootstrap test against the baseline: a failed check per regression and per blocking "not
+    enough evidence", a warning note per other one, and one summary line; returns the comparisons."""
+    comparisons = statistics.compare(candidate, baseline, settings)
+    for c in comparisons:
+        text = statistics.describe_comparison(c, label, settings)
+        if c["blocks"]:
+            check("regression" if c["outcome"] == "fail" else "not_enough_evidence", False, text)
+        elif c["outcome"] == "undecided":
+            notes.append(f"warning: {text}")
+    small_but_worse = [c for c in comparisons if c["outcome"] == "too_small" and c["worse_than_allowed"]
+                       and not c["blocks"]]
+    if small_but_worse:
+        notes.append("warning: too little evidence to judge, but worse than allowed by the point estimate: "
+                     + ", ".join(f"{c['slice']} {statistics.metric_label(c['metric'])} {c['change']:+.3f}"
+                                 for c in small_but_worse))
+    counts = {o: sum(c["outcome"] == o for c in comparisons) for o in statistics.OUTCOMES}
+    slices = len({c["slice"] for c in comparisons})
+    summary = (f"paired bootstrap against {label} over {slices} slices: {counts['pass']} of {len(comparisons)} "
+               f"slice x metric changes within the allowed {settings.max_regression:.3f}, {counts['fail']} "
+               f"regressions, {counts['undecided']} without enough evidence, {counts['too_small']} too small to judge")
+    if any(c["blocks"] for c in comparisons):
+        notes.append(summary)
+    else:
+        check("regression", True, summary)
+    return comparisons

@@ -32,7 +32,7 @@ import os
 import socket
 from typing import Any, Callable
 
-from evaluation import blessing, feedback, hardware, report, scoring
+from evaluation import blessing, feedback, hardware, report, scoring, statistics
 from evaluation.frames import read_split
 from pipeline.config import PipelineConfig, canonical_json, resolved
 from pipeline.contracts import EvaluationMetrics, Manifest, verified_manifest
@@ -104,6 +104,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
         raise UserError(f"{data.ref} has no {split} frames to evaluate {candidate.ref} on")
     try:
         settings = scoring.Settings.from_config(cfg.evaluate)
+        statistics.check_settings(cfg.evaluate)
         device = hardware.pick_device(cfg.evaluate.device)
     except ValueError as exc:
         raise UserError(str(exc)) from None
@@ -172,6 +173,7 @@ def evaluate_into(staging: str, cfg: PipelineConfig, registry: Registry, candida
     # the candidate: model and system metrics, then hardware metrics on a spread of logged frames
     model, spec = artifacts.load_model(candidate.location, device)
     result = scoring.score_model(model, frames, settings, device, say)
+    add_statistics(result, ev, say)
     picks = sorted({round(i * (len(frames) - 1) / max(1, ev.latency_frames - 1)) for i in range(ev.latency_frames)})
     # the compiled model.pt2 stays with the metrics: the serve stage ships it instead of compiling again
     result["hardware"] = hardware.measure(
@@ -205,7 +207,8 @@ def evaluate_into(staging: str, cfg: PipelineConfig, registry: Registry, candida
         candidate=result,
         baseline_model=production.ref if production else None, baseline_source=baseline_source,
         baseline={k: v for k, v in baseline.items() if k != "hardware"} if baseline else None,
-        verdict={"blessed": verdict.blessed, "reasons": verdict.reasons, "checks": verdict.checks},
+        verdict={"blessed": verdict.blessed, "reasons": verdict.reasons, "checks": verdict.checks,
+                 "comparisons": verdict.comparisons},
         worst_scenes=worst,
         feedback={"weights": weights, "file": os.path.join(feedback.FEEDBACK_DIR, feedback.WEIGHTS_FILE)},
     )
@@ -213,6 +216,14 @@ def evaluate_into(staging: str, cfg: PipelineConfig, registry: Registry, candida
     metrics = EvaluationMetrics.load(metrics.save_to(staging))
     report.write_report(staging, metrics)
     return metrics
+
+
+def add_statistics(result: dict[str, Any], ev: Any, say: Callable[[str], None]) -> None:
+    """The bootstrap intervals of every metric per slice, the evidence behind them and the reliability
+    diagram (``statistics.describe``) into ``result["statistics"]``."""
+    result["statistics"] = statistics.describe(result["tallies"], ev)
+    say(f"bootstrap: {ev.bootstrap_resamples} resamples of the test logs in "
+        f"{len(result['statistics']['slices'])} slices")
 
 
 # ----------------------------------------------------------------------------------------- 6. summary
@@ -270,6 +281,7 @@ def summarize(art: Artifact, metrics: EvaluationMetrics) -> dict[str, Any]:
                          _f(v["jitter_ms"], 1), _f(v["frames_per_s"], 1), _f(v["peak_memory_mb"], 0),
                          _f(v["achieved_gflops"], 1)] for name, v in hw["variants"].items()]))
 
+    tables += comparison_tables(metrics)
     verdict = metrics.verdict
     failed = {c["text"] for c in verdict["checks"] if not c["passed"]}
     tables.append((f"verdict: {'BLESSED' if verdict['blessed'] else 'NOT BLESSED'}", ["", "reason"],
@@ -279,3 +291,25 @@ def summarize(art: Artifact, metrics: EvaluationMetrics) -> dict[str, Any]:
             "reasons": verdict["reasons"], "miou": seg["miou"],
             "report": os.path.join(art.location, "report.html"),
             "metrics": os.path.join(art.location, EvaluationMetrics.FILE), "tables": tables}
+
+
+def comparison_tables(metrics: EvaluationMetrics) -> list[tuple[str, list[str], list[list[Any]]]]:
+    """The headline intervals, and the comparisons against production that did not simply pass."""
+    described = metrics.candidate.get("statistics")
+    if not described:
+        return []
+    level = f"{100 * described['confidence_level']:g}%"
+    everything = described["slices"][statistics.ALL]["metrics"]
+    rows = [[statistics.metric_label(name), _f(m["value"]), f"{_f(m['low'])} - {_f(m['high'])}", m["evidence"]]
+            for name, m in everything.items() if name == "miou" or not name.startswith(("recall/", "iou/"))]
+    tables = [(f"headline metrics with {level} intervals (bootstrap over {described['slices']['all']['logs']} test logs)",
+               ["metric", "value", f"{level} interval", "evidence"], rows)]
+    shown = [c for c in metrics.verdict.get("comparisons", []) if c["outcome"] in ("fail", "undecided") or c["blocks"]]
+    if shown:
+        tables.append((f"paired regression test against {metrics.baseline_model}: not passed",
+                       ["slice", "metric", "candidate", "production", "change", f"{level} interval", "outcome"],
+                       [[c["slice"], statistics.metric_label(c["metric"]), _f(c["candidate"]), _f(c["production"]),
+                         f"{c['change']:+.3f}", f"{_f(c['low'])} - {_f(c['high'])}",
+                         c["outcome"] + (" (blocks)" if c["blocks"] and c["outcome"] != "fail" else "")]
+                        for c in shown]))
+    return tables

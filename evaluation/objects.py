@@ -49,23 +49,28 @@ class ObjectSettings:
 
     def band_names(self) -> list[str]:
         """``["0-20", "20-40", "40+"]`` for edges (20, 40)."""
-        lows = (0.0, *self.band_edges)
-        names = [f"{lo:g}-{hi:g}" for lo, hi in zip(lows, self.band_edges)]
-        return names + [f"{lows[-1]:g}+"]
+        return band_names(self.band_edges)
 
     def band_of(self, distance: np.ndarray | float) -> np.ndarray:
         """Index of the distance band of each planar range."""
         return np.searchsorted(np.asarray(self.band_edges), np.asarray(distance), side="right")
 
 
-def parse_bands(text: str) -> tuple[float, ...]:
-    """``"20,40"`` -> (20.0, 40.0); the edges must be positive and increasing."""
+def band_names(edges: Sequence[float]) -> list[str]:
+    """Names of the bands cut by ``edges``: ``["0-20", "20-40", "40+"]`` for (20, 40)."""
+    lows = (0.0, *edges)
+    names = [f"{lo:g}-{hi:g}" for lo, hi in zip(lows, edges)]
+    return names + [f"{lows[-1]:g}+"]
+
+
+def parse_bands(text: str, where: str = "evaluate.distance_bands_m", unit: str = "metres") -> tuple[float, ...]:
+    """``"20,40"`` -> (20.0, 40.0); the edges must be positive and increasing (``where`` names the setting)."""
     try:
         edges = tuple(float(t) for t in str(text).split(",") if t.strip())
     except ValueError:
-        raise ValueError(f"evaluate.distance_bands_m: {text!r} is not a comma-separated list of metres") from None
+        raise ValueError(f"{where}: {text!r} is not a comma-separated list of {unit}") from None
     if any(e <= 0 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
-        raise ValueError(f"evaluate.distance_bands_m: {text!r} must be positive and increasing, e.g. 20,40")
+        raise ValueError(f"{where}: {text!r} must be positive and increasing, e.g. 20,40")
     return edges
 
 
@@ -158,6 +163,17 @@ def match_frame(points: np.ndarray, labels: np.ndarray, predicted: np.ndarray, b
     return out
 
 
+def band_counts(frame: FrameObjects, bands: int) -> dict[int, np.ndarray]:
+    """Per object class of one frame: ``[bands, 4]`` matched predictions, predictions, matched truths, truths."""
+    out = {}
+    for c in frame.truth_band:
+        out[c] = np.stack([np.bincount(frame.predicted_band[c][frame.predicted_matched[c]], minlength=bands),
+                           np.bincount(frame.predicted_band[c], minlength=bands),
+                           np.bincount(frame.truth_band[c][frame.truth_matched[c]], minlength=bands),
+                           np.bincount(frame.truth_band[c], minlength=bands)], axis=1).astype(np.int64)
+    return out
+
+
 @dataclass
 class ObjectAccumulator:
     """True positives, false positives and false negatives per class and distance band, summed."""
@@ -167,13 +183,8 @@ class ObjectAccumulator:
     counts: dict[int, np.ndarray] = field(default_factory=dict)
 
     def update(self, frame: FrameObjects) -> None:
-        bands = len(self.settings.band_edges) + 1
-        for c in frame.truth_band:
-            counts = self.counts.setdefault(c, np.zeros((bands, 4), np.int64))
-            counts[:, 0] += np.bincount(frame.predicted_band[c][frame.predicted_matched[c]], minlength=bands)
-            counts[:, 1] += np.bincount(frame.predicted_band[c], minlength=bands)
-            counts[:, 2] += np.bincount(frame.truth_band[c][frame.truth_matched[c]], minlength=bands)
-            counts[:, 3] += np.bincount(frame.truth_band[c], minlength=bands)
+        for c, counts in band_counts(frame, len(self.settings.band_edges) + 1).items():
+            self.counts[c] = self.counts.get(c, 0) + counts
 
     def summary(self) -> dict[str, Any]:
         """Per class: precision, recall and counts overall and per distance band."""

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from evaluation import statistics
 from pipeline.contracts import EvaluationMetrics
 from pipeline.taxonomy import CLASSES, IGNORE
 
@@ -140,6 +141,30 @@ def plot_scenes(scenes: dict[str, Any], worst: Sequence[str], baseline: dict[str
     return _png(fig)
 
 
+def plot_reliability(reliability: dict[str, Any], ece: float | None) -> str:
+    """Accuracy against mean confidence per confidence bin (the diagonal is perfect calibration), with
+    each bin's share of the points underneath."""
+    fig, ax = _figure(6.5, 4.5)
+    edges = np.asarray(reliability["edges"])
+    centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+    accuracy = [a if a is not None else 0.0 for a in reliability["accuracy"]]
+    points = np.asarray(reliability["points"], np.float64)
+    ax.bar(centres, accuracy, width * 0.9, color="#1f77b4", alpha=0.8, label="accuracy of the bin's points")
+    confidence = [(c, conf) for c, conf in zip(centres, reliability["confidence"]) if conf is not None]
+    if confidence:
+        ax.scatter([c for c, _ in confidence], [conf for _, conf in confidence], color="black", marker="_", s=120,
+                   zorder=3, label="mean confidence of the bin")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    share = points / max(points.sum(), 1)
+    ax.bar(centres, share * 0.25, width * 0.9, bottom=-0.3, color="#ff7f0e", alpha=0.7,
+           label="share of points (x0.25, below 0)")
+    title = "Reliability of the per-point softmax" + (f" (ECE {ece:.3f})" if ece is not None else "")
+    ax.set(xlabel="confidence (top softmax score)", ylabel="accuracy", xlim=(0, 1), ylim=(-0.32, 1.02), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    return _png(fig)
+
+
 # ----------------------------------------------------------------------------------------- HTML
 def _cell(value: Any, digits: int = 3) -> str:
     if value is None:
@@ -149,6 +174,15 @@ def _cell(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return html.escape(str(value))
+
+
+def _interval(metric: dict[str, Any] | None) -> str:
+    """``0.512 [0.480, 0.551]`` (value and interval) of a described metric; n/a when there is none."""
+    if not metric:
+        return "n/a"
+    if metric["low"] is None:
+        return f"{metric['value']:.3f}"
+    return f"{metric['value']:.3f} [{metric['low']:.3f}, {metric['high']:.3f}]"
 
 
 def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]], css: str = "") -> str:
@@ -219,17 +253,25 @@ def render(metrics: EvaluationMetrics) -> str:
 
     # --- model metrics
     parts.append("<h2>Model metrics: points</h2>")
+    described = cand.get("statistics")
+    overall = described["slices"]["all"]["metrics"] if described else {}
+    level = f"{100 * described['confidence_level']:g}%" if described else ""
     columns = ["class", "precision", "recall", "IoU", "AP", "points"]
+    if described:
+        columns[2:4] = [f"recall [{level} CI]", f"IoU [{level} CI]"]
     if base:
         columns += ["production IoU", "change"]
     rows = []
     for name, m in seg["classes"].items():
-        row = [name, m["precision"], m["recall"], m["iou"], cand["pr_curves"][name]["average_precision"], m["points"]]
+        recall, iou = m["recall"], m["iou"]
+        if described:
+            recall, iou = _interval(overall.get(f"recall/{name}")), _interval(overall.get(f"iou/{name}"))
+        row = [name, m["precision"], recall, iou, cand["pr_curves"][name]["average_precision"], m["points"]]
         if base:
             theirs = base["segmentation"]["classes"].get(name, {}).get("iou")
             row += [theirs, None if theirs is None or m["iou"] is None else m["iou"] - theirs]
         rows.append(row)
-    rows.append(["mIoU", "", "", seg["miou"], "", seg["points"]]
+    rows.append(["mIoU", "", "", _interval(overall.get("miou")) if described else seg["miou"], "", seg["points"]]
                 + ([base["segmentation"]["miou"], None if base["segmentation"]["miou"] is None or seg["miou"] is None
                     else seg["miou"] - base["segmentation"]["miou"]] if base else []))
     parts.append(_table(columns, rows))
@@ -288,6 +330,10 @@ def render(metrics: EvaluationMetrics) -> str:
                      + _table(["scene", "frame", "event", "speed (m/s)", "truth distance (m)",
                                "perceived distance (m)"], rows) + "</details>")
 
+    # --- statistics
+    if described:
+        parts.append(statistics_section(metrics, described))
+
     # --- hardware
     if hw:
         parts.append("<h2>Hardware metrics</h2>")
@@ -336,6 +382,66 @@ def render(metrics: EvaluationMetrics) -> str:
                  + html.escape(json.dumps({"thresholds": metrics.thresholds, "metrics": cand["settings"]}))
                  + "</pre></details>")
     parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def statistics_section(metrics: EvaluationMetrics, described: dict[str, Any]) -> str:
+    """Intervals and evidence of the headline metrics, every slice, the paired comparisons against
+    production and the reliability diagram."""
+    level = f"{100 * described['confidence_level']:g}%"
+    overall = described["slices"]["all"]
+    parts = [f"<h2>How sure: intervals, slices, calibration</h2><p class='note'>Every interval is a {level} "
+             f"percentile bootstrap over test <b>logs</b> ({described['resamples']} resamples, seed "
+             f"{described['seed']}): the logs, not points or frames, are the independent evidence; this split has "
+             f"{overall['logs']}. A slice with fewer than {described['min_slice_logs']} logs, or a metric resting on "
+             f"fewer than {described['min_slice_count']} points / objects / needed brakes, is marked too small and "
+             f"not judged. See docs/evaluation.md.</p>"]
+    names = [n for n in overall["metrics"] if not n.startswith(("iou/", "recall/"))]
+    parts.append(_table(["metric", f"value [{level} CI]", "evidence (points, objects or brakes)", "judgeable"],
+                        [[statistics.metric_label(n), _interval(overall["metrics"][n]),
+                          overall["metrics"][n]["evidence"], not overall["metrics"][n]["too_small"]] for n in names]))
+    bands = [(name, s) for name, s in described["slices"].items() if s["dimension"] == "distance"]
+    if bands:
+        objects = [n for n in names if n.startswith("object_recall/")]
+        parts.append("<p class='note'>Object recall per class and distance band:</p>" + _table(
+            ["class", *[f"{s['group']} m" for _n, s in bands]],
+            [[statistics.metric_label(n)] + [_interval(s["metrics"].get(n)) for _name, s in bands] for n in objects]))
+    rows = []
+    for name, s in described["slices"].items():
+        m = s["metrics"]
+        rows.append([name, s["logs"], s["frames"], s["points"], s["objects"], s.get("needed_brakes"),
+                     _interval(m.get("miou")), _interval(m.get("object_recall/pedestrian")),
+                     _interval(m.get("missed_brake_rate")), _interval(m.get("ece")),
+                     s["too_small"] and f"too small: {s['too_small']}" or "judged"])
+    parts.append(f"<p class='note'>Slices (<code>evaluate.slices</code>), {level} intervals; logs, frames, points, "
+                 f"objects and needed brakes are the evidence each rests on:</p>"
+                 + _table(["slice", "logs", "frames", "points", "objects", "needed brakes", "mIoU",
+                           "pedestrian object recall", "missed-brake rate", "ECE", "status"], rows))
+    comparisons = metrics.verdict.get("comparisons") or []
+    if comparisons:
+        rows = [[c["slice"], statistics.metric_label(c["metric"]), c["candidate"], c["production"],
+                 f"{c['change']:+.3f}", "n/a" if c["low"] is None else f"[{c['low']:+.3f}, {c['high']:+.3f}]",
+                 c["evidence"]["logs"], c["evidence"]["count"],
+                 {"fail": "FAIL: regression", "undecided": "not enough evidence", "too_small": "too small",
+                  "pass": "pass"}[c["outcome"]] + (" (blocks)" if c["outcome"] != "fail" and c["blocks"] else "")]
+                for c in comparisons]
+        shown = [r for r, c in zip(rows, comparisons) if c["outcome"] in ("fail", "undecided") or c["blocks"]]
+        parts.append(f"<h3>Paired regression test against {html.escape(metrics.baseline_model or 'production')}</h3>"
+                     f"<p class='note'>Both models on the same logs; each resample draws the same logs for both. "
+                     f"A change (candidate - production) whose {level} interval lies entirely beyond the allowed "
+                     f"{metrics.thresholds.get('max_regression', 0):.3f} fails; one that straddles it is not enough "
+                     f"evidence. {len(shown)} of {len(comparisons)} comparisons did not pass:</p>"
+                     + (_table(["slice", "metric", "candidate", "production", "change", f"{level} CI", "logs",
+                                "evidence", "outcome"], shown) if shown else "")
+                     + f"<details><summary>all {len(comparisons)} comparisons</summary>"
+                     + _table(["slice", "metric", "candidate", "production", "change", f"{level} CI", "logs",
+                               "evidence", "outcome"], rows) + "</details>")
+    ece = overall["metrics"].get("ece")
+    parts.append(f"<div class='row'><div>{plot_reliability(described['reliability'], ece and ece['value'])}</div>"
+                 "<div><p class='note'>Expected calibration error: points binned by their top softmax score; ECE is "
+                 "the point-weighted mean gap between each bin's accuracy and its mean confidence (0: the scores "
+                 "mean what they say). The planner's thresholds and an operator comparing models both rely on "
+                 "it.</p></div></div>")
     return "\n".join(parts)
 
 

@@ -132,6 +132,18 @@ class EvaluateConfig:
     latency_p99_budget_ms: float = 2000.0
     max_regression: float = 0.05  # no class IoU, scene mIoU or missed-brake rate may lose more than this
     max_missed_brake_rate: float = 1.0  # share of needed brakes the planner may miss (1.0: not gated)
+    # statistics (docs/evaluation.md): bootstrap over test logs, slices, the paired test against production
+    bootstrap_resamples: int = 1000  # resamples of the test logs per slice (0: point estimates only)
+    bootstrap_seed: int = 0  # same seed, same inputs: same intervals
+    confidence_level: float = 0.95  # of every interval
+    # slices, ';'-separated: city | distance (edges of distance_bands_m, or distance:10,30) | speed_mps:EDGES |
+    # hour_utc:EDGES; the whole test split is always one slice
+    slices: str = "city;distance;speed_mps:3,10;hour_utc:6,12,18"
+    min_slice_logs: int = 3  # a slice with fewer test logs is reported as too small, not judged
+    min_slice_count: int = 10  # nor a metric resting on fewer points, objects or needed brakes than this
+    # an interval straddling -max_regression ("not enough evidence") blocks for: safety (missed brakes), all, none
+    undecided_blocks: Literal["safety", "all", "none"] = "safety"
+    calibration_bins: int = 15  # confidence bins of the expected calibration error and reliability diagram
     # hardware metrics
     latency_runs: int = 20  # timed calls per variant (eager, TorchScript, exported)
     latency_warmup: int = 3  # untimed calls first (allocator, TorchScript profiling runs)

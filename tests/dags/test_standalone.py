@@ -4,50 +4,18 @@ wait for the run to succeed, backfill two days, stop with SIGINT. Bounded in tim
 from __future__ import annotations
 
 import datetime as dt
-import os
-import signal
-import subprocess
-import time
 
-import httpx
 import pytest
 
-from pipeline.servers import free_port
-from tests.dags.test_dag_run import REPO, airflow_env, run
+from tests.airflow_standalone import standalone_airflow, wait_for
 
 pytestmark = pytest.mark.slow
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(2)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def test_standalone_runs_a_triggered_dag_and_a_backfill(tmp_path):
-    port = free_port()
-    env = airflow_env(tmp_path, AIRFLOW__API__HOST="127.0.0.1", AIRFLOW__API__PORT=str(port),
-                      AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",
-                      AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False")
-    assert run(env, "avp", "simulate").returncode == 0
-    log = open(tmp_path / "standalone.log", "w")
-    proc = subprocess.Popen(["bash", str(REPO / "scripts" / "airflow_standalone.sh")], env=env, cwd=REPO,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        def healthy():
-            try:
-                health = httpx.get(f"{base}/api/v2/monitor/health", timeout=5).json()
-                return health.get("scheduler", {}).get("status") == "healthy" and health
-            except (httpx.HTTPError, ValueError):
-                return None
-
-        wait_for(healthy, 240, "the API server and scheduler")
-        client = httpx.Client(base_url=base, timeout=30)
+    with standalone_airflow(tmp_path) as airflow:
+        env = airflow.env
+        client = airflow.client()
         dag = wait_for(lambda: (r := client.get("/api/v2/dags/avp_daily")).status_code == 200 and r.json(), 120,
                        "the DAG to be parsed")
         assert dag["is_paused"] is False  # AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False
@@ -60,7 +28,7 @@ def test_standalone_runs_a_triggered_dag_and_a_backfill(tmp_path):
             state = client.get(f"/api/v2/dags/avp_daily/dagRuns/{run_id}").json()["state"]
             return state if state in ("success", "failed") else None
 
-        assert wait_for(finished, 900, f"run {run_id}") == "success", open(tmp_path / "standalone.log").read()[-3000:]
+        assert wait_for(finished, 900, f"run {run_id}") == "success", airflow.log_tail()
         tasks = client.get(f"/api/v2/dags/avp_daily/dagRuns/{run_id}/taskInstances").json()["task_instances"]
         assert {t["task_id"]: t["state"] for t in tasks} == {
             "ingest": "success", "validate": "success", "train": "success", "evaluate": "success", "serve": "success"}
@@ -87,12 +55,3 @@ def test_standalone_runs_a_triggered_dag_and_a_backfill(tmp_path):
                                    .date().isoformat() for p in registry.parents(d.id) if p.kind == "log"})
                     for d in registry.list("dataset", state="succeeded")}
         assert {tuple(days) for days in log_days.values()} == {("2026-11-01",), ("2026-11-01", "2026-11-02")}, log_days
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends; SIGTERM leaves workers behind
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        log.close()
-    assert proc.returncode is not None

@@ -115,3 +115,55 @@ def register_model(registry, dataset, model: torch.nn.Module, tag: str):
 
     return registry.build("model", "bev_segnet", entry_point="tests.evaluation.builders:register_model",
                           config={"tag": tag}, builder=write, parents=[dataset])
+
+
+def log_tally(ground: tuple[int, int], vehicle: tuple[int, int], pedestrian: tuple[int, int] = (100, 60),
+              planner: tuple[int, int, int, int] = (20, 10, 2, 1), bins: int = 10) -> list[float]:
+    """One log's tally vector (``evaluation.statistics.Layout``) from (points, correctly predicted points)
+    per class - the misses predicted as ground, or as vehicle for ground - and the planner's (frames,
+    needed brakes, missed, false brakes). Objects: one vehicle box per 20 vehicle points, found in
+    proportion to the vehicle recall. Calibration: every point at confidence 0.75, so the ECE is
+    |accuracy - 0.75|."""
+    from evaluation.statistics import Layout
+    from pipeline.taxonomy import CLASS_ID, NUM_CLASSES, OBJECT_CLASS_IDS
+
+    layout = Layout(bins)
+    vector = np.zeros(layout.size)
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES))
+    for name, (points, correct) in (("ground", ground), ("vehicle", vehicle), ("pedestrian", pedestrian)):
+        c = CLASS_ID[name]
+        confusion[c, c] = correct
+        confusion[c, CLASS_ID["vehicle" if name == "ground" else "ground"]] = points - correct
+    vector[layout.confusion] = confusion.ravel()
+    total = confusion.sum()
+    calibration = np.zeros((bins, 3))
+    calibration[int(0.75 * bins)] = (total, np.trace(confusion), 0.75 * total)
+    vector[layout.calibration] = calibration.ravel()
+    objects = np.zeros((len(OBJECT_CLASS_IDS), 4))
+    boxes = vehicle[0] // 20
+    found = round(boxes * vehicle[1] / max(vehicle[0], 1))
+    objects[OBJECT_CLASS_IDS.index(CLASS_ID["vehicle"])] = (found, found, found, boxes)
+    vector[layout.objects] = objects.ravel()
+    vector[layout.planner] = planner
+    return vector.tolist()
+
+
+def tallies(logs: list[tuple[str, str, list[float]]], bins: int = 10) -> dict:
+    """The ``tallies`` of a scored split (``SliceTally.as_dict``) from ``(log id, city, log_tally(...))``,
+    with no slice dimension but the city: what ``statistics.describe`` and ``compare`` read."""
+    return {"calibration_bins": bins, "logs": [log for log, _c, _v in logs], "cities": [c for _l, c, _v in logs],
+            "dimensions": {"all": {"groups": ["all"], "counts": [[vector] for _l, _c, vector in logs]}}}
+
+
+def fleet(change=None, seed: int = 0) -> dict:
+    """Production-like ``{"tallies": ...}`` of 17 logs: four logs in each of atlanta, boston, chicago and
+    dallas and one in "solo". ``change(index, city, parts)`` -> keyword overrides of ``log_tally`` makes a
+    candidate scored on the same logs."""
+    rng = np.random.default_rng(seed)
+    logs = []
+    for i, city in enumerate([c for c in ("atlanta", "boston", "chicago", "dallas") for _ in range(4)] + ["solo"]):
+        parts = {"ground": (1000, int(rng.integers(880, 920))), "vehicle": (200, int(rng.integers(140, 160))),
+                 "pedestrian": (100, int(rng.integers(55, 65))), "planner": (20, 10, 2, 1)}
+        parts.update((change or (lambda _i, _c, _p: {}))(i, city, parts))
+        logs.append((f"log-{i:02d}", city, log_tally(**parts)))
+    return {"tallies": tallies(logs)}
