@@ -39,14 +39,15 @@ def plain_writer(cfg) -> dict:
     selected, _bad = ingest.select_logs(cfg, registry.home, lambda m: None)
     splits = ingest.assign_splits(cfg, registry, selected)
     importer = get_importer(cfg.ingest.source).__name__
-    tasks = [extract.LogTask(importer, s["handle"], s["meta"].log_id, s["meta"].city, splits[s["meta"].log_id], 1.0,
-                             s["sha256"]) for s in selected]
+    tasks = [extract.LogTask(importer, s["handle"], s["meta"].log_id, s["meta"].city, 1.0, s["sha256"])
+             for s in selected]
     runs = []
     for _ in range(2):
         out = tempfile.mkdtemp(prefix="plain-", dir=registry.home.scratch)
         started = time.perf_counter()
-        logs = [extract.process_log(t, out, cfg.ingest.max_points, cfg.ingest.reader_ranks,
-                                    cfg.ingest.rows_per_group) for t in tasks]
+        logs = [{"split": splits[t.log_id], **extract.process_log(t, out, cfg.ingest.max_points,
+                                                                  cfg.ingest.reader_ranks, cfg.ingest.rows_per_group)}
+                for t in tasks]
         for split in splitting.SPLITS:
             ingest.arrange_split(out, logs, split, cfg.ingest.reader_ranks)
         runs.append(time.perf_counter() - started)

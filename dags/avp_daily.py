@@ -16,11 +16,13 @@ pipeline home (`AVP_HOME`).
   what already succeeded, and `train` resumes from its latest checkpoint.
 * **Backfills**: `airflow backfill create --dag-id avp_daily --from-date 2026-11-01 --to-date 2026-11-03`
   (or *Backfill* in the UI) gives one dataset version per day; re-running a day is a cache hit.
-* **Params** (Trigger DAG w/ config): epochs, backend, np, force, window, window_days, split, spark_master
-  (declared by the stage specs in `pipeline/stages.py`); any other config field by its full name, e.g.
-  `{"ingest.train_share": 0.8, "ingest.test_share": 0.1}`; `until` (validate|train|evaluate|serve) ends the
-  run after that stage (later tasks skip) and `dataset` trains on a registered dataset instead of ingesting
-  (the registry API's `POST /datasets` and `POST /models` trigger runs with them; docs/registry.md).
+* **Params** (Trigger DAG w/ config): epochs, backend, np, force, window, window_days, split (declared by
+  the stage specs in `pipeline/stages.py`) and the split shares by their full names, e.g.
+  `{"ingest.train_share": 0.8, "ingest.test_share": 0.1}`, each with its range. A conf key the DAG does not
+  declare fails the run: the Spark master and the home are the deployment's, not a trigger's. `until`
+  (validate|train|evaluate|serve) ends the run after that stage (later tasks skip) and `dataset` trains on a
+  registered dataset instead of ingesting (the registry API's `POST /datasets` and `POST /models` trigger runs
+  with them; docs/registry.md).
 * One training at a time through the `avp_training` pool; with `AVP_TRAINING_QUEUE` set (CeleryExecutor,
   see docs/deploy.md) `train` goes to that queue's workers (GPU hosts), every other task to the default one.
 * **Spark cluster**: with `AVP_SPARK_CONN_ID` set (to an Airflow Spark connection, e.g.
@@ -107,11 +109,11 @@ def avp_daily():
     def train(dataset: str, params=None, data_interval_start=None, data_interval_end=None) -> str:
         """Data-parallel training (Horovod or DDP) on the validated dataset; resumes from its checkpoint.
         With a Spark connection, Horovod's ranks run as Spark tasks on its master (`horovod.spark.run`)."""
-        from pipeline.orchestration import run_stage, skip_past_until, train_params
+        from pipeline.orchestration import run_stage, skip_past_until, train_overrides
 
         skip_past_until("train", params)
-        return run_stage("train", train_params(params, SPARK_CONN_ID), data_interval_start, data_interval_end,
-                         dataset=dataset, resume=True)["ref"]
+        return run_stage("train", params, data_interval_start, data_interval_end,
+                         deployment=train_overrides(SPARK_CONN_ID), dataset=dataset, resume=True)["ref"]
 
     @task
     def evaluate(model: str, params=None, data_interval_start=None, data_interval_end=None) -> dict:

@@ -35,7 +35,7 @@ from typing import Any, Callable
 from evaluation import blessing, feedback, hardware, report, scoring, statistics, variants
 from evaluation.frames import read_split
 from pipeline.config import PipelineConfig, canonical_json, resolved
-from pipeline.contracts import EvaluationMetrics, Manifest
+from pipeline.contracts import EvaluationMetrics, Manifest, verified_manifest
 from pipeline.errors import UserError
 from pipeline.registry import Artifact, Registry
 from pipeline.stages import resolve_input
@@ -98,7 +98,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     # 1. resolve
     candidate = resolve_model(cfg, registry, model)
     data = dataset_of(registry, candidate)
-    manifest = Manifest.load_from(data.location)
+    manifest = verified_manifest(data, say)  # every file checked before any reader opens one
     split = "test"
     if split not in manifest.splits or not manifest.splits[split].frames:
         raise UserError(f"{data.ref} has no {split} frames to evaluate {candidate.ref} on")

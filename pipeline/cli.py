@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = rsub.add_parser(action, help=f"mark a succeeded artifact {action.replace('-', ' ')}", parents=[remote])
         p.add_argument("ref")
         p.add_argument("--reason", default="")
+        p.add_argument("--production", action="store_true",
+                       help="also when it is production: production rolls back to the previous succeeded version")
     rsub.add_parser("promotions", help="list promotions", parents=[remote])
 
     for spec in stages.STAGES.values():

@@ -4,8 +4,9 @@ Every value can be overridden, in increasing priority, by environment variables
 (``AVP_HOME``, ``AVP_REGISTRY_URL``, ``AVP_<SECTION>__<FIELD>`` such as ``AVP_TRAIN__EPOCHS=3``) and by
 CLI flags (``--set train.epochs=3`` or a stage's own flags such as ``avp train --epochs 3``).
 Values are coerced to the annotated type; a value that does not fit fails with a ``ConfigError`` naming
-the field and what is allowed. Rules that span fields (the split shares sum to 1, lower bounds) are checked
-once on the resolved config, so fields can be set in any order. A field is documented by its comment;
+the field and what is allowed. Every numeric field's range (``BOUNDS``), the formats of text fields
+(``FORMATS``) and rules that span fields (the split shares sum to 1) are checked once on the resolved
+config, so fields can be set in any order. A field is documented by its comment;
 ``field_help`` reads it back for the CLI's flag help and the DAG's param descriptions. ``resolved(cfg)`` is
 the plain dict every run records.
 """
@@ -14,10 +15,13 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import datetime as dt
 import inspect
 import io
 import json
+import math
 import os
+import re
 import textwrap
 import tokenize
 import typing
@@ -263,7 +267,7 @@ def coerce(path: str, value: Any, annotation: Any) -> Any:
                 raise ValueError
             return int(value)
         if annotation is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or math.isnan(float(value)):  # NaN passes every comparison: refused
                 raise ValueError
             return float(value)
         if annotation is str:
@@ -361,26 +365,156 @@ def set_value(cfg: PipelineConfig, dotted: str, value: Any) -> None:
             target = getattr(target, name)
 
 
-# Lower bounds of numeric fields, checked on the resolved config and offered to Airflow as Param minimums.
-MINIMUMS = {"train.np": 1, "train.epochs": 1, "train.batch_size": 1, "train.nnodes": 1, "train.node_rank": 0,
-            "train.rank_timeout_s": 1, "simulate.logs": 1, "simulate.frames": 1}
+@dataclass(frozen=True)
+class Bound:
+    """The range of a numeric field: ``minimum <= value <= maximum`` (``None``: open on that side), or
+    strictly above/below with ``exclusive_minimum``/``exclusive_maximum``. NaN is never in range."""
+
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
+
+    def problem(self, value: float) -> str | None:
+        """Why ``value`` is out of range, or None."""
+        if value != value:
+            return "is not a number (NaN)"
+        lo, hi = self.minimum, self.maximum
+        if lo is not None and (value <= lo if self.exclusive_minimum else value < lo):
+            return f"must be {'above' if self.exclusive_minimum else 'at least'} {lo:g}"
+        if hi is not None and (value >= hi if self.exclusive_maximum else value > hi):
+            return f"must be {'below' if self.exclusive_maximum else 'at most'} {hi:g}"
+        return None
+
+    def json_schema(self) -> dict[str, float]:
+        """The same range as JSON-schema keywords (Airflow ``Param`` validation of DAG params)."""
+        out: dict[str, float] = {}
+        if self.minimum is not None:
+            out["exclusiveMinimum" if self.exclusive_minimum else "minimum"] = self.minimum
+        if self.maximum is not None:
+            out["exclusiveMaximum" if self.exclusive_maximum else "maximum"] = self.maximum
+        return out
+
+
+def _at_least(minimum: float, maximum: float | None = None) -> Bound:
+    return Bound(minimum, maximum)
+
+
+def _positive(maximum: float | None = None) -> Bound:
+    return Bound(0, maximum, exclusive_minimum=True)
+
+
+_SHARE = Bound(0, 1)  # a fraction, both ends allowed
+_SEED = Bound(0, 2**32 - 1)  # numpy and torch seeds
+_MAX_PROCESSES = 1024  # ranks, nodes, readers: more is a typo or a hostile request, not a cluster we run
+
+# The range of every numeric config field, by dotted path (a test checks that none is missing). Checked on
+# the resolved config - after environment variables, --set, flags and DAG params - and offered to Airflow
+# as each DAG param's minimum/maximum.
+BOUNDS: dict[str, Bound] = {
+    "seed": _SEED,
+    "simulate.logs": _at_least(1, 100_000), "simulate.frames": _at_least(1, 100_000),
+    "simulate.beams": _at_least(1, 1024), "simulate.azimuth_steps": _at_least(1, 100_000),
+    "simulate.max_range_m": _positive(10_000), "simulate.range_noise_m": _at_least(0, 100),
+    "simulate.dropout": Bound(0, 1, exclusive_maximum=True),  # 1 would lose every return: a log of no points
+    "simulate.days": _at_least(1, 36_500), "simulate.seed": _SEED,
+    "ingest.train_share": _SHARE, "ingest.test_share": _SHARE, "ingest.val_share": _SHARE,
+    "ingest.geo_cell_m": _positive(20_000_000), "ingest.reader_ranks": _at_least(1, _MAX_PROCESSES),
+    "ingest.rows_per_group": _at_least(1, 1_000_000), "ingest.max_points": _at_least(1, 100_000_000),
+    "validate.split_tolerance": _SHARE, "validate.min_frames_per_log": _at_least(0),
+    "validate.max_frames_per_log": _at_least(1), "validate.max_class_share": _SHARE,
+    "validate.min_class_share": _SHARE, "validate.max_linf_drift": _at_least(0), "validate.max_kl_drift": _at_least(0),
+    "validate.min_class_points": _at_least(0), "validate.drift_min_city_logs": _at_least(1),
+    "validate.kl_tail_weight_holdout": _positive(1),
+    "train.np": _at_least(1, _MAX_PROCESSES), "train.epochs": _at_least(1, 100_000),
+    "train.batch_size": _at_least(1, 65_536), "train.lr": _positive(), "train.weight_decay": _at_least(0),
+    "train.checkpoint_every": _at_least(1), "train.max_points": _at_least(1, 100_000_000), "train.seed": _SEED,
+    "train.shuffle_buffer": _at_least(1, 1_000_000), "train.keep_checkpoints": _at_least(1),
+    "train.prefetch_batches": _at_least(1, 1024), "train.nnodes": _at_least(1, _MAX_PROCESSES),
+    "train.node_rank": _at_least(0, _MAX_PROCESSES - 1), "train.rank_timeout_s": _at_least(1, 86_400),
+    "evaluate.min_miou": _SHARE, "evaluate.min_class_recall": _SHARE, "evaluate.latency_p99_budget_ms": _positive(),
+    "evaluate.max_regression": _SHARE, "evaluate.max_missed_brake_rate": _SHARE,
+    "evaluate.bootstrap_resamples": _at_least(0, 1_000_000), "evaluate.bootstrap_seed": _SEED,
+    "evaluate.confidence_level": Bound(0, 1, exclusive_minimum=True, exclusive_maximum=True),
+    "evaluate.min_slice_logs": _at_least(1), "evaluate.min_slice_count": _at_least(0),
+    "evaluate.calibration_bins": _at_least(1, 10_000),
+    "evaluate.latency_runs": _at_least(1, 100_000), "evaluate.latency_warmup": _at_least(0, 100_000),
+    "evaluate.latency_frames": _at_least(1, 100_000), "evaluate.cluster_radius_m": _positive(),
+    "evaluate.min_object_points": _at_least(1), "evaluate.match_min_share": _SHARE,
+    "evaluate.box_margin_m": _at_least(0), "evaluate.pr_thresholds": _at_least(1, 100_000),
+    "evaluate.lane_width_m": _positive(), "evaluate.planner_horizon_m": _positive(),
+    "evaluate.ttc_threshold_s": _positive(), "evaluate.min_speed_mps": _at_least(0),
+    "evaluate.worst_scenes": _at_least(0), "evaluate.hard_scene_weight": _positive(),
+    "evaluate.similar_train_logs": _at_least(0),
+    "evaluate.variant_max_miou_drop": _at_least(0, 100), "evaluate.variant_max_class_iou_drop": _at_least(0, 100),
+    "evaluate.int8_calibration_frames": _at_least(1, 100_000),
+    "serve.port": _at_least(1, 65_535), "serve.max_points": _at_least(2, 100_000_000),
+    "serve.example_points": _at_least(1, 100_000_000), "serve.example_seed": _SEED,
+    "serve.latency_runs": _at_least(1, 100_000), "serve.threads": _at_least(0, _MAX_PROCESSES),
+    "registry.api_port": _at_least(1, 65_535), "registry.lease_s": _positive(), "registry.lease_renew_s": _positive(),
+}
+
+# Text fields with a format, by dotted path: (pattern the whole value must match, what is expected).
+_DATE = r"\d{4}-\d{2}-\d{2}"
+_SPARK_MASTER = (r"local(\[(\*|[1-9]\d*)(,[0-9]+)?\])?|local-cluster\[\d+,\d+,\d+\]"
+                 r"|spark://[\w.-]+(:\d+)?(,[\w.-]+(:\d+)?)*|yarn"
+                 r"|k8s://\S+|mesos://\S+")
+FORMATS: dict[str, tuple[str, str]] = {
+    "simulate.start_date": (_DATE, "a date YYYY-MM-DD"),
+    "ingest.date_from": (f"({_DATE})?", "a date YYYY-MM-DD or empty"),
+    "ingest.date_to": (f"({_DATE})?", "a date YYYY-MM-DD or empty"),
+    "ingest.spark_master": (f"({_SPARK_MASTER})?", "a Spark master URL (local[N], spark://HOST:PORT, yarn, "
+                                                  "k8s://..., mesos://...) or empty for spark-submit's"),
+    "train.spark_master": (_SPARK_MASTER, "a Spark master URL (local[N], spark://HOST:PORT, yarn, k8s://..., "
+                                          "mesos://...)"),
+}
+
+
+def numeric_fields(section: Any = None, prefix: str = "") -> list[str]:
+    """Dotted paths of every int and float field (bools are not numbers here)."""
+    section = PipelineConfig() if section is None else section
+    out = []
+    for name, (_f, annotation) in _section_fields(section).items():
+        if dataclasses.is_dataclass(annotation):
+            out += numeric_fields(getattr(section, name), f"{prefix}{name}.")
+        elif annotation in (int, float):
+            out.append(prefix + name)
+    return out
+
+
+def _format_problem(path: str, value: str) -> str | None:
+    pattern, expected = FORMATS[path]
+    if not re.fullmatch(pattern, value):
+        return f"config field {path}: {value!r} is not {expected}"
+    if "date" in expected and value:
+        try:
+            dt.date.fromisoformat(value)
+        except ValueError:
+            return f"config field {path}: {value!r} is not a real date"
+    return None
 
 
 def check_rules(cfg: PipelineConfig) -> None:
     """The rules that span fields, run once on the fully resolved config (after the environment, ``--set``,
     flags and DAG params are all applied: ``--set ingest.train_share=0.8 --set ingest.test_share=0.1`` is
-    fine in either order). Every broken rule is reported in one ``ConfigError``."""
+    fine in either order), and every field's range (``BOUNDS``) and format (``FORMATS``). Every broken rule
+    is reported in one ``ConfigError``."""
     problems = []
+    for path, bound in BOUNDS.items():
+        value = get_value(cfg, path)
+        why = bound.problem(value)
+        if why:
+            problems.append(f"config field {path}: {value} {why}")
+    for path in FORMATS:
+        why = _format_problem(path, get_value(cfg, path))
+        if why:
+            problems.append(why)
     ing = cfg.ingest
     shares = {"train_share": ing.train_share, "test_share": ing.test_share, "val_share": ing.val_share}
-    if any(s < 0 for s in shares.values()) or abs(sum(shares.values()) - 1.0) > 1e-6:
+    if not abs(sum(shares.values()) - 1.0) <= 1e-6:
         given = " + ".join(f"{name} {value:g}" for name, value in shares.items())
         problems.append(f"config fields ingest.train_share/test_share/val_share must be >= 0 and sum to 1, "
                         f"got {given} = {sum(shares.values()):g}")
-    for path, minimum in MINIMUMS.items():
-        value = get_value(cfg, path)
-        if value < minimum:
-            problems.append(f"config field {path}: {value} must be at least {minimum}")
     if problems:
         raise ConfigError("; ".join(problems))
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pipeline.errors import UserError
-from pipeline.files import atomic_file
+from pipeline.files import atomic_file, sha256_file
 from pipeline.taxonomy import CLASSES, NUM_CLASSES
 
 # The file names, declared once (a model artifact and a metrics artifact each hold a metrics.json).
@@ -224,6 +224,63 @@ class Manifest(Contract):
     splits: dict[str, SplitInfo]
     logs: dict[str, dict[str, Any]]  # per-log statistics (frames, points, class_points, city, sha256, ...)
     quarantined: list[dict[str, Any]]  # {log_id, handle, reason}
+    # sha256 of every other file of the dataset by relative path (Parquet parts, Petastorm's pickled
+    # _common_metadata): checked by ``verified_manifest`` before any reader opens one
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+# The registry meta key of a dataset's manifest checksum: the manifest lists every file's checksum, the
+# registry vouches for the manifest, so no file of a published dataset can change unnoticed.
+MANIFEST_DIGEST = "manifest_sha256"
+
+
+def dataset_files(folder: str) -> dict[str, str]:
+    """sha256 of every file under ``folder`` but the manifest, by relative path ('/'-separated)."""
+    out = {}
+    for root, _dirs, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, folder).replace(os.sep, "/")
+            if relative != MANIFEST_FILE:
+                out[relative] = sha256_file(path)
+    return dict(sorted(out.items()))
+
+
+def seal_dataset(folder: str, manifest: Manifest) -> dict[str, str]:
+    """Write ``manifest`` into the dataset ``folder`` with the checksums of every file there; returns the
+    registry meta that vouches for it (``{MANIFEST_DIGEST: sha256 of manifest.json}``)."""
+    path = dataclasses.replace(manifest, files=dataset_files(folder)).save_to(folder)
+    return {MANIFEST_DIGEST: sha256_file(path)}
+
+
+def verified_manifest(dataset: Any, say: Any = print) -> Manifest:
+    """The manifest of a dataset artifact once every file of the dataset matches it: the manifest's own
+    checksum against the registry's (``MANIFEST_DIGEST`` in the artifact's meta), then each file's against
+    the manifest, with no file missing or added. Readers call this before opening any file (Petastorm
+    unpickles ``_common_metadata``). A dataset whose record has no checksum (written by hand, or before
+    checksums) is read unverified, with a warning. ``ContractError`` names the file that does not match."""
+    location, expected = dataset.location, dataset.meta.get(MANIFEST_DIGEST)
+    path = os.path.join(location, MANIFEST_FILE)
+    if expected is not None:
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            raise ContractError(f"{path}: cannot read the {MANIFEST_FILE} ({exc.strerror or exc})") from None
+        if actual != expected:
+            raise ContractError(f"{path} of {dataset.ref} does not match the checksum the registry recorded: the "
+                                "dataset was modified after it was published; rebuild it (avp ingest --force)")
+    manifest = Manifest.load(path)
+    if expected is None and not manifest.files:
+        say(f"warning: {dataset.ref} has no recorded checksums (not built by this ingest): read unverified")
+        return manifest
+    found = dataset_files(location)
+    for name in sorted(set(found) | set(manifest.files)):
+        if found.get(name) != manifest.files.get(name):
+            what = ("is not listed in the manifest" if name not in manifest.files else
+                    "is missing" if name not in found else "does not match its checksum in the manifest")
+            raise ContractError(f"{os.path.join(location, name)} of {dataset.ref} {what}: the dataset was modified "
+                                "after it was published; rebuild it (avp ingest --force)")
+    return manifest
 
 
 # ----------------------------------------------------------------------------------------- model.json

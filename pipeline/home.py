@@ -13,6 +13,8 @@ from pathlib import Path
 
 import fsspec
 
+from pipeline.errors import UserError
+
 # Artifact and log names become folder names: keep them to one safe path segment.
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -94,8 +96,13 @@ class Home:
                          f"v{int(version)}")
 
     def ensure(self) -> "Home":
+        """Create the layout; a home that is not a writable folder is a ``UserError`` naming it."""
         for path in (self.root, self.logs, self.artifacts, self.runs, self.scratch):
-            self.fs.makedirs(path, exist_ok=True)
+            try:
+                self.fs.makedirs(path, exist_ok=True)
+            except OSError as exc:  # a file, read-only, no permission: the setting's fault, said in one line
+                raise UserError(f"pipeline home {self.root} (AVP_HOME / --home) is not usable: cannot create "
+                                f"{path}: {exc.strerror or exc}") from None
         return self
 
     def registry_url(self, configured: str = "") -> str:

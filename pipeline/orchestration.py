@@ -31,15 +31,25 @@ BUILD_PARAMS: dict[str, dict[str, Any]] = {
     "dataset": {"default": None, "type": ["null", "string"],
                 "description": "a registered dataset (dataset:name@vN) to train on instead of ingesting one"},
 }
+# Config fields a DAG run may set by their full name (declared as params of that name). Nothing else in a
+# run's conf reaches the config: where data is read, which Spark master runs ingest and where the pipeline
+# writes are the deployment's (its environment and Airflow connections), never a trigger's.
+CONF_FIELDS = ("ingest.train_share", "ingest.test_share", "ingest.val_share")
 _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
+
+
+def declared_fields() -> dict[str, str]:
+    """DAG param -> the config field it sets: the stage flags that name a param, then ``CONF_FIELDS``."""
+    return {**stages.dag_param_fields(), **{dotted: dotted for dotted in CONF_FIELDS}}
 
 
 def dag_params() -> dict[str, dict[str, Any]]:
     """The DAG's params as ``airflow.sdk.Param`` keyword arguments: one per stage flag that names a DAG param
-    (type, enum, minimum and description from its config field; ``None`` keeps the config's value, a
-    boolean defaults to the config default), then the window params. Light: no Airflow, torch or Spark."""
+    and one per ``CONF_FIELDS`` field (type, enum, range and description from its config field; ``None``
+    keeps the config's value, a boolean defaults to the config default), then the window params. Light: no
+    Airflow, torch or Spark."""
     params = {}
-    for name, dotted in stages.dag_param_fields().items():
+    for name, dotted in declared_fields().items():
         doc = config_mod.describe(dotted)
         if doc.annotation is bool:
             params[name] = {"default": doc.default, "type": "boolean", "description": doc.summary()}
@@ -49,8 +59,8 @@ def dag_params() -> dict[str, dict[str, Any]]:
         params[name] = {"default": None, "type": ["null", json_type], "description": doc.summary()}
         if choices:
             params[name]["enum"] = [None, *choices]
-        if dotted in config_mod.MINIMUMS:
-            params[name]["minimum"] = config_mod.MINIMUMS[dotted]
+        if dotted in config_mod.BOUNDS:
+            params[name].update(config_mod.BOUNDS[dotted].json_schema())
     return {**params, **WINDOW_PARAMS, **BUILD_PARAMS}
 
 
@@ -62,10 +72,11 @@ def _day(value: Any) -> dt.date:
     return value.date() if isinstance(value, dt.datetime) else value
 
 
-def run_config(params: Mapping[str, Any] | None, interval_start: Any = None,
-               interval_end: Any = None) -> config_mod.PipelineConfig:
-    """The resolved config of one DAG run (see ``run_overrides``)."""
-    return config_mod.load(run_overrides(params, interval_start, interval_end))
+def run_config(params: Mapping[str, Any] | None, interval_start: Any = None, interval_end: Any = None,
+               deployment: Mapping[str, Any] | None = None) -> config_mod.PipelineConfig:
+    """The resolved config of one DAG run (see ``run_overrides``); ``deployment`` overrides come from the
+    DAG's own environment (``train_overrides``), never from a run's conf."""
+    return config_mod.load({**run_overrides(params, interval_start, interval_end), **(deployment or {})})
 
 
 def run_overrides(params: Mapping[str, Any] | None, interval_start: Any = None,
@@ -77,12 +88,19 @@ def run_overrides(params: Mapping[str, Any] | None, interval_start: Any = None,
     it. (Airflow 3's daily timetable gives zero-length intervals at the trigger time, so the run at
     midnight of day D takes the logs recorded before D.) A manually triggered run has no data interval:
     it takes everything up to now.
+
+    Only declared params reach the config: with ``dag_run_conf_overrides_params`` (on, so that a trigger's
+    conf sets params) Airflow passes every key of the conf through, and a key the DAG does not declare -
+    ``ingest.spark_master``, ``home`` - is refused with a ``ConfigError`` rather than honoured or dropped.
     """
     params = dict(params or {})
-    fields = stages.dag_param_fields()
+    fields = declared_fields()
+    dag_only = {*WINDOW_PARAMS, *BUILD_PARAMS}
+    undeclared = sorted(set(params) - set(fields) - dag_only)
+    if undeclared:
+        raise config_mod.ConfigError(f"DAG run conf sets {', '.join(map(repr, undeclared))}, which the DAG does not "
+                                     f"declare; its params are {', '.join(sorted([*fields, *dag_only]))}")
     overrides = {field: params[name] for name, field in fields.items() if params.get(name) is not None}
-    # any other config field, named in full in the run's conf: {"ingest.train_share": 0.8, ...}
-    overrides.update({name: value for name, value in params.items() if "." in name and value is not None})
     end = _day(interval_end) if interval_end is not None else _day(None) + dt.timedelta(days=1)
     overrides["ingest.date_to"] = end.isoformat()
     window = params.get("window", WINDOW_PARAMS["window"]["default"])
@@ -96,9 +114,9 @@ def run_overrides(params: Mapping[str, Any] | None, interval_start: Any = None,
 
 
 def run_stage(stage: str, params: Mapping[str, Any] | None, interval_start: Any = None, interval_end: Any = None,
-              **inputs: Any) -> dict[str, Any]:
+              *, deployment: Mapping[str, Any] | None = None, **inputs: Any) -> dict[str, Any]:
     """Run one stage for a DAG run exactly as ``avp <stage>`` would, returning its small result dict."""
-    cfg = run_config(params, interval_start, interval_end)
+    cfg = run_config(params, interval_start, interval_end, deployment)
     result = stages.invoke(stage, cfg, say=print, **inputs)
     return {k: v for k, v in result.items() if k != "tables"}
 
@@ -178,10 +196,9 @@ def spark_master_of(conn_id: str) -> str:
     return SparkSubmitHook(conn_id=conn_id)._resolve_connection()["master"]
 
 
-def train_params(params: Mapping[str, Any] | None, spark_conn_id: str) -> dict[str, Any]:
-    """The train task's params: with a Spark connection, the ranks run as Horovod tasks on its master
-    (``train.launcher=spark``), unless the run's conf chose a launcher itself."""
-    params = dict(params or {})
-    if spark_conn_id and params.get("train.launcher") is None:
-        params.update({"train.launcher": "spark", "train.spark_master": spark_master_of(spark_conn_id)})
-    return params
+def train_overrides(spark_conn_id: str) -> dict[str, Any]:
+    """The train task's deployment overrides: with a Spark connection, the ranks run as Horovod tasks on its
+    master (``train.launcher=spark``); without one, none."""
+    if not spark_conn_id:
+        return {}
+    return {"train.launcher": "spark", "train.spark_master": spark_master_of(spark_conn_id)}

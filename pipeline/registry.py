@@ -57,6 +57,8 @@ TRANSITIONS = {
     "aborted": set(),
     "end_of_life": set(),
 }
+# States of an artifact withdrawn from use: never production, never a rollback target.
+RETIRED = ("deprecated", "end_of_life")
 # Key of the PostgreSQL advisory lock every registry write transaction takes (scoped to the database).
 PG_WRITE_LOCK = 0x61767072  # "avpr"
 
@@ -242,6 +244,8 @@ def parse_ref(ref: str) -> tuple[str | None, str, int | None]:
         number = int(version.lstrip("v")) if sep else None
     except ValueError as exc:
         raise NotFound(f"bad artifact reference {ref!r}: expected kind:name@vN ({exc})") from None
+    if number is not None and not 0 <= number < 2**31:  # the database's integer column
+        raise NotFound(f"bad artifact reference {ref!r}: version {number} is out of range")
     return kind, name, number
 
 
@@ -304,9 +308,12 @@ class Registry:
                                        pool_pre_ping=not url.startswith("sqlite"))
         if url.startswith("sqlite"):
             self._serialise_sqlite_writes()
-        with self._tx() as conn:
-            metadata.create_all(conn)
-            _add_missing_columns(conn)
+        try:
+            with self._tx() as conn:
+                metadata.create_all(conn)
+                _add_missing_columns(conn)
+        except sa.exc.OperationalError as exc:  # unreachable server, read-only or missing database file
+            raise RegistryError(f"cannot open the registry {self.url}: {exc.orig}") from None
 
     @classmethod
     def open(cls, cfg: Any) -> "Registry":
@@ -348,6 +355,8 @@ class Registry:
         with self.engine.connect() as conn:
             t = artifacts_table
             if isinstance(ref, int) or (isinstance(ref, str) and ref.isdigit()):
+                if len(str(ref)) > 10 or not 0 <= int(ref) < 2**31:  # the database's integer column
+                    raise NotFound(f"no artifact with id {ref}")
                 row = conn.execute(sa.select(t).where(t.c.id == int(ref))).first()
                 if row is None:
                     raise NotFound(f"no artifact with id {ref}")
@@ -440,20 +449,32 @@ class Registry:
             artifact_id=art_id, from_state=current, to_state=to_state, at=_now(), by=provenance.user(),
             reason=reason))
 
-    def transition(self, ref: str | int, to_state: str, reason: str = "") -> Artifact:
-        """Move an artifact along its lifecycle; an illegal move raises ``IllegalTransition``."""
+    def transition(self, ref: str | int, to_state: str, reason: str = "", *, production: bool = False) -> Artifact:
+        """Move an artifact along its lifecycle; an illegal move raises ``IllegalTransition``.
+
+        Retiring (deprecating, ending the life of) an artifact that is production somewhere is refused
+        unless ``production``: then each such promotion rolls back, in the same transaction, to its newest
+        previous version that is still succeeded, or is left with no production version."""
         if to_state not in STATES:
             raise IllegalTransition(f"unknown state {to_state!r}; states are {', '.join(STATES)}")
         art = self.get(ref)
+        serving = self.production_of(art.id) if to_state in RETIRED else []
+        if serving and not production:
+            labels = ", ".join(x.label for x in serving)
+            raise PromotionRefused(f"{art.ref} is production as {labels}; retiring it needs the explicit "
+                                   "production flag (avp registry ... --production), which rolls production back "
+                                   "to the previous succeeded version")
         with self._tx() as conn:
             self._set_state(conn, art.id, to_state, reason)
+            for promotion in serving:
+                self._withdraw_production(conn, promotion.namespace, promotion.name, require_target=False)
         return self.get(art.id)
 
-    def deprecate(self, ref: str | int, reason: str = "") -> Artifact:
-        return self.transition(ref, "deprecated", reason)
+    def deprecate(self, ref: str | int, reason: str = "", *, production: bool = False) -> Artifact:
+        return self.transition(ref, "deprecated", reason, production=production)
 
-    def end_of_life(self, ref: str | int, reason: str = "") -> Artifact:
-        return self.transition(ref, "end_of_life", reason)
+    def end_of_life(self, ref: str | int, reason: str = "", *, production: bool = False) -> Artifact:
+        return self.transition(ref, "end_of_life", reason, production=production)
 
     def update_meta(self, ref: str | int, **meta: Any) -> Artifact:
         art = self.get(ref)
@@ -678,6 +699,12 @@ class Registry:
             self._set_state(conn, art.id, "succeeded")
         return self.get(art.id)
 
+    def assignments(self, ledger: str) -> dict[str, str]:
+        """Every value ``ledger`` holds (key -> value), read only."""
+        a = assignments_table
+        with self.engine.connect() as conn:
+            return {r.key: r.value for r in conn.execute(sa.select(a.c.key, a.c.value).where(a.c.ledger == ledger))}
+
     def sticky_assign(self, ledger: str, keys: Sequence[str],
                       decide: Callable[[dict[str, str], list[str]], dict[str, str]]) -> dict[str, str]:
         """Values for ``keys`` from ``ledger``; keys seen for the first time get ``decide(existing, new)``.
@@ -752,30 +779,46 @@ class Registry:
         return current[-1] if current else None
 
     def rollback(self, namespace: str, name: str) -> Promotion:
-        """Withdraw the production version and restore the one before it."""
-        p = promotions_table
+        """Withdraw the production version and restore the newest previous one that is still succeeded (a
+        deprecated or end-of-life artifact never becomes production again)."""
         with self._tx() as conn:
-            rows = conn.execute(sa.select(p).where(p.c.namespace == namespace, p.c.name == name).order_by(
-                p.c.id.desc())).all()
-            current = [r for r in rows if r.status == "production"]
-            previous = [r for r in rows if r.status == "previous"]
-            if not current:
+            if not self._withdraw_production(conn, namespace, name, require_target=True):
                 raise PromotionRefused(f"{namespace}/{name} has no production version to roll back")
-            if not previous:
-                raise PromotionRefused(f"{namespace}/{name} has no previous version to roll back to")
-            conn.execute(p.update().where(p.c.id == current[0].id).values(status="rolled_back"))
-            conn.execute(p.update().where(p.c.id == previous[0].id).values(status="production"))
-            # who rolled back, on the restored artifact's history (as promote records it on the promoted one)
-            state = conn.execute(sa.select(artifacts_table.c.state).where(
-                artifacts_table.c.id == previous[0].artifact_id)).scalar_one()
-            conn.execute(events_table.insert().values(
-                artifact_id=previous[0].artifact_id, from_state=state, to_state=state, at=_now(), by=provenance.user(),
-                reason=f"rolled back {namespace}/{name}: production again instead of {current[0].major}."
-                       f"{current[0].minor}"))
         restored = self.production(namespace, name)
         assert restored is not None
         return restored
 
+    def _withdraw_production(self, conn: sa.Connection, namespace: str, name: str, require_target: bool) -> bool:
+        """Mark ``namespace/name``'s production version rolled back and restore the newest previous version whose
+        artifact is succeeded; with none, ``require_target`` refuses, else no version is production. False
+        when nothing was production."""
+        p, t = promotions_table, artifacts_table
+        rows = conn.execute(sa.select(p.c.id, p.c.artifact_id, p.c.status, p.c.major, p.c.minor, t.c.kind, t.c.name,
+                                      t.c.version, t.c.state).join(t, p.c.artifact_id == t.c.id).where(
+            p.c.namespace == namespace, p.c.name == name).order_by(p.c.id.desc())).all()
+        current = [r for r in rows if r.status == "production"]
+        if not current:
+            return False
+        previous = [r for r in rows if r.status == "previous"]
+        targets = [r for r in previous if r.state == "succeeded"]
+        if not targets and require_target:
+            retired = ", ".join(f"{namespace}/{name}/{r.major}.{r.minor} ({r.kind}:{r.name}@v{r.version} is "
+                                f"{r.state})" for r in previous)
+            raise PromotionRefused(f"{namespace}/{name} has no previous version to roll back to"
+                                   + (f" that is still succeeded: {retired}" if retired else ""))
+        conn.execute(p.update().where(p.c.id == current[0].id).values(status="rolled_back"))
+        if targets:
+            conn.execute(p.update().where(p.c.id == targets[0].id).values(status="production"))
+            # who rolled back, on the restored artifact's history (as promote records it on the promoted one)
+            conn.execute(events_table.insert().values(
+                artifact_id=targets[0].artifact_id, from_state=targets[0].state, to_state=targets[0].state,
+                at=_now(), by=provenance.user(), reason=f"rolled back {namespace}/{name}: production again "
+                                                        f"instead of {current[0].major}.{current[0].minor}"))
+        return True
+
+    def production_of(self, artifact_id: int) -> list[Promotion]:
+        """The promotions that serve this artifact now (status production)."""
+        return [x for x in self.promotions() if x.status == "production" and x.artifact_id == artifact_id]
 
 def _rename(home: Home, src: str, dst: str) -> None:
     if is_url(home.root):

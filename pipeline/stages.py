@@ -140,7 +140,7 @@ for _spec in (
     StageSpec("ingest", "spark_jobs.ingest:run", section="ingest", produces="dataset",
               help="extract drive logs into Petastorm train/test/val datasets with Spark",
               flags=(Flag("split", param="split"), Flag("date_from"), Flag("date_to"),
-                     Flag("spark_master", param="spark_master"), Flag("dataset_name", name="--name"),
+                     Flag("spark_master"), Flag("dataset_name", name="--name"),
                      Flag("source", second_field="source_path"))),
     StageSpec("validate", "spark_jobs.validate:run", section="validate", produces="validation",
               help="check a dataset with Great Expectations (distributions, drift) and gate training",

@@ -98,8 +98,13 @@ def registry_command(cfg, args: argparse.Namespace) -> int:
         say(f"rolled back: {promo.label} ({registry.get(promo.artifact_id).ref}) is production again")
     elif action in ("deprecate", "end-of-life"):
         state = "deprecated" if action == "deprecate" else "end_of_life"
-        art = registry.transition(args.ref, state, args.reason)
+        serving = registry.production_of(registry.get(args.ref).id)
+        art = registry.transition(args.ref, state, args.reason, production=args.production)
         say(f"{art.ref} is now {art.state}")
+        for old in serving:
+            now = registry.production(old.namespace, old.name)
+            say(f"production of {old.namespace}/{old.name} is now "
+                + (f"{now.label} ({registry.get(now.artifact_id).ref})" if now else "none: promote a version"))
     elif action == "promotions":
         table("promotions", ["version", "artifact", "status", "promoted (UTC)", "by"],
               [[p.label, registry.get(p.artifact_id).ref, p.status, f"{p.promoted_at:%Y-%m-%d %H:%M:%S}",

@@ -7,6 +7,8 @@ export AIRFLOW__CORE__DAGS_FOLDER=${AIRFLOW__CORE__DAGS_FOLDER:-$_avp_root/dags}
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
 # the registry plugin (API and pages at /avp, "Registry" in the navigation): pipeline/airflow_plugins/avp_registry.py
 export AIRFLOW__CORE__PLUGINS_FOLDER=${AIRFLOW__CORE__PLUGINS_FOLDER:-$_avp_root/pipeline/airflow_plugins}
+# A trigger's conf sets the DAG's declared params (pipeline.orchestration refuses any other key).
+export AIRFLOW__CORE__DAG_RUN_CONF_OVERRIDES_PARAMS=True
 export AIRFLOW__CORE__PARALLELISM=${AIRFLOW__CORE__PARALLELISM:-4}   # default 32 spawns 32 workers (5.6 GB)
 export AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=${AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION:-False}
 export AIRFLOW__API__HOST=${AIRFLOW__API__HOST:-127.0.0.1}

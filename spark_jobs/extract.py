@@ -17,6 +17,10 @@ import numpy as np
 
 from spark_jobs.rows import encode_frame, write_row_group
 
+# Where a task writes a log's row groups, inside the dataset's staging folder, until the driver has
+# given the log its split and moved them (the folder is removed then).
+EXTRACTED_DIR = "_extracted"
+
 
 @dataclass(frozen=True)
 class LogTask:
@@ -26,7 +30,6 @@ class LogTask:
     handle: str
     log_id: str
     city: str
-    split: str
     sample_weight: float
     sha256: str
 
@@ -42,7 +45,7 @@ def extract_log(task: LogTask, max_points: int) -> tuple[dict, list[dict]]:
     def quarantine(reason: str) -> tuple[dict, list]:
         return {"log_id": task.log_id, "handle": task.handle, "reason": reason}, []
 
-    rows, indexes, points, class_points = [], [], 0, {}
+    rows, indexes, stamps, points, class_points = [], [], [], 0, {}
     try:
         _meta, frames = importlib.import_module(task.importer).read_log(task.handle)
         for frame in frames:
@@ -54,6 +57,7 @@ def extract_log(task: LogTask, max_points: int) -> tuple[dict, list[dict]]:
                 return quarantine(problem)
             rows.append(encode_frame(frame, task.city, task.sample_weight))
             indexes.append(int(frame.frame_index))
+            stamps.append(int(frame.timestamp_ns))
             points += len(frame.points)
             for label, count in zip(*np.unique(frame.labels, return_counts=True)):
                 class_points[int(label)] = class_points.get(int(label), 0) + int(count)
@@ -64,8 +68,14 @@ def extract_log(task: LogTask, max_points: int) -> tuple[dict, list[dict]]:
     if len(set(indexes)) != len(indexes):
         return quarantine("duplicate frame indexes")
     order = sorted(range(len(rows)), key=indexes.__getitem__)
-    summary = {"log_id": task.log_id, "split": task.split, "city": task.city, "frames": len(rows),
-               "points": points, "class_points": class_points}
+    # docs/drive-log-format.md: timestamps strictly increase with the frame index (a reader may yield
+    # frames in timestamp order, so a repeated or decreasing one shows up only in frame-index order).
+    for previous, current in zip(order, order[1:]):
+        if stamps[current] <= stamps[previous]:
+            return quarantine(f"frame {indexes[current]}: timestamp {stamps[current]} ns is not after frame "
+                              f"{indexes[previous]}'s ({stamps[previous]} ns): timestamps must strictly increase")
+    summary = {"log_id": task.log_id, "city": task.city, "frames": len(rows), "points": points,
+               "class_points": class_points}
     return summary, [rows[i] for i in order]
 
 
@@ -83,15 +93,16 @@ def log_group_sizes(frames: int, ranks: int, rows_per_group: int) -> list[int]:
 
 def process_log(task: LogTask, out_dir: str, max_points: int, ranks: int, rows_per_group: int) -> dict:
     """The per-log unit of work (a Spark task, or a loop iteration in the plain benchmark): extract the
-    log and write its row groups as ``<split>/log-<log id>-<g>.parquet``. Only the small summary comes
-    back to the driver; the rows never leave this process."""
+    log and write its row groups as ``_extracted/log-<log id>-<g>.parquet`` (the split is decided once
+    the log has passed: the driver moves them). Only the small summary comes back to the driver; the rows
+    never leave this process."""
     summary, encoded = extract_log(task, max_points)
     if "reason" in summary:
         return summary
     groups, start = [], 0
-    os.makedirs(os.path.join(out_dir, task.split), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, EXTRACTED_DIR), exist_ok=True)
     for g, size in enumerate(log_group_sizes(len(encoded), ranks, rows_per_group)):
-        name = f"{task.split}/log-{task.log_id}-{g:04d}.parquet"
+        name = f"{EXTRACTED_DIR}/log-{task.log_id}-{g:04d}.parquet"
         write_row_group(os.path.join(out_dir, name), encoded[start:start + size])
         groups.append((name, size))
         start += size

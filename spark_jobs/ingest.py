@@ -4,12 +4,15 @@ The flow, top to bottom:
 
 1. **select**   list the source's logs, read each log's metadata (cheap), keep those recorded in
                 ``[date_from, date_to)``; record every selected log as a ``log`` artifact (its checksum).
-2. **split**    give every log its split (sticky and balanced; see ``spark_jobs.split``).
-3. **extract**  Spark, a few tasks per core, each processing whole logs (``spark_jobs.extract``): decode
+                A log whose files or metadata cannot be read, whose id is unsafe or taken by a different
+                log is quarantined here (an identical copy is the same log).
+2. **extract**  Spark, a few tasks per core, each processing whole logs (``spark_jobs.extract``): decode
                 frames, run the quality checks, encode rows. A log failing any check is quarantined with
                 its reason; the rest go on. The same task cuts the log's frames into row groups
                 (``log_group_sizes``) and writes each as a Parquet file with one row group: rows never
                 leave the Python worker.
+3. **split**    give every log that passed its split (sticky and balanced; ``SplitPlanner`` and
+                ``spark_jobs.split``): a quarantined log takes no slot.
 4. **lay out**  the driver orders each split's files (``order_row_groups``, by renaming) so that
                 Petastorm's sharding - row group ``i`` to rank ``i % reader_ranks`` - gives every rank the
                 same number of rows (within one), then adds Petastorm's metadata and a ``manifest.json``
@@ -34,13 +37,13 @@ from dataclasses import asdict
 from typing import Any, Callable, Iterable
 
 from pipeline.config import PipelineConfig, resolved
-from pipeline.contracts import Manifest, SplitInfo
+from pipeline.contracts import Manifest, SplitInfo, seal_dataset
 from pipeline.errors import UserError
 from pipeline.files import atomic_path
-from pipeline.home import Home, check_name
+from pipeline.home import Home, UnsafeNameError, check_name
 from pipeline.registry import Artifact, Registry
 from spark_jobs import split as splitting
-from spark_jobs.extract import LogTask, process_log
+from spark_jobs.extract import EXTRACTED_DIR, LogTask, process_log
 from spark_jobs.sources.registry import get_importer
 
 # IngestConfig fields that choose which logs are read, and from where and on which master, but not what is
@@ -57,19 +60,27 @@ def _day_ns(day: str, field: str) -> int:
         raise UserError(f"config field {field}: {day!r} is not a date (YYYY-MM-DD)") from None
 
 
-def checksum(paths: Iterable[str]) -> str:
-    """sha256 over the files' bytes (and names, so a rename is a change)."""
-    digest = hashlib.sha256()
+def log_digests(paths: Iterable[str]) -> tuple[str, str]:
+    """sha256 over the files' bytes and names (a rename is a change: the log's checksum), and over their
+    bytes alone (what tells an identical copy of a log from a different log with the same id)."""
+    named, content = hashlib.sha256(), hashlib.sha256()
     for path in paths:
-        digest.update(os.path.basename(path).encode())
+        named.update(os.path.basename(path).encode())
         with open(path, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+                named.update(block)
+                content.update(block)
+    return named.hexdigest(), content.hexdigest()
 
 
 def select_logs(cfg: PipelineConfig, home: Home, say: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
-    """(selected logs, logs whose metadata cannot be read) for the configured source and date interval."""
+    """(selected logs, logs quarantined at selection) for the configured source and date interval.
+
+    A log is quarantined here, never fatal for the others, when its files or metadata cannot be read, its
+    id is not a safe name (ids become file and registry names), or another log carries the same id with
+    different content (both are; an identical copy is one log, with a warning). Each quarantined entry has
+    ``log_id``, ``handle``, ``reason`` and the ``sha256`` of its files ("" when they cannot be read).
+    """
     ing = cfg.ingest
     root = ing.source_path or (home.logs if ing.source == "mcap" else "")
     if not root:
@@ -79,56 +90,120 @@ def select_logs(cfg: PipelineConfig, home: Home, say: Callable[[str], None]) -> 
     importer = get_importer(ing.source)
     lo = _day_ns(ing.date_from, "ingest.date_from") if ing.date_from else -math.inf
     hi = _day_ns(ing.date_to, "ingest.date_to") if ing.date_to else math.inf
-    selected, unreadable = [], []
+    candidates, rejected = [], []
     handles = importer.list_logs(root)
     if not handles:
         raise UserError(f"no drive logs in {root}: run `avp simulate` first or pass --source KIND PATH")
     for handle in handles:
-        files = importer.source_files(handle)
+        name = os.path.splitext(os.path.basename(handle.rstrip("/")))[0]
+        sha256 = content = problem = ""
         try:
-            meta = importer.read_metadata(handle)
-        except Exception as exc:  # corrupt header / missing files: quarantined, never fatal for the others
-            name = os.path.splitext(os.path.basename(handle.rstrip("/")))[0]
-            unreadable.append({"log_id": name, "handle": handle, "reason": f"unreadable: {exc}",
-                               "sha256": checksum(files)})
-            continue
-        if lo <= meta.start_time_ns < hi:
-            selected.append({"meta": meta, "handle": handle, "sha256": checksum(files)})
-    if not selected and not unreadable:
+            sha256, content = log_digests(importer.source_files(handle))
+        except OSError as exc:  # permissions, vanished: this log's problem only
+            problem = f"unreadable: {type(exc).__name__}: {exc}"
+        if not problem:
+            try:
+                meta = importer.read_metadata(handle)
+            except Exception as exc:  # corrupt header / missing files: quarantined, never fatal for the others
+                problem = f"unreadable: {exc}"
+        if not problem:
+            name = meta.log_id
+            try:
+                check_name(meta.log_id, "log id")
+            except UnsafeNameError as exc:
+                problem = str(exc)
+        if problem:
+            rejected.append({"log_id": name, "handle": handle, "reason": problem, "sha256": sha256})
+        elif lo <= meta.start_time_ns < hi:
+            candidates.append({"meta": meta, "handle": handle, "sha256": sha256, "content": content})
+    selected = _one_log_per_id(candidates, rejected, say)
+    if not selected and not rejected:
         raise UserError(f"no drive logs in {root} between {ing.date_from or 'the beginning'} and "
                         f"{ing.date_to or 'now'}")
-    say(f"selected {len(selected)} logs from {root}" + (f" ({len(unreadable)} unreadable)" if unreadable else ""))
-    return selected, unreadable
+    say(f"selected {len(selected)} logs from {root}" + (f" ({len(rejected)} quarantined)" if rejected else ""))
+    return selected, rejected
+
+
+def _one_log_per_id(candidates: list[dict], rejected: list[dict], say: Callable[[str], None]) -> list[dict]:
+    """Logs sharing an id: identical copies (same bytes) are one log, read from the file named after the id
+    if there is one (so a stray copy does not change the log's record), else the first; with different
+    content none can be told apart from the other, so every one of them goes to ``rejected``."""
+    by_id: dict[str, list[dict]] = {}
+    for log in candidates:
+        by_id.setdefault(log["meta"].log_id, []).append(log)
+    selected = []
+    for log_id, logs in by_id.items():
+        handles = ", ".join(log["handle"] for log in logs)
+        if len({log["content"] for log in logs}) == 1:
+            if len(logs) > 1:
+                say(f"warning: log {log_id} is in {len(logs)} identical files ({handles}); ingesting it once")
+            named = [log for log in logs if os.path.splitext(os.path.basename(log["handle"]))[0] == log_id]
+            selected.append((named or logs)[0])
+            continue
+        rejected.extend({"log_id": log_id, "handle": log["handle"], "sha256": log["sha256"],
+                         "reason": f"duplicate log id: {len(logs)} files with different content ({handles})"}
+                        for log in logs)
+    return selected
 
 
 # ----------------------------------------------------------------------------------------- split
 def _first_gps(source: str, handle: str) -> tuple[float, float]:
-    _meta, frames = get_importer(source).read_log(handle)
     try:
+        _meta, frames = get_importer(source).read_log(handle)
         frame = next(iter(frames))
         return float(frame.gps[0]), float(frame.gps[1])
-    except Exception:
+    except Exception:  # the log is quarantined by extraction; until then its cell is unknown
         return math.nan, math.nan
 
 
+class SplitPlanner:
+    """Each log's split, sticky in the registry ledger of the dataset name and split mode.
+
+    Splits go only to logs that passed extraction (``assign``, inside the build): a quarantined log takes
+    no slot, so the shares stay balanced over the good logs, and a log fixed later gets its slot then.
+    The content key is computed before extraction from ``preview``: the splits the selected logs would
+    get if all of them passed (the ledger untouched), which is exactly what ``assign`` gives when none is
+    quarantined. (When one is, the next run's preview differs once, and rebuilds the same bytes.)
+    """
+
+    def __init__(self, cfg: PipelineConfig, registry: Registry, logs: list[dict]):
+        ing = cfg.ingest
+        self.registry = registry
+        self.shares = {"train": ing.train_share, "test": ing.test_share, "val": ing.val_share}
+        self.ledger = f"split:{ing.dataset_name}:{ing.split}"
+        # GeoSplit: every log takes the split of the cell its first GPS fix falls in.
+        self.cells = ({log["meta"].log_id: splitting.geo_cell(*_first_gps(ing.source, log["handle"]), ing.geo_cell_m)
+                       for log in logs} if ing.split == "geo" else None)
+
+    def preview(self, log_ids: list[str]) -> dict[str, str]:
+        return self._splits(log_ids, record=False)
+
+    def assign(self, log_ids: list[str]) -> dict[str, str]:
+        return self._splits(log_ids, record=True)
+
+    def _splits(self, log_ids: list[str], record: bool) -> dict[str, str]:
+        if self.cells is None:
+            return self._ledger(log_ids, lambda old, new: splitting.assign_balanced(old, new, self.shares), record)
+        logs_per_cell: dict[str, int] = {}
+        for log_id in log_ids:
+            logs_per_cell[self.cells[log_id]] = logs_per_cell.get(self.cells[log_id], 0) + 1
+        by_cell = self._ledger(sorted(logs_per_cell), lambda old, new: splitting.assign_balanced(
+            old, new, self.shares, weights=logs_per_cell), record)
+        return {log_id: by_cell[self.cells[log_id]] for log_id in log_ids}
+
+    def _ledger(self, keys: list[str], decide: Callable[[dict[str, str], list[str]], dict[str, str]],
+                record: bool) -> dict[str, str]:
+        if record:
+            return self.registry.sticky_assign(self.ledger, keys, decide)
+        existing = self.registry.assignments(self.ledger)
+        new = [k for k in dict.fromkeys(keys) if k not in existing]
+        decided = decide(dict(existing), new) if new else {}
+        return {k: existing[k] if k in existing else decided[k] for k in keys}
+
+
 def assign_splits(cfg: PipelineConfig, registry: Registry, logs: list[dict]) -> dict[str, str]:
-    """log id -> split, sticky in the registry ledger of this dataset name and split mode."""
-    ing = cfg.ingest
-    shares = {"train": ing.train_share, "test": ing.test_share, "val": ing.val_share}
-    ledger = f"split:{ing.dataset_name}:{ing.split}"
-    ids = [log["meta"].log_id for log in logs]
-    if ing.split == "hash":
-        return registry.sticky_assign(ledger, ids, lambda old, new: splitting.assign_balanced(old, new, shares))
-    # GeoSplit: every log takes the split of the cell its first GPS fix falls in.
-    cells = {log["meta"].log_id: splitting.geo_cell(*_first_gps(ing.source, log["handle"]), ing.geo_cell_m)
-             for log in logs}
-    logs_per_cell: dict[str, int] = {}
-    for cell in cells.values():
-        logs_per_cell[cell] = logs_per_cell.get(cell, 0) + 1
-    by_cell = registry.sticky_assign(
-        ledger, sorted(logs_per_cell),
-        lambda old, new: splitting.assign_balanced(old, new, shares, weights=logs_per_cell))
-    return {log_id: by_cell[cell] for log_id, cell in cells.items()}
+    """log id -> split for ``logs`` (all taken as good), recorded in the ledger (the plain benchmark)."""
+    return SplitPlanner(cfg, registry, logs).assign([log["meta"].log_id for log in logs])
 
 
 # ----------------------------------------------------------------------------------------- lay out
@@ -208,29 +283,37 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     ing = cfg.ingest
     check_name(ing.dataset_name, "dataset name")
     home = registry.home
-    selected, unreadable = select_logs(cfg, home, say)
-    splits = assign_splits(cfg, registry, selected) if selected else {}
-    weights = _sample_weights(home, [s["meta"].log_id for s in selected])
+    selected, rejected = select_logs(cfg, home, say)
+    planner = SplitPlanner(cfg, registry, selected)
+    log_ids = [s["meta"].log_id for s in selected]
+    weights = _sample_weights(home, log_ids)
     importer = get_importer(ing.source).__name__  # the Spark workers import it by name
 
     log_artifacts = [
-        registry.record("log", check_name(s["meta"].log_id, "log id"), content_key=s["sha256"],
-                        location=s["handle"], entry_point="spark_jobs.ingest:select_logs",
-                        meta={**asdict(s["meta"]), "sha256": s["sha256"]})
+        registry.record("log", s["meta"].log_id, content_key=s["sha256"], location=s["handle"],
+                        entry_point="spark_jobs.ingest:select_logs", meta={**asdict(s["meta"]), "sha256": s["sha256"]})
         for s in selected
-    ] + [registry.record("log", check_name(u["log_id"], "log id"), content_key=u["sha256"], location=u["handle"],
-                         entry_point="spark_jobs.ingest:select_logs", meta={"sha256": u["sha256"]})
-         for u in unreadable]
-    tasks = [LogTask(importer, s["handle"], s["meta"].log_id, s["meta"].city, splits[s["meta"].log_id],
-                     weights.get(s["meta"].log_id, 1.0), s["sha256"]) for s in selected]
+    ] + [registry.record("log", r["log_id"], content_key=r["sha256"], location=r["handle"],
+                         entry_point="spark_jobs.ingest:select_logs", meta={"sha256": r["sha256"]})
+         for r in rejected if r["sha256"] and _safe_name(r["log_id"])]  # unsafe or unread: manifest only
+    tasks = [LogTask(importer, s["handle"], s["meta"].log_id, s["meta"].city, weights.get(s["meta"].log_id, 1.0),
+                     s["sha256"]) for s in selected]
 
     def build(staging: str, record: Artifact) -> dict:
-        return _extract_and_write(cfg, staging, tasks, unreadable, record, say)
+        return _extract_and_write(cfg, staging, tasks, rejected, planner.assign, record, say)
 
     art = registry.build("dataset", ing.dataset_name, entry_point="spark_jobs.ingest:run",
-                         config=key_config(cfg, splits, weights), builder=build, parents=log_artifacts,
-                         code_modules=code_modules(cfg), force=cfg.force, say=say)
+                         config=key_config(cfg, planner.preview(log_ids), weights), builder=build,
+                         parents=log_artifacts, code_modules=code_modules(cfg), force=cfg.force, say=say)
     return summarize(art, Manifest.load_from(art.location))
+
+
+def _safe_name(name: str) -> bool:
+    try:
+        check_name(name)
+        return True
+    except UnsafeNameError:
+        return False
 
 
 def code_modules(cfg: PipelineConfig) -> tuple[str, ...]:
@@ -258,8 +341,9 @@ def _sample_weights(home: Home, log_ids: list[str]) -> dict[str, float]:
     return {log_id: weight for log_id, weight in listed.items() if weight != 1.0}
 
 
-def _extract_and_write(cfg: PipelineConfig, staging: str, tasks: list[LogTask], unreadable: list[dict],
-                       record: Artifact, say: Callable[[str], None]) -> dict:
+def _extract_and_write(cfg: PipelineConfig, staging: str, tasks: list[LogTask], rejected: list[dict],
+                       assign: Callable[[list[str]], dict[str, str]], record: Artifact,
+                       say: Callable[[str], None]) -> dict:
     from spark_jobs.spark import get_session
 
     ing = cfg.ingest
@@ -277,14 +361,18 @@ def _extract_and_write(cfg: PipelineConfig, staging: str, tasks: list[LogTask], 
                              rows_per_group=rows_per_group)
     summaries = spark.sparkContext.parallelize(tasks, slices).map(work).collect()
     quarantined = [s for s in summaries if "reason" in s] + [
-        {k: u[k] for k in ("log_id", "handle", "reason")} for u in unreadable]
-    logs = sorted((s for s in summaries if "reason" not in s), key=lambda s: s["log_id"])
+        {k: r[k] for k in ("log_id", "handle", "reason")} for r in rejected]
+    passed = sorted((s for s in summaries if "reason" not in s), key=lambda s: s["log_id"])
+    splits = assign([s["log_id"] for s in passed])  # only now: a quarantined log takes no split slot
+    logs = [{"log_id": s["log_id"], "split": splits[s["log_id"]], **s} for s in passed]
     for q in sorted(quarantined, key=lambda q: q["log_id"]):
         say(f"quarantined {q['log_id']}: {q['reason']}")
     row_groups = {}
     for split in splitting.SPLITS:
         os.makedirs(os.path.join(staging, split), exist_ok=True)
         row_groups[split] = arrange_split(staging, logs, split, ranks)
+    if os.path.isdir(os.path.join(staging, EXTRACTED_DIR)):
+        os.rmdir(os.path.join(staging, EXTRACTED_DIR))  # empty now: every file was moved into its split
     checksums = {t.log_id: t.sha256 for t in tasks}
     manifest = Manifest(
         dataset=record.ref, source=ing.source, split_mode=ing.split, date_from=ing.date_from, date_to=ing.date_to,
@@ -301,11 +389,12 @@ def _extract_and_write(cfg: PipelineConfig, staging: str, tasks: list[LogTask], 
               for s in logs},
         quarantined=sorted(quarantined, key=lambda q: q["log_id"]),
     )
-    manifest.save_to(staging)
+    sealed = seal_dataset(staging, manifest)  # every file's checksum, and the manifest's for the registry
     elapsed = time.time() - started
     frames = sum(s["frames"] for s in logs)
     say(f"wrote {frames} frames from {len(logs)} logs in {elapsed:.1f} s ({frames / max(elapsed, 1e-9):.1f} frames/s)")
-    return {"frames": frames, "logs": len(logs), "quarantined": len(quarantined), "job_seconds": round(elapsed, 3),
+    return {**sealed, "frames": frames, "logs": len(logs), "quarantined": len(quarantined),
+            "job_seconds": round(elapsed, 3),
             "spark_master": spark.sparkContext.master, "date_from": ing.date_from, "date_to": ing.date_to,
             "splits": {k: {"logs": len(v.logs), "frames": v.frames} for k, v in manifest.splits.items()}}
 

@@ -28,7 +28,7 @@ import os
 from typing import Any, Callable
 
 from pipeline.config import PipelineConfig, resolved
-from pipeline.contracts import Manifest
+from pipeline.contracts import verified_manifest
 from pipeline.errors import StageFailed, UserError
 from pipeline.home import Home
 from pipeline.registry import Artifact, NotFound, Registry, parse_ref
@@ -46,7 +46,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     vcfg = cfg.validate
     # 1. resolve
     data = resolve_dataset(registry, cfg, dataset)
-    manifest = Manifest.load_from(data.location)
+    manifest = verified_manifest(data, say)  # every file checked before any reader opens one
     say(f"validating {data.ref}")
 
     # 2. statistics

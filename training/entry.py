@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 from pipeline import config as config_mod
 from pipeline import provenance
 from pipeline.config import PipelineConfig
-from pipeline.contracts import JobDataset, Manifest, ModelSpec, TrainJob, TrainMetrics
+from pipeline.contracts import JobDataset, Manifest, ModelSpec, TrainJob, TrainMetrics, verified_manifest
 from pipeline.errors import StageFailed, UserError
 from pipeline.registry import Artifact, Registry
 from pipeline.stages import resolve_input
@@ -187,7 +187,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
         return _run_node(cfg, registry, say)
     data = resolve_dataset(cfg, registry, dataset)
     require_validated(data)
-    manifest = Manifest.load_from(data.location)
+    manifest = verified_manifest(data, say)  # every file checked before any reader opens one
     steps = check_request(cfg, manifest, data)
     options = model_options(cfg)
     device = resolve_device(cfg)
