@@ -224,6 +224,8 @@ class Manifest(Contract):
     splits: dict[str, SplitInfo]
     logs: dict[str, dict[str, Any]]  # per-log statistics (frames, points, class_points, city, sha256, ...)
     quarantined: list[dict[str, Any]]  # {log_id, handle, reason}
+    # inputs left out because their other half is missing (importer ``unmatched_inputs``): problem -> files
+    input_warnings: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------- model.json

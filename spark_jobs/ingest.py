@@ -68,14 +68,30 @@ def checksum(paths: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def select_logs(cfg: PipelineConfig, home: Home, say: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
-    """(selected logs, logs whose metadata cannot be read) for the configured source and date interval."""
+def source_root(cfg: PipelineConfig, home: Home) -> str:
+    """The folder ingest reads: ``ingest.source_path``, or the home's logs for mcap."""
     ing = cfg.ingest
     root = ing.source_path or (home.logs if ing.source == "mcap" else "")
     if not root:
         raise UserError(f"ingest --source {ing.source} needs a PATH to the dataset")
     if not os.path.exists(root):
         raise UserError(f"no drive logs at {root}: run `avp simulate` first or pass --source KIND PATH")
+    return root
+
+
+def unmatched_inputs(cfg: PipelineConfig, home: Home, say: Callable[[str], None]) -> dict[str, list[str]]:
+    """The importer's ``unmatched_inputs`` (files left out because their other half is missing), with a
+    warning line per problem; recorded in the manifest as ``input_warnings``."""
+    problems = get_importer(cfg.ingest.source).unmatched_inputs(source_root(cfg, home))
+    for problem, items in sorted(problems.items()):
+        say(f"warning: {len(items)} {problem.replace('_', ' ')} left out, e.g. {items[0]}")
+    return problems
+
+
+def select_logs(cfg: PipelineConfig, home: Home, say: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
+    """(selected logs, logs whose metadata cannot be read) for the configured source and date interval."""
+    ing = cfg.ingest
+    root = source_root(cfg, home)
     importer = get_importer(ing.source)
     lo = _day_ns(ing.date_from, "ingest.date_from") if ing.date_from else -math.inf
     hi = _day_ns(ing.date_to, "ingest.date_to") if ing.date_to else math.inf
@@ -209,6 +225,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     check_name(ing.dataset_name, "dataset name")
     home = registry.home
     selected, unreadable = select_logs(cfg, home, say)
+    input_warnings = unmatched_inputs(cfg, home, say)
     splits = assign_splits(cfg, registry, selected) if selected else {}
     weights = _sample_weights(home, [s["meta"].log_id for s in selected])
     importer = get_importer(ing.source).__name__  # the Spark workers import it by name
@@ -225,7 +242,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
                      weights.get(s["meta"].log_id, 1.0), s["sha256"]) for s in selected]
 
     def build(staging: str, record: Artifact) -> dict:
-        return _extract_and_write(cfg, staging, tasks, unreadable, record, say)
+        return _extract_and_write(cfg, staging, tasks, unreadable, input_warnings, record, say)
 
     art = registry.build("dataset", ing.dataset_name, entry_point="spark_jobs.ingest:run",
                          config=key_config(cfg, splits, weights), builder=build, parents=log_artifacts,
@@ -259,7 +276,7 @@ def _sample_weights(home: Home, log_ids: list[str]) -> dict[str, float]:
 
 
 def _extract_and_write(cfg: PipelineConfig, staging: str, tasks: list[LogTask], unreadable: list[dict],
-                       record: Artifact, say: Callable[[str], None]) -> dict:
+                       input_warnings: dict[str, list[str]], record: Artifact, say: Callable[[str], None]) -> dict:
     from spark_jobs.spark import get_session
 
     ing = cfg.ingest
@@ -300,6 +317,7 @@ def _extract_and_write(cfg: PipelineConfig, staging: str, tasks: list[LogTask], 
         logs={s["log_id"]: {**{k: v for k, v in s.items() if k != "groups"}, "sha256": checksums[s["log_id"]]}
               for s in logs},
         quarantined=sorted(quarantined, key=lambda q: q["log_id"]),
+        input_warnings=input_warnings,
     )
     manifest.save_to(staging)
     elapsed = time.time() - started

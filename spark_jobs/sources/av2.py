@@ -5,7 +5,9 @@ One log per AV2 log (``av2-<log_id>``), one frame per LiDAR sweep in time order,
 timestamps. Points and cuboids are in AV2's ego-vehicle frame (x forward, y left, z up; origin at the rear
 axle on the ground, not at the sensor). Per-point labels come from the annotated cuboids of the sweep
 (AV2's own ``num_interior_pts`` counts the same points); points outside every cuboid are ``ignore``.
-Only cuboids of object classes become boxes. A log handle is the log folder.
+Only cuboids of object classes become boxes. A sweep without any annotation is left out of the log (never
+an all-ignore frame) and listed by ``unmatched_inputs``, as are annotations whose sweep is missing. A log
+handle is the log folder.
 """
 
 from __future__ import annotations
@@ -121,6 +123,22 @@ def _map_file(handle: str) -> str:
     return maps[0]
 
 
+def unmatched_inputs(root: str) -> dict[str, list[str]]:
+    """Per annotated log under ``root``: sweeps without annotations (left out of the log) and annotation
+    timestamps without a sweep file. A log whose annotations cannot be read is reported by ``read_log``."""
+    problems: dict[str, list[str]] = {"sweeps_without_annotations": [], "annotations_without_sweep": []}
+    for handle in list_logs(root):
+        path = os.path.join(handle, ANNOTATIONS)
+        try:
+            annotated = set(read_feather(path, ["timestamp_ns"]).column(0).to_pylist())
+            sweeps = dict(_sweeps(handle))
+        except (OSError, ValueError):  # quarantined with the reason when the log is read
+            continue
+        problems["sweeps_without_annotations"] += [sweeps[t] for t in sorted(set(sweeps) - annotated)]
+        problems["annotations_without_sweep"] += [f"{path}: {t}" for t in sorted(annotated - set(sweeps))]
+    return {name: items for name, items in problems.items() if items}
+
+
 def source_files(handle: str) -> list[str]:
     """The files a log is made of (the ingest job checksums them)."""
     files = [path for _, path in _sweeps(handle)]
@@ -153,14 +171,16 @@ def read_log(handle: str) -> tuple[LogMeta, Iterator[Frame]]:
 
 
 def _frames(meta: LogMeta, handle: str) -> Iterator[Frame]:
-    cuboids = feather.read_table(os.path.join(handle, ANNOTATIONS), columns=CUBOID_COLUMNS).to_pandas()
+    cuboids = read_feather(os.path.join(handle, ANNOTATIONS), CUBOID_COLUMNS).to_pandas()
     poses = read_poses(os.path.join(handle, POSES))
     # Track ids: index of the track uuid among the log's sorted uuids, so they are stable across frames.
     track_ids = {uuid: i for i, uuid in enumerate(sorted(cuboids["track_uuid"].unique()))}
     by_time = {t: group for t, group in cuboids.groupby("timestamp_ns", sort=False)}
     for index, (timestamp_ns, path) in enumerate(_sweeps(handle)):
+        if timestamp_ns not in by_time:  # not annotated: left out (unmatched_inputs reports it), index kept
+            continue
         points = read_sweep(path)
-        boxes, box_classes = cuboid_boxes(by_time.get(timestamp_ns, cuboids.iloc[:0]), track_ids)
+        boxes, box_classes = cuboid_boxes(by_time[timestamp_ns], track_ids)
         owner = points_in_boxes(points[:, :3], boxes)
         labels = np.full(len(points), IGNORE, np.uint8)
         labels[owner >= 0] = box_classes[owner[owner >= 0]]
@@ -171,12 +191,22 @@ def _frames(meta: LogMeta, handle: str) -> Iterator[Frame]:
 
 def read_sweep(path: str) -> np.ndarray:
     """(N, 4) float32 x, y, z (ego frame), intensity / 255; NaNs are kept for the quality checks."""
-    table = feather.read_table(path, columns=["x", "y", "z", "intensity"])
+    table = read_feather(path, ["x", "y", "z", "intensity"])
     points = np.empty((table.num_rows, 4), np.float32)
     for i, name in enumerate(("x", "y", "z")):
         points[:, i] = table.column(name).to_numpy()  # float16 -> float32 is exact
     points[:, 3] = table.column("intensity").to_numpy() / INTENSITY_SCALE
     return points
+
+
+def read_feather(path: str, columns: list[str]):
+    """The ``columns`` of an AV2 Feather file as a pyarrow table; an error naming the file otherwise
+    (pyarrow's own says "Not an Arrow file" without the path)."""
+    try:
+        return feather.read_table(path, columns=columns)
+    except (OSError, ValueError, KeyError) as exc:  # ArrowInvalid is a ValueError
+        raise ValueError(f"Argoverse 2 file {path}: not a readable Feather (Arrow IPC) file with columns "
+                         f"{', '.join(columns)}: truncated or corrupt? ({type(exc).__name__}: {exc})") from None
 
 
 def cuboid_boxes(cuboids, track_ids: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +224,7 @@ def cuboid_boxes(cuboids, track_ids: dict[str, int]) -> tuple[np.ndarray, np.nda
 
 def read_poses(path: str) -> dict[str, np.ndarray]:
     """Ego poses in the city frame, sorted by time: ``t`` (ns), ``xyz`` (m), ``heading`` (rad)."""
-    table = feather.read_table(path, columns=["timestamp_ns", "qw", "qx", "qy", "qz", "tx_m", "ty_m", "tz_m"])
+    table = read_feather(path, ["timestamp_ns", "qw", "qx", "qy", "qz", "tx_m", "ty_m", "tz_m"])
     columns = {name: table.column(name).to_numpy() for name in table.column_names}
     order = np.argsort(columns["timestamp_ns"], kind="stable")
     return {"t": columns["timestamp_ns"][order],

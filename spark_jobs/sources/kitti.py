@@ -43,16 +43,32 @@ POINT_FIELDS = 4  # float32 x, y, z, reflectance
 
 
 # ----------------------------------------------------------------------------------------- listing
-def list_logs(root: str) -> list[str]:
-    """Velodyne files of every labelled sample under ``root`` (a split folder, or a folder holding
-    ``training/``); unlabelled splits (``testing/``) are not listed."""
+def _split_dir(root: str) -> str:
+    """The split folder (holding velodyne/ and label_2/) ``root`` is or holds as ``training/``."""
     split_dirs = [d for d in (root, os.path.join(root, "training"))
                   if os.path.isdir(os.path.join(d, "velodyne")) and os.path.isdir(os.path.join(d, "label_2"))]
     if not split_dirs:
         raise UserError(f"no KITTI object data at {root}: expected velodyne/ and label_2/ there or in "
                         f"{os.path.join(root, 'training')}")
-    velodyne = os.path.join(split_dirs[0], "velodyne")
+    return split_dirs[0]
+
+
+def list_logs(root: str) -> list[str]:
+    """Velodyne files of every sample under ``root`` (a split folder, or a folder holding ``training/``);
+    unlabelled splits (``testing/``) are not listed. A velodyne file without its label or calib file is
+    listed and quarantined by ingest, naming the missing file."""
+    velodyne = os.path.join(_split_dir(root), "velodyne")
     return sorted(os.path.join(velodyne, name) for name in os.listdir(velodyne) if name.endswith(".bin"))
+
+
+def unmatched_inputs(root: str) -> dict[str, list[str]]:
+    """Label files without their velodyne point cloud (not samples: there is nothing to label)."""
+    split_dir = _split_dir(root)
+    clouds = {_sample_name(name) for name in os.listdir(os.path.join(split_dir, "velodyne")) if name.endswith(".bin")}
+    labels = os.path.join(split_dir, "label_2")
+    orphans = sorted(os.path.join(labels, name) for name in os.listdir(labels)
+                     if name.endswith(".txt") and _sample_name(name) not in clouds)
+    return {"labels_without_points": orphans} if orphans else {}
 
 
 def sample_paths(handle: str) -> tuple[str, str, str]:

@@ -7,6 +7,7 @@ An importer module describes itself once, at import time, like a model module do
     def list_logs(root): ...        # the log handles under a dataset root, sorted
     def source_files(handle): ...   # the files one log is read from (checksummed: a changed file is a new log)
     def read_metadata(handle): ...  # the log's LogMeta, cheaply (ingest selects logs by date with it)
+    def unmatched_inputs(root): ... # {problem: [what]} for files under root that cannot be paired up
     def read_log(handle): ...       # (LogMeta, iterator of Frames)
 
     register_importer(sys.modules[__name__])
@@ -47,6 +48,11 @@ class Importer(Protocol):
 
     def read_log(self, handle: str) -> tuple[LogMeta, Iterator[Frame]]:
         """The log's metadata and its frames in frame order (lazily decoded)."""
+
+    def unmatched_inputs(self, root: str) -> dict[str, list[str]]:
+        """Inputs under ``root`` that are left out because their other half is missing (a label file
+        without its point cloud, ...): problem name -> the files (or file: item) concerned. Ingest prints
+        a warning line per problem and records the lists in the dataset's manifest (``input_warnings``)."""
 
 
 _IMPORTERS: dict[str, ModuleType] = {}

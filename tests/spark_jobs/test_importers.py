@@ -438,3 +438,71 @@ def test_av2_missing_annotations_are_named(tmp_path):
         av2.list_logs(str(tmp_path))  # not annotated: not listed
     with pytest.raises(FileNotFoundError, match="annotations.feather"):
         av2.read_log(str(log))
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+def copy_av2_log(tmp_path: Path) -> Path:
+    import shutil
+
+    log = tmp_path / "val" / AV2_LOG
+    shutil.copytree(av2_log_dir(), log)
+    return log
+
+
+@needs_real_data
+@pytest.mark.parametrize("damage", ["not arrow", "truncated"])
+def test_av2_unreadable_sweep_is_an_error_naming_the_file(tmp_path, damage):
+    from spark_jobs.extract import LogTask, extract_log
+
+    log = copy_av2_log(tmp_path)
+    sweep = log / "sensors" / "lidar" / f"{AV2_SWEEP_NS}.feather"
+    sweep.write_bytes(b"not a feather file\n" * 4 if damage == "not arrow" else sweep.read_bytes()[:5000])
+    _meta, frames = av2.read_log(str(log))
+    with pytest.raises(ValueError, match=f"Argoverse 2 file {sweep}: not a readable Feather"):
+        next(frames)
+    # ... and that is the reason ingest quarantines the log with.
+    summary, rows = extract_log(LogTask(av2.__name__, str(log), f"av2-{AV2_LOG}", "pittsburgh", "test", 1.0, ""),
+                                max_points=1_000_000)
+    assert rows == [] and str(sweep) in summary["reason"]
+
+
+@needs_real_data
+def test_av2_sweeps_and_annotations_that_do_not_pair_up_are_listed(tmp_path):
+    log = copy_av2_log(tmp_path)
+    timestamps = set(feather.read_feather(log / "annotations.feather", columns=["timestamp_ns"]).timestamp_ns)
+    assert len(timestamps) == 156  # the sample ships one of the 156 annotated sweeps
+    problems = av2.unmatched_inputs(str(tmp_path))
+    assert problems == {"annotations_without_sweep": [f"{log / 'annotations.feather'}: {t}"
+                                                      for t in sorted(timestamps - {AV2_SWEEP_NS})]}
+    # A sweep nobody annotated: listed, and left out of the log rather than becoming an all-ignore frame.
+    unannotated = log / "sensors" / "lidar" / f"{AV2_SWEEP_NS - 50_000_000}.feather"
+    unannotated.write_bytes((log / "sensors" / "lidar" / f"{AV2_SWEEP_NS}.feather").read_bytes())
+    assert av2.unmatched_inputs(str(tmp_path))["sweeps_without_annotations"] == [str(unannotated)]
+    _meta, frames = av2.read_log(str(log))
+    [frame] = list(frames)
+    assert frame.timestamp_ns == AV2_SWEEP_NS and frame.frame_index == 1  # its index among the sweeps
+
+
+@needs_real_data
+def test_kitti_label_without_its_point_cloud_is_listed(tmp_path):
+    import shutil
+
+    shutil.copytree(KITTI_ROOT / "training", tmp_path / "training")
+    assert kitti.unmatched_inputs(str(tmp_path)) == {}
+    (tmp_path / "training" / "velodyne" / "000003.bin").unlink()
+    assert len(kitti.list_logs(str(tmp_path))) == 5
+    assert kitti.unmatched_inputs(str(tmp_path)) == {
+        "labels_without_points": [str(tmp_path / "training" / "label_2" / "000003.txt")]}
+
+
+def test_semantickitti_label_without_its_scan_is_listed(tmp_path):
+    sequence = tmp_path / "sequences" / "00"
+    (sequence / "velodyne").mkdir(parents=True)
+    (sequence / "labels").mkdir()
+    np.zeros((2, 4), np.float32).tofile(sequence / "velodyne" / "000000.bin")
+    for scan in ("000000", "000001"):
+        np.array([40, 40], np.uint32).tofile(sequence / "labels" / f"{scan}.label")
+    assert semantickitti.unmatched_inputs(str(tmp_path)) == {
+        "labels_without_points": [str(sequence / "labels" / "000001.label")]}
+    _meta, frames = semantickitti.read_log(semantickitti.list_logs(str(tmp_path))[0])
+    assert [f.frame_index for f in frames] == [0]
