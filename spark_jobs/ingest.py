@@ -41,7 +41,7 @@ from pipeline.home import Home, check_name
 from pipeline.registry import Artifact, Registry
 from spark_jobs import split as splitting
 from spark_jobs.extract import LogTask, process_log
-from spark_jobs.sources.registry import get_importer
+from spark_jobs.sources.registry import get_importer, list_importers
 
 # IngestConfig fields that choose which logs are read, and from where and on which master, but not what is
 # written: the selected logs are the dataset's parents (each with its checksum), so two windows selecting
@@ -239,7 +239,8 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
                          entry_point="spark_jobs.ingest:select_logs", meta={"sha256": u["sha256"]})
          for u in unreadable]
     tasks = [LogTask(importer, s["handle"], s["meta"].log_id, s["meta"].city, splits[s["meta"].log_id],
-                     weights.get(s["meta"].log_id, 1.0), s["sha256"]) for s in selected]
+                     weights.get(s["meta"].log_id, 1.0), s["sha256"], tuple(importer_options(cfg).items()))
+             for s in selected]
 
     def build(staging: str, record: Artifact) -> dict:
         return _extract_and_write(cfg, staging, tasks, unreadable, input_warnings, record, say)
@@ -256,11 +257,22 @@ def code_modules(cfg: PipelineConfig) -> tuple[str, ...]:
     return ("spark_jobs.ingest", get_importer(cfg.ingest.source).__name__)
 
 
+def importer_options(cfg: PipelineConfig) -> dict[str, Any]:
+    """The configured importer's ``read_log`` keywords, from the ingest fields its ``OPTIONS`` names
+    (``av2``: ``box_rule`` from ``ingest.av2_box_rule``); none for an importer without ``OPTIONS``."""
+    options = getattr(get_importer(cfg.ingest.source), "OPTIONS", {})
+    return {keyword: getattr(cfg.ingest, name) for keyword, name in options.items()}
+
+
 def key_config(cfg: PipelineConfig, splits: dict[str, str], weights: dict[str, float]) -> dict[str, Any]:
     """What determines the dataset's bytes besides its parents (the logs) and its code: the ingest settings
-    but ``SELECTION_ONLY``, each log's split and the sample weights that are not 1.0."""
-    return {**{k: v for k, v in resolved(cfg.ingest).items() if k not in SELECTION_ONLY},
-            "splits": splits, "sample_weights": weights}
+    but ``SELECTION_ONLY`` and other importers' options, the configured importer's options, each log's
+    split and the sample weights that are not 1.0."""
+    option_fields = {name for source in list_importers()
+                     for name in getattr(get_importer(source), "OPTIONS", {}).values()}
+    options = importer_options(cfg)
+    return {**{k: v for k, v in resolved(cfg.ingest).items() if k not in SELECTION_ONLY and k not in option_fields},
+            **({"importer_options": options} if options else {}), "splits": splits, "sample_weights": weights}
 
 
 def _sample_weights(home: Home, log_ids: list[str]) -> dict[str, float]:

@@ -3,9 +3,9 @@ city_SE3_egovehicle.feather, map/}``).
 
 One log per AV2 log (``av2-<log_id>``), one frame per LiDAR sweep in time order, with the dataset's own
 timestamps. Points and cuboids are in AV2's ego-vehicle frame (x forward, y left, z up; origin at the rear
-axle on the ground, not at the sensor). Per-point labels come from the annotated cuboids of the sweep
-(AV2's own ``num_interior_pts`` counts the same points); points outside every cuboid are ``ignore``.
-Only cuboids of object classes become boxes. A sweep without any annotation is left out of the log (never
+axle on the ground, not at the sensor). Per-point labels come from the annotated cuboids of the sweep by
+one of two rules (``ingest.av2_box_rule``, see ``BOX_RULES``); points outside every cuboid are ``ignore``.
+Only cuboids of object classes become boxes (the same under both rules). A sweep without any annotation is left out of the log (never
 an all-ignore frame) and listed by ``unmatched_inputs``, as are annotations whose sweep is missing. A log
 handle is the log folder.
 """
@@ -70,7 +70,18 @@ SPEED_WINDOW_NS = 100_000_000  # ego speed/acceleration from poses 0.1 s either 
 ANNOTATIONS = "annotations.feather"
 POSES = "city_SE3_egovehicle.feather"
 CUBOID_COLUMNS = ["timestamp_ns", "track_uuid", "category", "tx_m", "ty_m", "tz_m", "length_m", "width_m",
-                  "height_m", "qw", "qx", "qy", "qz"]
+                  "height_m", "qw", "qx", "qy", "qz", "num_interior_pts"]
+# How a sweep's cuboids label its points:
+#   exact  the cuboid interiors, faces included: exactly the points AV2's ``num_interior_pts`` counts.
+#          Where cuboids overlap, an object cuboid wins over a pole/ignore one, then the first in file order.
+#   flow   AV2's own scene-flow labels (av2-api ``av2.torch.structures.flow.Flow.from_sweep_pair``): only
+#          cuboids with num_interior_pts >= 1 (the av2 data loader's filter), length and width grown by
+#          ``FLOW_GROWTH_M`` (height unchanged), and where cuboids overlap the later one in file order wins,
+#          whatever its class (a later cone over a car makes the point ignore, as AV2's category does).
+BOX_RULES = ("exact", "flow")
+FLOW_GROWTH_M = 0.2
+# read_log keyword -> the IngestConfig field that sets it (ingest passes it to the Spark workers).
+OPTIONS = {"box_rule": "av2_box_rule"}
 
 
 def class_of(category: str) -> int:
@@ -165,12 +176,14 @@ def read_metadata(handle: str) -> LogMeta:
                    start_time_ns=sweeps[0][0], software_version=SOFTWARE_VERSION, source=SOURCE)
 
 
-def read_log(handle: str) -> tuple[LogMeta, Iterator[Frame]]:
+def read_log(handle: str, box_rule: str = "exact") -> tuple[LogMeta, Iterator[Frame]]:
+    if box_rule not in BOX_RULES:
+        raise ValueError(f"Argoverse 2 box rule {box_rule!r} is not one of {', '.join(BOX_RULES)}")
     meta = read_metadata(handle)
-    return meta, _frames(meta, handle)
+    return meta, _frames(meta, handle, box_rule)
 
 
-def _frames(meta: LogMeta, handle: str) -> Iterator[Frame]:
+def _frames(meta: LogMeta, handle: str, box_rule: str) -> Iterator[Frame]:
     cuboids = read_feather(os.path.join(handle, ANNOTATIONS), CUBOID_COLUMNS).to_pandas()
     poses = read_poses(os.path.join(handle, POSES))
     # Track ids: index of the track uuid among the log's sorted uuids, so they are stable across frames.
@@ -181,9 +194,12 @@ def _frames(meta: LogMeta, handle: str) -> Iterator[Frame]:
             continue
         points = read_sweep(path)
         boxes, box_classes = cuboid_boxes(by_time[timestamp_ns], track_ids)
-        owner = points_in_boxes(points[:, :3], boxes)
-        labels = np.full(len(points), IGNORE, np.uint8)
-        labels[owner >= 0] = box_classes[owner[owner >= 0]]
+        if box_rule == "flow":
+            labels = flow_labels(points[:, :3], by_time[timestamp_ns])
+        else:
+            owner = points_in_boxes(points[:, :3], boxes)
+            labels = np.full(len(points), IGNORE, np.uint8)
+            labels[owner >= 0] = box_classes[owner[owner >= 0]]
         objects = np.isin(box_classes, OBJECT_CLASS_IDS)
         yield Frame(log_id=meta.log_id, frame_index=index, timestamp_ns=timestamp_ns, points=points, labels=labels,
                     boxes=boxes[objects], ego=ego_state(poses, timestamp_ns))
@@ -220,6 +236,19 @@ def cuboid_boxes(cuboids, track_ids: dict[str, int]) -> tuple[np.ndarray, np.nda
     boxes = np.column_stack([cuboids[["tx_m", "ty_m", "tz_m", "length_m", "width_m", "height_m"]].to_numpy(np.float64),
                              yaw, classes.astype(np.float64), tracks]).reshape(-1, len(BOX_COLUMNS))
     return boxes.astype(np.float32), classes
+
+
+def flow_labels(xyz: np.ndarray, cuboids) -> np.ndarray:
+    """Per-point taxonomy ids by AV2's scene-flow rule (``BOX_RULES``: flow) from one sweep's cuboids, in
+    the annotation file's order."""
+    labels = np.full(len(xyz), IGNORE, np.uint8)
+    seen = cuboids[cuboids["num_interior_pts"].to_numpy() >= 1]
+    yaw = yaw_of(*(seen[q].to_numpy(np.float64) for q in ("qw", "qx", "qy", "qz")))
+    sizes = seen[["length_m", "width_m", "height_m"]].to_numpy(np.float64) + [FLOW_GROWTH_M, FLOW_GROWTH_M, 0.0]
+    boxes = np.column_stack([seen[["tx_m", "ty_m", "tz_m"]].to_numpy(np.float64), sizes, yaw])
+    for box, category in zip(boxes, seen["category"]):
+        labels[points_in_boxes(xyz, box[None]) == 0] = class_of(category)  # later cuboids overwrite
+    return labels
 
 
 def read_poses(path: str) -> dict[str, np.ndarray]:

@@ -506,3 +506,50 @@ def test_semantickitti_label_without_its_scan_is_listed(tmp_path):
         "labels_without_points": [str(sequence / "labels" / "000001.label")]}
     _meta, frames = semantickitti.read_log(semantickitti.list_logs(str(tmp_path))[0])
     assert [f.frame_index for f in frames] == [0]
+
+
+# ------------------------------------------------------------------------------------------ AV2 flow rule
+AV2_FLOW_HISTOGRAM = {"ignore": 82168, "pole": 40, "vehicle": 18072, "pedestrian": 380}
+AV2_FLOW_CHANGED_POINTS = 520  # points the grown cuboids add to the exact rule's labels
+def av2_vertices(c, length: float, width: float) -> np.ndarray:
+    """(8, 3) cuboid vertices in av2-api's order (``Cuboid.vertices_m``): object-frame corners
+    (+-l/2, +-w/2, +-h/2) in the order 0..7 of its docstring figure, through the full rotation."""
+    signs = np.array([[1, 1, 1], [1, -1, 1], [1, -1, -1], [1, 1, -1],
+                      [-1, 1, 1], [-1, -1, 1], [-1, -1, -1], [-1, 1, -1]], float)
+    corners = signs * [length / 2, width / 2, c.height_m / 2]
+    return corners @ rotation(c.qw, c.qx, c.qy, c.qz).T + [c.tx_m, c.ty_m, c.tz_m]
+
+
+def av2_interior(xyz: np.ndarray, vertices: np.ndarray) -> np.ndarray:
+    """av2-api ``compute_interior_points_mask``: projections on the three edges from vertex 2, inclusive."""
+    mask = np.ones(len(xyz), bool)
+    for other in (6, 3, 1):
+        edge = vertices[2] - vertices[other]
+        along = xyz @ edge
+        mask &= (along >= vertices[other] @ edge) & (along <= vertices[2] @ edge)
+    return mask
+
+
+@needs_real_data
+def test_av2_flow_rule_reproduces_av2_api_scene_flow_labels_point_for_point():
+    """``Flow.from_sweep_pair``'s category per point, recomputed the av2-api way: cuboids with
+    num_interior_pts >= 1 (the data loader's filter), length and width + 0.2 m, later cuboids overwrite."""
+    _meta, frames = av2.read_log(str(av2_log_dir()), box_rule="flow")
+    [frame] = list(frames)
+    _, exact = only_frame(av2, str(av2_log_dir()))
+    xyz = frame.points[:, :3].astype(np.float64)
+    annotations = feather.read_feather(av2_log_dir() / "annotations.feather")
+    cuboids = annotations[(annotations.timestamp_ns == AV2_SWEEP_NS) & (annotations.num_interior_pts >= 1)]
+    expected = np.full(len(xyz), CLASS_ID["ignore"])
+    for c in cuboids.itertuples():
+        expected[av2_interior(xyz, av2_vertices(c, c.length_m + 0.2, c.width_m + 0.2))] = CLASS_ID[av2.LABEL_MAP[c.category]]
+    np.testing.assert_array_equal(frame.labels, expected)
+    assert histogram(frame.labels) == AV2_FLOW_HISTOGRAM
+    # The vertex test is the same as the exact rule's for unchanged sizes: num_interior_pts again.
+    for c in cuboids.itertuples():
+        assert av2_interior(xyz, av2_vertices(c, c.length_m, c.width_m)).sum() == c.num_interior_pts
+    # Boxes do not depend on the rule; only the labels do (the grown cuboids take in more points).
+    np.testing.assert_array_equal(frame.boxes, exact.boxes)
+    assert (frame.labels != exact.labels).sum() == AV2_FLOW_CHANGED_POINTS
+    with pytest.raises(ValueError, match="box rule 'loose'"):
+        av2.read_log(str(av2_log_dir()), box_rule="loose")
