@@ -26,8 +26,9 @@ from types import ModuleType
 from typing import Iterator, Protocol, runtime_checkable
 
 from pipeline.frames import Frame, LogMeta
+from pipeline.taxonomy import CLASSES, IGNORE
 
-__all__ = ["Importer", "register_importer", "get_importer", "list_importers"]
+__all__ = ["Importer", "register_importer", "get_importer", "list_importers", "labelled_classes"]
 
 
 @runtime_checkable
@@ -106,3 +107,12 @@ def get_importer(source: str) -> ModuleType:
         return _IMPORTERS[source]
     except (KeyError, TypeError):
         raise ValueError(f"unknown source {source!r}; registered importers: {', '.join(sorted(_IMPORTERS))}") from None
+
+
+def labelled_classes(source: str) -> list[str]:
+    """The taxonomy classes (not ignore, in taxonomy order) a source can label: the values of its importer's
+    ``LABEL_MAP`` (source label -> class); an importer without one writes taxonomy labels as they are (mcap),
+    so every class. Validation requires and bounds these, not classes the source cannot have."""
+    label_map = getattr(get_importer(source), "LABEL_MAP", None)
+    names = set(label_map.values()) if label_map is not None else set(CLASSES)
+    return [name for i, name in enumerate(CLASSES) if i != IGNORE and name in names]
