@@ -36,10 +36,10 @@ def test_labelled_classes_follow_each_label_map():
         assert set(labelled_classes(module.SOURCE)) == set(module.LABEL_MAP.values()) - {"ignore"}
 
 
-def ingest_and_validate(tmp_path: Path, source: str, root: Path) -> tuple[dict, dict, list[str]]:
+def ingest_and_validate(tmp_path: Path, source: str, root: Path, **overrides) -> tuple[dict, dict, list[str]]:
     said: list[str] = []
-    cfg = config.load({"home": str(tmp_path / "home"), "ingest.source": source, "ingest.source_path": str(root)},
-                      env={})
+    cfg = config.load({"home": str(tmp_path / "home"), "ingest.source": source, "ingest.source_path": str(root),
+                       **overrides}, env={})
     ingested = stages.invoke("ingest", cfg, say=said.append)
     validated = stages.invoke("validate", cfg, say=said.append)  # default thresholds, default dataset
     manifest = json.loads((Path(Registry.open(cfg).get(ingested["ref"]).location) / "manifest.json").read_text())
@@ -74,11 +74,14 @@ def class_rows(validated: dict) -> int:
 @pytest.mark.slow
 @needs_real_data
 @pytest.mark.parametrize("source, root", [("semantickitti", REAL_DATA / "semantickitti"), ("av2", REAL_DATA / "av2")])
-def test_one_log_imports_pass_validation_with_defaults(tmp_path, source, root):
-    """One log cannot be split 75/15/10: one log either way of the target share is allowed."""
-    manifest, validated, said = ingest_and_validate(tmp_path, source, root)
+def test_one_log_imports_fail_validation_only_for_the_class_the_sample_lacks(tmp_path, source, root):
+    """One log cannot be split 75/15/10: one log either way of the target share is allowed. Both label maps
+    can produce cyclists, and neither one-sweep sample has any: that, and only that, fails validation."""
+    manifest, validated, said = ingest_and_validate(tmp_path, source, root, **{"validate.warn_only": "true"})
     assert manifest["dataset"] == f"dataset:{source}@v1" and sum(len(s["logs"]) for s in manifest["splits"].values()) == 1
-    assert validated["verdict"] == "passed"
+    report = json.loads((Path(validated["report"]).parent / "validation.json").read_text())
+    failed = [problem for c in report["checks"] if not c["success"] for problem in c["problems"]]
+    assert validated["verdict"] == "failed" and failed == ["class cyclist is missing: 0 points (at least 1 required)"]
     assert class_rows(validated) == len(labelled_classes(source))
     expected = {"av2": {"annotations_without_sweep": 155}, "semantickitti": {}}[source]
     assert {k: len(v) for k, v in manifest["input_warnings"].items()} == expected
