@@ -146,8 +146,8 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
                          code_modules=code_modules(candidate.name))
     metrics = EvaluationMetrics.load_from(art.location)
 
-    if not judged:
-        return summarize(art, metrics)
+    if not judged:  # a measurement: no verdict on the model (None, so `avp evaluate` exits 0)
+        return {**summarize(art, metrics), "blessed": None}
     # 4. verdict on the model
     verdict = metrics.verdict
     registry.set_blessing(candidate.id, verdict["blessed"], verdict["reasons"])

@@ -48,7 +48,7 @@ def test_a_model_is_evaluated_on_all_of_another_dataset_without_being_judged(tmp
     assert set(metrics["candidate"]["scenes"]) == {log for log, _c, _f in other_logs}
     assert result["tables"][0][0] == f"{model.ref} on the all split of {other.ref}"
     assert any("the verdict is not recorded" in line for line in said)
-    assert registry.get(model.id).blessed is None  # not judged by another dataset
+    assert registry.get(model.id).blessed is None and result["blessed"] is None  # not judged by another dataset
     assert not (tmp_path / "home" / "feedback" / "sample_weights.json").exists()
     assert {p.ref for p in registry.parents(registry.get(result["ref"]).id)} == {model.ref, other.ref}
     assert f"all split of {other.ref}" in Path(result["report"]).read_text()
