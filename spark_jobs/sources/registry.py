@@ -112,7 +112,10 @@ def get_importer(source: str) -> ModuleType:
 def labelled_classes(source: str) -> list[str]:
     """The taxonomy classes (not ignore, in taxonomy order) a source can label: the values of its importer's
     ``LABEL_MAP`` (source label -> class); an importer without one writes taxonomy labels as they are (mcap),
-    so every class. Validation requires and bounds these, not classes the source cannot have."""
+    and so does a source no importer is registered for (datasets written directly, as the tests do): every
+    class. Validation requires and bounds these, not classes the source cannot have."""
+    if source not in list_importers():
+        return [name for i, name in enumerate(CLASSES) if i != IGNORE]
     label_map = getattr(get_importer(source), "LABEL_MAP", None)
     names = set(label_map.values()) if label_map is not None else set(CLASSES)
     return [name for i, name in enumerate(CLASSES) if i != IGNORE and name in names]

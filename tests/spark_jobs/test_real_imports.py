@@ -32,6 +32,7 @@ def test_labelled_classes_follow_each_label_map():
     assert labelled_classes("kitti") == ["vehicle", "pedestrian", "cyclist"]  # object boxes only
     assert labelled_classes("av2") == ["pole", "vehicle", "pedestrian", "cyclist"]  # cuboids, signs and bollards
     assert labelled_classes("semantickitti") == list(CLASSES[1:])
+    assert labelled_classes("written-by-hand") == list(CLASSES[1:])  # no importer: taxonomy labels as they are
     for module in (kitti, av2, semantickitti):  # independently: the values of each map, without ignore
         assert set(labelled_classes(module.SOURCE)) == set(module.LABEL_MAP.values()) - {"ignore"}
 
@@ -98,3 +99,14 @@ def test_the_av2_box_rule_is_in_the_av2_key_only():
     assert "av2_box_rule" not in key() and "importer_options" not in key()
     assert key(**{"ingest.source": "av2", "ingest.av2_box_rule": "flow"}) != key(**{"ingest.source": "av2"})
     assert ingest.importer_options(config.load({"ingest.source": "av2"}, env={})) == {"box_rule": "exact"}
+
+
+def test_the_dag_source_param_runs_a_real_dataset_through_the_same_dag():
+    from pipeline import orchestration
+
+    param = orchestration.dag_params()["source"]
+    assert param["enum"] == [None, "mcap", "kitti", "semantickitti", "av2"] and param["default"] is None
+    assert "default 'mcap'" in param["description"]
+    cfg = orchestration.run_config({"source": "kitti", "ingest.source_path": "/data/kitti"})
+    assert (cfg.ingest.source, cfg.ingest.source_path, cfg.ingest.dataset_name) == ("kitti", "/data/kitti", "kitti")
+    assert orchestration.run_config({}).ingest.dataset_name == "fleet-lidar"
