@@ -49,7 +49,7 @@ def ingest_and_validate(tmp_path: Path, source: str, root: Path, **overrides) ->
 
 @pytest.mark.slow
 @needs_real_data
-def test_kitti_import_counts_unpaired_labels_and_passes_validation_with_defaults(tmp_path):
+def test_kitti_import_counts_unpaired_labels_passes_validation_with_defaults_and_trains(tmp_path):
     root = tmp_path / "kitti"
     shutil.copytree(REAL_DATA / "kitti" / "training", root / "training")
     (root / "training" / "velodyne" / "000005.bin").unlink()  # its label is now unpaired
@@ -61,6 +61,12 @@ def test_kitti_import_counts_unpaired_labels_and_passes_validation_with_defaults
     assert sum(s["frames"] for s in manifest["splits"].values()) == 5 and not manifest["quarantined"]
     assert validated["verdict"] == "passed" and validated["dataset"] == "dataset:kitti@v1"
     assert class_rows(validated) == 3  # vehicle, pedestrian, cyclist: the classes KITTI's label map has
+    # ... and training takes it by default, as the fleet's dataset is taken for mcap (tiny settings).
+    cfg = config.load({"home": str(tmp_path / "home"), "ingest.source": "kitti", "train.epochs": "1",
+                       "train.np": "1", "train.backend": "ddp"}, env={})
+    trained = stages.invoke("train", cfg, say=said.append)
+    registry = Registry.open(cfg)
+    assert [p.ref for p in registry.parents(registry.get(trained["ref"]).id)] == ["dataset:kitti@v1"]
 
 
 def class_rows(validated: dict) -> int:
