@@ -82,26 +82,32 @@ def settings_key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(settings).encode()).hexdigest()[:16]
 
 
-def stored_metrics(registry: Registry, model: Artifact, dataset: Artifact, key: str) -> tuple[Artifact, dict] | None:
-    """The newest metrics artifact of ``model`` on ``dataset`` made with the metric settings ``key``."""
+def stored_metrics(registry: Registry, model: Artifact, dataset: Artifact, key: str,
+                   split: str = "test") -> tuple[Artifact, dict] | None:
+    """The newest metrics artifact of ``model`` on ``split`` of ``dataset`` made with the metric settings ``key``."""
     for art in sorted(registry.children(model.id), key=lambda a: a.id, reverse=True):
         if (art.kind == "metrics" and art.state == "succeeded" and art.meta.get("dataset") == dataset.ref
-                and art.meta.get("settings_key") == key):
+                and art.meta.get("settings_key") == key and art.meta.get("split", "test") == split):
             return art, EvaluationMetrics.load_from(art.location).candidate
     return None
 
 
 # ----------------------------------------------------------------------------------------- the stage
 def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = print, run_id: str = "",
-        model: str | None = None) -> dict[str, Any]:
+        model: str | None = None, dataset: str | None = None) -> dict[str, Any]:
     """The evaluate stage; returns the metrics reference, the verdict, the report path and tables."""
     # 1. resolve
     candidate = resolve_model(cfg, registry, model)
-    data = dataset_of(registry, candidate)
+    own = dataset_of(registry, candidate)
+    data = own if dataset is None else resolve_input(
+        registry, "dataset", own.name, dataset, hint="run `avp ingest` first", purpose="evaluated on")
     manifest = verified_manifest(data, say)  # every file checked before any reader opens one
-    split = "test"
-    if split not in manifest.splits or not manifest.splits[split].frames:
+    split = cfg.evaluate.split
+    if not sum(info.frames for name, info in manifest.splits.items() if split in ("all", name)):
         raise UserError(f"{data.ref} has no {split} frames to evaluate {candidate.ref} on")
+    # Only the model's own test split judges it: another dataset (or split) is a measurement, reported
+    # with its verdict but neither recorded on the model nor fed back to ingest.
+    judged = data.id == own.id and split == "test"
     try:
         settings = scoring.Settings.from_config(cfg.evaluate)
         statistics.check_settings(cfg.evaluate)
@@ -120,8 +126,8 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
             "absolute thresholds only")
     else:
         say(f"production model: {production.ref}")
-    say(f"evaluating {candidate.ref} on the {split} split of {data.ref} "
-        f"({manifest.splits[split].frames} frames) on {device.type}")
+    say(f"evaluating {candidate.ref} on the {split} split of {data.ref} on {device.type}"
+        + ("" if judged else f" (not its own test split, {own.ref} test: the verdict is not recorded)"))
 
     # 3. build the metrics artifact
     key = settings_key(settings.as_dict())
@@ -132,7 +138,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     def build(staging: str, record: Artifact) -> dict[str, Any]:
         metrics = evaluate_into(staging, cfg, registry, candidate, data, manifest, production, settings, key,
                                 device, split, record, say)
-        return {"model": candidate.ref, "dataset": data.ref, "settings_key": key, "run_id": run_id,
+        return {"model": candidate.ref, "dataset": data.ref, "split": split, "settings_key": key, "run_id": run_id,
                 "blessed": metrics.verdict["blessed"], "reasons": metrics.verdict["reasons"],
                 "miou": metrics.candidate["segmentation"]["miou"], "baseline": metrics.baseline_model}
 
@@ -141,6 +147,8 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
                          code_modules=code_modules(candidate.name))
     metrics = EvaluationMetrics.load_from(art.location)
 
+    if not judged:  # a measurement: no verdict on the model (None, so `avp evaluate` exits 0)
+        return {**summarize(art, metrics), "blessed": None}
     # 4. verdict on the model
     verdict = metrics.verdict
     registry.set_blessing(candidate.id, verdict["blessed"], verdict["reasons"])
@@ -167,7 +175,8 @@ def evaluate_into(staging: str, cfg: PipelineConfig, registry: Registry, candida
                   split: str, record: Artifact, say: Callable[[str], None]) -> EvaluationMetrics:
     """The registry builder: every metric, the verdict, ``metrics.json`` and ``report.html`` in ``staging``."""
     ev = cfg.evaluate
-    frames = read_split(data.location, manifest, split)
+    frames = sorted((f for name in manifest.splits if split in ("all", name)
+                     for f in read_split(data.location, manifest, name)), key=lambda f: (f.log_id, f.frame_index))
     say(f"read {len(frames)} {split} frames ({sum(len(f.points) for f in frames):,} points)")
 
     # the candidate: model and system metrics, then hardware metrics on a spread of logged frames
@@ -183,7 +192,7 @@ def evaluate_into(staging: str, cfg: PipelineConfig, registry: Registry, candida
     if production is not None and production.id == candidate.id:
         baseline, baseline_source = result, "the candidate is the production model"
     elif production is not None:
-        stored = stored_metrics(registry, production, data, key)
+        stored = stored_metrics(registry, production, data, key, split)
         if stored is not None:
             baseline, baseline_source = stored[1], f"reused {stored[0].ref}"
         else:

@@ -34,7 +34,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from pipeline.geometry import points_in_boxes
-from pipeline.taxonomy import CLASSES, OBJECT_CLASS_IDS
+from pipeline.taxonomy import CLASSES, IGNORE, OBJECT_CLASS_IDS
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,9 @@ def match_frame(points: np.ndarray, labels: np.ndarray, predicted: np.ndarray, b
     boxes = np.asarray(boxes, np.float64).reshape(-1, 9)
     for c in classes:
         truth = visible_boxes(points, labels, boxes, c, settings.min_points)
-        mine = np.flatnonzero(predicted == c)
+        # points labelled ignore are left out of every metric: an unlabelled region (all of a KITTI frame
+        # outside the camera's boxes) holds no ground truth to match a prediction against
+        mine = np.flatnonzero((predicted == c) & (labels != IGNORE))
         cluster = cluster_points(points[mine, :2], settings.radius, settings.min_points)
         clusters = int(cluster.max()) + 1 if len(cluster) else 0
         # shared[k, j]: points of predicted object k inside (grown) box j

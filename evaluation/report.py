@@ -268,7 +268,7 @@ def render(metrics: EvaluationMetrics) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation of {html.escape(metrics.model)}"
              f"</title><style>{STYLE}</style></head><body>",
              f"<h1>Evaluation of {html.escape(metrics.model)}</h1>",
-             f"<div class='sub'>test split of {html.escape(metrics.dataset)} &middot; "
+             f"<div class='sub'>{html.escape(metrics.split)} split of {html.escape(metrics.dataset)} &middot; "
              f"{seg['frames']} frames, {seg['points']:,} labelled points, {len(cand['scenes'])} scenes &middot; "
              f"{html.escape(metrics.created_at)} &middot; code {html.escape(metrics.code_version[:16])}</div>"]
     failed = [c["text"] for c in verdict["checks"] if not c["passed"]]

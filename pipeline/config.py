@@ -53,7 +53,7 @@ class SimulateConfig:
 class IngestConfig:
     """Extraction of drive logs into Petastorm train/test/validation datasets."""
 
-    dataset_name: str = "fleet-lidar"  # dataset name in the registry
+    dataset_name: str = ""  # dataset name in the registry; empty: fleet-lidar for mcap, else the source (kitti, ...)
     # what to import from source_path: the fleet's MCAP logs or a real dataset (kitti, semantickitti, av2)
     source: Literal["mcap", "kitti", "semantickitti", "av2"] = "mcap"
     source_path: str = ""  # empty: <home>/logs for mcap
@@ -68,6 +68,9 @@ class IngestConfig:
     reader_ranks: int = 2  # row groups are laid out in multiples of this so every rank gets equal rows
     rows_per_group: int = 8
     max_points: int = 200_000  # a frame with more points than this is quarantined
+    # av2 per-point labels: exact (cuboid interiors, AV2's num_interior_pts) or flow (av2-api's scene-flow
+    # labels: length/width + 0.2 m, cuboids with points only, later cuboid wins); see docs/label-maps.md
+    av2_box_rule: Literal["exact", "flow"] = "exact"
 
 
 @dataclass
@@ -155,6 +158,9 @@ class EvaluateConfig:
     variant_max_class_iou_drop: float = 1.0  # IoU points any class may lose
     int8: bool = True  # build the int8 PT2E variant (x86 CPU: quantized once, compiled once by AOTInductor)
     int8_calibration_frames: int = 8  # validation frames its activation observers see
+    # the frames scored: the test split, or all of the dataset (one the model never trained on, e.g. a real
+    # import evaluated with a fleet model: avp evaluate --model REF --dataset REF --split all)
+    split: Literal["test", "all"] = "test"
     # objects: predicted points of a class grouped in bird's-eye view, matched to ground-truth boxes
     cluster_radius_m: float = 0.75  # points closer than this (x, y) belong to one object
     min_object_points: int = 5  # fewer points: noise (prediction) or not seen by the sensor (ground truth)
@@ -365,6 +371,8 @@ def set_value(cfg: PipelineConfig, dotted: str, value: Any) -> None:
             target = getattr(target, name)
 
 
+FLEET_DATASET = "fleet-lidar"  # the simulated fleet's dataset (ingest.dataset_name for source mcap)
+
 @dataclass(frozen=True)
 class Bound:
     """The range of a numeric field: ``minimum <= value <= maximum`` (``None``: open on that side), or
@@ -539,6 +547,8 @@ def load(overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | No
             set_value(cfg, f"{section.lower()}.{name.lower()}", value)
     for dotted, value in (overrides or {}).items():
         set_value(cfg, dotted, value)
+    if not cfg.ingest.dataset_name:  # a real import is its own dataset, never a version of the fleet's
+        cfg.ingest.dataset_name = FLEET_DATASET if cfg.ingest.source == "mcap" else cfg.ingest.source
     check_rules(cfg)
     return cfg
 

@@ -227,6 +227,8 @@ class Manifest(Contract):
     # sha256 of every other file of the dataset by relative path (Parquet parts, Petastorm's pickled
     # _common_metadata): checked by ``verified_manifest`` before any reader opens one
     files: dict[str, str] = dataclasses.field(default_factory=dict)
+    # inputs left out because their other half is missing (importer ``unmatched_inputs``): problem -> files
+    input_warnings: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
 
 # The registry meta key of a dataset's manifest checksum: the manifest lists every file's checksum, the

@@ -34,7 +34,9 @@ BUILD_PARAMS: dict[str, dict[str, Any]] = {
 # Config fields a DAG run may set by their full name (declared as params of that name). Nothing else in a
 # run's conf reaches the config: where data is read, which Spark master runs ingest and where the pipeline
 # writes are the deployment's (its environment and Airflow connections), never a trigger's.
-CONF_FIELDS = ("ingest.train_share", "ingest.test_share", "ingest.val_share")
+# ``ingest.source_path`` is the folder of a real dataset a run imports with the ``source`` param (issue 15): it is
+# only read, and the dataset is written into the deployment's home like any other.
+CONF_FIELDS = ("ingest.train_share", "ingest.test_share", "ingest.val_share", "ingest.source_path")
 _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string"}
 
 

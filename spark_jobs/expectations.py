@@ -47,8 +47,9 @@ from typing import Any, Callable
 import pandas as pd
 
 from pipeline.contracts import Manifest
-from pipeline.taxonomy import CLASSES, IGNORE, NUM_CLASSES
+from pipeline.taxonomy import CLASSES, NUM_CLASSES
 from spark_jobs import dataset_stats as stats_mod
+from spark_jobs.sources.registry import labelled_classes
 from spark_jobs.split import SPLITS
 
 # The KL check compares categorical distributions; GE computes them from a column of values, so each
@@ -135,10 +136,11 @@ def suite_checks(builder: CheckBuilder) -> CheckBuilder:
 
 
 # ----------------------------------------------------------------------------------------- config
-def required_classes(setting: str) -> list[str]:
-    """``validate.required_classes``: ``all`` (every class but ignore) or comma-separated class names."""
+def required_classes(setting: str, source: str) -> list[str]:
+    """``validate.required_classes``: ``all`` (every class the dataset's source can label, from its label
+    map: KITTI object labels no ground) or comma-separated class names."""
     if setting.strip().lower() == "all":
-        return [c for i, c in enumerate(CLASSES) if i != IGNORE]
+        return labelled_classes(source)
     names = [n.strip() for n in setting.split(",") if n.strip()]
     unknown = [n for n in names if n not in CLASSES]
     if unknown:
@@ -250,11 +252,12 @@ def dataset_tables(inputs: SuiteInputs) -> dict[str, pd.DataFrame]:
     ]
     totals = stats_mod.total_class_points(statistics)
     all_points = sum(totals.values())
+    labelled = labelled_classes(inputs.manifest.source)  # a class the source cannot label has no bounds
     class_shares = [{"key": class_name(c), "class_id": c, "class_name": class_name(c), "points": totals.get(c, 0),
                      "share": totals.get(c, 0) / all_points if all_points else 0.0}
-                    for c in range(NUM_CLASSES) if c != IGNORE]
+                    for c in range(NUM_CLASSES) if class_name(c) in labelled]
     presence = [{"key": name, "class_name": name, "points": totals.get(CLASSES.index(name), 0)}
-                for name in required_classes(vcfg.required_classes)]
+                for name in required_classes(vcfg.required_classes, inputs.manifest.source)]
     present_splits = [split for split in SPLITS if splits[split]["frames"]]
     missing = [{"key": f"{split}/{col}", "split": split, "column": col,
                 "frames_with_missing_values": splits[split]["missing"].get(col, 0)}
@@ -361,16 +364,20 @@ def split_checks(inputs: SuiteInputs) -> list[Check]:
     import great_expectations.expectations as gxe
 
     vcfg, checks = inputs.vcfg, []
+    # Whole logs go to a split, so n logs cannot meet a share closer than 1/n: a small import (a real
+    # dataset of a few logs) is allowed one log either way when that is wider than split_tolerance.
+    logs = sum(len(s["logs"]) for s in inputs.statistics["splits"].values())
+    tolerance = max(vcfg.split_tolerance, 1.0 / logs if logs else 0.0)
     for split in SPLITS:
         target = inputs.target_shares.get(split, 0.0)
-        lo, hi = max(0.0, target - vcfg.split_tolerance), min(1.0, target + vcfg.split_tolerance)
+        lo, hi = max(0.0, target - tolerance), min(1.0, target + tolerance)
         checks.append(Check(
             "split_shares", "split_shares",
-            f"{split} holds {_pct(target)} +- {_pct(vcfg.split_tolerance)} of the logs",
+            f"{split} holds {_pct(target)} +- {_pct(tolerance)} of the logs",
             gxe.ExpectColumnValuesToBeBetween(column=f"{split}_log_share", min_value=lo, max_value=hi),
             lambda r, split=split, target=target: (
                 f"{split} has {r[f'{split}_logs']} of {r['logs']} logs ({_pct(r[f'{split}_log_share'])}), "
-                f"target {_pct(target)} +- {_pct(vcfg.split_tolerance)}")))
+                f"target {_pct(target)} +- {_pct(tolerance)}")))
     return checks
 
 

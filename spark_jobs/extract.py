@@ -12,6 +12,7 @@ import importlib
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,7 @@ class LogTask:
     city: str
     sample_weight: float
     sha256: str
+    options: tuple[tuple[str, Any], ...] = ()  # the importer's read_log keywords (its OPTIONS, from the config)
 
 
 def extract_log(task: LogTask, max_points: int) -> tuple[dict, list[dict]]:
@@ -47,7 +49,7 @@ def extract_log(task: LogTask, max_points: int) -> tuple[dict, list[dict]]:
 
     rows, indexes, stamps, points, class_points = [], [], [], 0, {}
     try:
-        _meta, frames = importlib.import_module(task.importer).read_log(task.handle)
+        _meta, frames = importlib.import_module(task.importer).read_log(task.handle, **dict(task.options))
         for frame in frames:
             frame = normalise(frame)
             problem = frame_problem(frame, max_points)

@@ -44,7 +44,7 @@ from pipeline.home import Home, UnsafeNameError, check_name
 from pipeline.registry import Artifact, Registry
 from spark_jobs import split as splitting
 from spark_jobs.extract import EXTRACTED_DIR, LogTask, process_log
-from spark_jobs.sources.registry import get_importer
+from spark_jobs.sources.registry import get_importer, list_importers
 
 # IngestConfig fields that choose which logs are read, and from where and on which master, but not what is
 # written: the selected logs are the dataset's parents (each with its checksum), so two windows selecting
@@ -73,6 +73,26 @@ def log_digests(paths: Iterable[str]) -> tuple[str, str]:
     return named.hexdigest(), content.hexdigest()
 
 
+def source_root(cfg: PipelineConfig, home: Home) -> str:
+    """The folder ingest reads: ``ingest.source_path``, or the home's logs for mcap."""
+    ing = cfg.ingest
+    root = ing.source_path or (home.logs if ing.source == "mcap" else "")
+    if not root:
+        raise UserError(f"ingest --source {ing.source} needs a PATH to the dataset")
+    if not os.path.exists(root):
+        raise UserError(f"no drive logs at {root}: run `avp simulate` first or pass --source KIND PATH")
+    return root
+
+
+def unmatched_inputs(cfg: PipelineConfig, home: Home, say: Callable[[str], None]) -> dict[str, list[str]]:
+    """The importer's ``unmatched_inputs`` (files left out because their other half is missing), with a
+    warning line per problem; recorded in the manifest as ``input_warnings``."""
+    problems = get_importer(cfg.ingest.source).unmatched_inputs(source_root(cfg, home))
+    for problem, items in sorted(problems.items()):
+        say(f"warning: {len(items)} {problem.replace('_', ' ')} left out, e.g. {items[0]}")
+    return problems
+
+
 def select_logs(cfg: PipelineConfig, home: Home, say: Callable[[str], None]) -> tuple[list[dict], list[dict]]:
     """(selected logs, logs quarantined at selection) for the configured source and date interval.
 
@@ -82,11 +102,7 @@ def select_logs(cfg: PipelineConfig, home: Home, say: Callable[[str], None]) -> 
     ``log_id``, ``handle``, ``reason`` and the ``sha256`` of its files ("" when they cannot be read).
     """
     ing = cfg.ingest
-    root = ing.source_path or (home.logs if ing.source == "mcap" else "")
-    if not root:
-        raise UserError(f"ingest --source {ing.source} needs a PATH to the dataset")
-    if not os.path.exists(root):
-        raise UserError(f"no drive logs at {root}: run `avp simulate` first or pass --source KIND PATH")
+    root = source_root(cfg, home)
     importer = get_importer(ing.source)
     lo = _day_ns(ing.date_from, "ingest.date_from") if ing.date_from else -math.inf
     hi = _day_ns(ing.date_to, "ingest.date_to") if ing.date_to else math.inf
@@ -284,6 +300,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
     check_name(ing.dataset_name, "dataset name")
     home = registry.home
     selected, rejected = select_logs(cfg, home, say)
+    input_warnings = unmatched_inputs(cfg, home, say)
     planner = SplitPlanner(cfg, registry, selected)
     log_ids = [s["meta"].log_id for s in selected]
     weights = _sample_weights(home, log_ids)
@@ -297,10 +314,10 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
                          entry_point="spark_jobs.ingest:select_logs", meta={"sha256": r["sha256"]})
          for r in rejected if r["sha256"] and _safe_name(r["log_id"])]  # unsafe or unread: manifest only
     tasks = [LogTask(importer, s["handle"], s["meta"].log_id, s["meta"].city, weights.get(s["meta"].log_id, 1.0),
-                     s["sha256"]) for s in selected]
+                     s["sha256"], tuple(importer_options(cfg).items())) for s in selected]
 
     def build(staging: str, record: Artifact) -> dict:
-        return _extract_and_write(cfg, staging, tasks, rejected, planner.assign, record, say)
+        return _extract_and_write(cfg, staging, tasks, rejected, input_warnings, planner.assign, record, say)
 
     art = registry.build("dataset", ing.dataset_name, entry_point="spark_jobs.ingest:run",
                          config=key_config(cfg, planner.preview(log_ids), weights), builder=build,
@@ -322,11 +339,22 @@ def code_modules(cfg: PipelineConfig) -> tuple[str, ...]:
     return ("spark_jobs.ingest", get_importer(cfg.ingest.source).__name__)
 
 
+def importer_options(cfg: PipelineConfig) -> dict[str, Any]:
+    """The configured importer's ``read_log`` keywords, from the ingest fields its ``OPTIONS`` names
+    (``av2``: ``box_rule`` from ``ingest.av2_box_rule``); none for an importer without ``OPTIONS``."""
+    options = getattr(get_importer(cfg.ingest.source), "OPTIONS", {})
+    return {keyword: getattr(cfg.ingest, name) for keyword, name in options.items()}
+
+
 def key_config(cfg: PipelineConfig, splits: dict[str, str], weights: dict[str, float]) -> dict[str, Any]:
     """What determines the dataset's bytes besides its parents (the logs) and its code: the ingest settings
-    but ``SELECTION_ONLY``, each log's split and the sample weights that are not 1.0."""
-    return {**{k: v for k, v in resolved(cfg.ingest).items() if k not in SELECTION_ONLY},
-            "splits": splits, "sample_weights": weights}
+    but ``SELECTION_ONLY`` and other importers' options, the configured importer's options, each log's
+    split and the sample weights that are not 1.0."""
+    option_fields = {name for source in list_importers()
+                     for name in getattr(get_importer(source), "OPTIONS", {}).values()}
+    options = importer_options(cfg)
+    return {**{k: v for k, v in resolved(cfg.ingest).items() if k not in SELECTION_ONLY and k not in option_fields},
+            **({"importer_options": options} if options else {}), "splits": splits, "sample_weights": weights}
 
 
 def _sample_weights(home: Home, log_ids: list[str]) -> dict[str, float]:
@@ -342,6 +370,7 @@ def _sample_weights(home: Home, log_ids: list[str]) -> dict[str, float]:
 
 
 def _extract_and_write(cfg: PipelineConfig, staging: str, tasks: list[LogTask], rejected: list[dict],
+                       input_warnings: dict[str, list[str]],
                        assign: Callable[[list[str]], dict[str, str]], record: Artifact,
                        say: Callable[[str], None]) -> dict:
     from spark_jobs.spark import get_session
@@ -388,6 +417,7 @@ def _extract_and_write(cfg: PipelineConfig, staging: str, tasks: list[LogTask], 
         logs={s["log_id"]: {**{k: v for k, v in s.items() if k != "groups"}, "sha256": checksums[s["log_id"]]}
               for s in logs},
         quarantined=sorted(quarantined, key=lambda q: q["log_id"]),
+        input_warnings=input_warnings,
     )
     sealed = seal_dataset(staging, manifest)  # every file's checksum, and the manifest's for the registry
     elapsed = time.time() - started

@@ -3,9 +3,11 @@ city_SE3_egovehicle.feather, map/}``).
 
 One log per AV2 log (``av2-<log_id>``), one frame per LiDAR sweep in time order, with the dataset's own
 timestamps. Points and cuboids are in AV2's ego-vehicle frame (x forward, y left, z up; origin at the rear
-axle on the ground, not at the sensor). Per-point labels come from the annotated cuboids of the sweep
-(AV2's own ``num_interior_pts`` counts the same points); points outside every cuboid are ``ignore``.
-Only cuboids of object classes become boxes. A log handle is the log folder.
+axle on the ground, not at the sensor). Per-point labels come from the annotated cuboids of the sweep by
+one of two rules (``ingest.av2_box_rule``, see ``BOX_RULES``); points outside every cuboid are ``ignore``.
+Only cuboids of object classes become boxes (the same under both rules). A sweep without any annotation is left out of the log (never
+an all-ignore frame) and listed by ``unmatched_inputs``, as are annotations whose sweep is missing. A log
+handle is the log folder.
 """
 
 from __future__ import annotations
@@ -68,7 +70,18 @@ SPEED_WINDOW_NS = 100_000_000  # ego speed/acceleration from poses 0.1 s either 
 ANNOTATIONS = "annotations.feather"
 POSES = "city_SE3_egovehicle.feather"
 CUBOID_COLUMNS = ["timestamp_ns", "track_uuid", "category", "tx_m", "ty_m", "tz_m", "length_m", "width_m",
-                  "height_m", "qw", "qx", "qy", "qz"]
+                  "height_m", "qw", "qx", "qy", "qz", "num_interior_pts"]
+# How a sweep's cuboids label its points:
+#   exact  the cuboid interiors, faces included: exactly the points AV2's ``num_interior_pts`` counts.
+#          Where cuboids overlap, an object cuboid wins over a pole/ignore one, then the first in file order.
+#   flow   AV2's own scene-flow labels (av2-api ``av2.torch.structures.flow.Flow.from_sweep_pair``): only
+#          cuboids with num_interior_pts >= 1 (the av2 data loader's filter), length and width grown by
+#          ``FLOW_GROWTH_M`` (height unchanged), and where cuboids overlap the later one in file order wins,
+#          whatever its class (a later cone over a car makes the point ignore, as AV2's category does).
+BOX_RULES = ("exact", "flow")
+FLOW_GROWTH_M = 0.2
+# read_log keyword -> the IngestConfig field that sets it (ingest passes it to the Spark workers).
+OPTIONS = {"box_rule": "av2_box_rule"}
 
 
 def class_of(category: str) -> int:
@@ -121,6 +134,22 @@ def _map_file(handle: str) -> str:
     return maps[0]
 
 
+def unmatched_inputs(root: str) -> dict[str, list[str]]:
+    """Per annotated log under ``root``: sweeps without annotations (left out of the log) and annotation
+    timestamps without a sweep file. A log whose annotations cannot be read is reported by ``read_log``."""
+    problems: dict[str, list[str]] = {"sweeps_without_annotations": [], "annotations_without_sweep": []}
+    for handle in list_logs(root):
+        path = os.path.join(handle, ANNOTATIONS)
+        try:
+            annotated = set(read_feather(path, ["timestamp_ns"]).column(0).to_pylist())
+            sweeps = dict(_sweeps(handle))
+        except (OSError, ValueError):  # quarantined with the reason when the log is read
+            continue
+        problems["sweeps_without_annotations"] += [sweeps[t] for t in sorted(set(sweeps) - annotated)]
+        problems["annotations_without_sweep"] += [f"{path}: {t}" for t in sorted(annotated - set(sweeps))]
+    return {name: items for name, items in problems.items() if items}
+
+
 def source_files(handle: str) -> list[str]:
     """The files a log is made of (the ingest job checksums them)."""
     files = [path for _, path in _sweeps(handle)]
@@ -147,23 +176,30 @@ def read_metadata(handle: str) -> LogMeta:
                    start_time_ns=sweeps[0][0], software_version=SOFTWARE_VERSION, source=SOURCE)
 
 
-def read_log(handle: str) -> tuple[LogMeta, Iterator[Frame]]:
+def read_log(handle: str, box_rule: str = "exact") -> tuple[LogMeta, Iterator[Frame]]:
+    if box_rule not in BOX_RULES:
+        raise ValueError(f"Argoverse 2 box rule {box_rule!r} is not one of {', '.join(BOX_RULES)}")
     meta = read_metadata(handle)
-    return meta, _frames(meta, handle)
+    return meta, _frames(meta, handle, box_rule)
 
 
-def _frames(meta: LogMeta, handle: str) -> Iterator[Frame]:
-    cuboids = feather.read_table(os.path.join(handle, ANNOTATIONS), columns=CUBOID_COLUMNS).to_pandas()
+def _frames(meta: LogMeta, handle: str, box_rule: str) -> Iterator[Frame]:
+    cuboids = read_feather(os.path.join(handle, ANNOTATIONS), CUBOID_COLUMNS).to_pandas()
     poses = read_poses(os.path.join(handle, POSES))
     # Track ids: index of the track uuid among the log's sorted uuids, so they are stable across frames.
     track_ids = {uuid: i for i, uuid in enumerate(sorted(cuboids["track_uuid"].unique()))}
     by_time = {t: group for t, group in cuboids.groupby("timestamp_ns", sort=False)}
     for index, (timestamp_ns, path) in enumerate(_sweeps(handle)):
+        if timestamp_ns not in by_time:  # not annotated: left out (unmatched_inputs reports it), index kept
+            continue
         points = read_sweep(path)
-        boxes, box_classes = cuboid_boxes(by_time.get(timestamp_ns, cuboids.iloc[:0]), track_ids)
-        owner = points_in_boxes(points[:, :3], boxes)
-        labels = np.full(len(points), IGNORE, np.uint8)
-        labels[owner >= 0] = box_classes[owner[owner >= 0]]
+        boxes, box_classes = cuboid_boxes(by_time[timestamp_ns], track_ids)
+        if box_rule == "flow":
+            labels = flow_labels(points[:, :3], by_time[timestamp_ns])
+        else:
+            owner = points_in_boxes(points[:, :3], boxes)
+            labels = np.full(len(points), IGNORE, np.uint8)
+            labels[owner >= 0] = box_classes[owner[owner >= 0]]
         objects = np.isin(box_classes, OBJECT_CLASS_IDS)
         yield Frame(log_id=meta.log_id, frame_index=index, timestamp_ns=timestamp_ns, points=points, labels=labels,
                     boxes=boxes[objects], ego=ego_state(poses, timestamp_ns))
@@ -171,12 +207,22 @@ def _frames(meta: LogMeta, handle: str) -> Iterator[Frame]:
 
 def read_sweep(path: str) -> np.ndarray:
     """(N, 4) float32 x, y, z (ego frame), intensity / 255; NaNs are kept for the quality checks."""
-    table = feather.read_table(path, columns=["x", "y", "z", "intensity"])
+    table = read_feather(path, ["x", "y", "z", "intensity"])
     points = np.empty((table.num_rows, 4), np.float32)
     for i, name in enumerate(("x", "y", "z")):
         points[:, i] = table.column(name).to_numpy()  # float16 -> float32 is exact
     points[:, 3] = table.column("intensity").to_numpy() / INTENSITY_SCALE
     return points
+
+
+def read_feather(path: str, columns: list[str]):
+    """The ``columns`` of an AV2 Feather file as a pyarrow table; an error naming the file otherwise
+    (pyarrow's own says "Not an Arrow file" without the path)."""
+    try:
+        return feather.read_table(path, columns=columns)
+    except (OSError, ValueError, KeyError) as exc:  # ArrowInvalid is a ValueError
+        raise ValueError(f"Argoverse 2 file {path}: not a readable Feather (Arrow IPC) file with columns "
+                         f"{', '.join(columns)}: truncated or corrupt? ({type(exc).__name__}: {exc})") from None
 
 
 def cuboid_boxes(cuboids, track_ids: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -192,9 +238,22 @@ def cuboid_boxes(cuboids, track_ids: dict[str, int]) -> tuple[np.ndarray, np.nda
     return boxes.astype(np.float32), classes
 
 
+def flow_labels(xyz: np.ndarray, cuboids) -> np.ndarray:
+    """Per-point taxonomy ids by AV2's scene-flow rule (``BOX_RULES``: flow) from one sweep's cuboids, in
+    the annotation file's order."""
+    labels = np.full(len(xyz), IGNORE, np.uint8)
+    seen = cuboids[cuboids["num_interior_pts"].to_numpy() >= 1]
+    yaw = yaw_of(*(seen[q].to_numpy(np.float64) for q in ("qw", "qx", "qy", "qz")))
+    sizes = seen[["length_m", "width_m", "height_m"]].to_numpy(np.float64) + [FLOW_GROWTH_M, FLOW_GROWTH_M, 0.0]
+    boxes = np.column_stack([seen[["tx_m", "ty_m", "tz_m"]].to_numpy(np.float64), sizes, yaw])
+    for box, category in zip(boxes, seen["category"]):
+        labels[points_in_boxes(xyz, box[None]) == 0] = class_of(category)  # later cuboids overwrite
+    return labels
+
+
 def read_poses(path: str) -> dict[str, np.ndarray]:
     """Ego poses in the city frame, sorted by time: ``t`` (ns), ``xyz`` (m), ``heading`` (rad)."""
-    table = feather.read_table(path, columns=["timestamp_ns", "qw", "qx", "qy", "qz", "tx_m", "ty_m", "tz_m"])
+    table = read_feather(path, ["timestamp_ns", "qw", "qx", "qy", "qz", "tx_m", "ty_m", "tz_m"])
     columns = {name: table.column(name).to_numpy() for name in table.column_names}
     order = np.argsort(columns["timestamp_ns"], kind="stable")
     return {"t": columns["timestamp_ns"][order],

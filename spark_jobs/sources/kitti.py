@@ -43,16 +43,32 @@ POINT_FIELDS = 4  # float32 x, y, z, reflectance
 
 
 # ----------------------------------------------------------------------------------------- listing
-def list_logs(root: str) -> list[str]:
-    """Velodyne files of every labelled sample under ``root`` (a split folder, or a folder holding
-    ``training/``); unlabelled splits (``testing/``) are not listed."""
+def _split_dir(root: str) -> str:
+    """The split folder (holding velodyne/ and label_2/) ``root`` is or holds as ``training/``."""
     split_dirs = [d for d in (root, os.path.join(root, "training"))
                   if os.path.isdir(os.path.join(d, "velodyne")) and os.path.isdir(os.path.join(d, "label_2"))]
     if not split_dirs:
         raise UserError(f"no KITTI object data at {root}: expected velodyne/ and label_2/ there or in "
                         f"{os.path.join(root, 'training')}")
-    velodyne = os.path.join(split_dirs[0], "velodyne")
+    return split_dirs[0]
+
+
+def list_logs(root: str) -> list[str]:
+    """Velodyne files of every sample under ``root`` (a split folder, or a folder holding ``training/``);
+    unlabelled splits (``testing/``) are not listed. A velodyne file without its label or calib file is
+    listed and quarantined by ingest, naming the missing file."""
+    velodyne = os.path.join(_split_dir(root), "velodyne")
     return sorted(os.path.join(velodyne, name) for name in os.listdir(velodyne) if name.endswith(".bin"))
+
+
+def unmatched_inputs(root: str) -> dict[str, list[str]]:
+    """Label files without their velodyne point cloud (not samples: there is nothing to label)."""
+    split_dir = _split_dir(root)
+    clouds = {_sample_name(name) for name in os.listdir(os.path.join(split_dir, "velodyne")) if name.endswith(".bin")}
+    labels = os.path.join(split_dir, "label_2")
+    orphans = sorted(os.path.join(labels, name) for name in os.listdir(labels)
+                     if name.endswith(".txt") and _sample_name(name) not in clouds)
+    return {"labels_without_points": orphans} if orphans else {}
 
 
 def sample_paths(handle: str) -> tuple[str, str, str]:
@@ -150,11 +166,12 @@ def read_label_file(path: str) -> list[tuple[str, np.ndarray]]:
 def boxes_in_lidar(objects: list[tuple[str, np.ndarray]], rect_to_velo: np.ndarray) -> np.ndarray:
     """Boxes (columns ``BOX_COLUMNS``) of the objects whose type maps to an object class.
 
-    A KITTI box is given by its bottom centre in the camera-rect frame (y points down), its size h, w, l
-    and ``ry``, the rotation about the camera's y axis (heading (cos ry, 0, -sin ry) in that frame).
-    The centre moves up by h/2 and both it and the heading go through the calibration; with the nominal
-    axes (velo x = rect z, velo y = -rect x) that gives yaw = -ry - pi/2, and the projection keeps the
-    calibration's small rotation offsets too. track_id is the box's index (one-frame logs: no tracks).
+    The convention of mmdetection3d and OpenPCDet (``boxes3d_kitti_camera_to_lidar`` in OpenPCDet's
+    ``pcdet/utils/box_utils.py``, ``CameraInstance3DBoxes.convert_to(Box3DMode.LIDAR)`` in mmdetection3d):
+    the label's bottom centre (camera-rect frame) goes through the calibration into the LiDAR frame and
+    is then raised by h/2 along LiDAR z; yaw = -ry - pi/2 and the size is (l, w, h). Raising the centre
+    in the camera frame instead would move it along the camera's vertical, which is tilted against LiDAR z,
+    and shift the box by about a centimetre. track_id is the box's index (one-frame logs: no tracks).
     """
     kept = [(CLASS_ID[LABEL_MAP.get(kind, "ignore")], values) for kind, values in objects
             if LABEL_MAP.get(kind, "ignore") in OBJECT_CLASSES]
@@ -162,11 +179,9 @@ def boxes_in_lidar(objects: list[tuple[str, np.ndarray]], rect_to_velo: np.ndarr
         return np.zeros((0, len(BOX_COLUMNS)), np.float32)
     class_ids = np.array([c for c, _ in kept], np.float64)
     h, w, l, x, y, z, ry = np.array([v for _, v in kept]).T
-    centres_rect = np.stack([x, y - h / 2, z, np.ones_like(x)])
-    centres = (rect_to_velo @ centres_rect)[:3].T
-    headings = rect_to_velo[:3, :3] @ np.stack([np.cos(ry), np.zeros_like(ry), -np.sin(ry)])
-    yaw = np.arctan2(headings[1], headings[0])
-    boxes = np.column_stack([centres, l, w, h, yaw, class_ids, np.arange(len(kept), dtype=np.float64)])
+    bottoms = (rect_to_velo @ np.stack([x, y, z, np.ones_like(x)]))[:3].T
+    centres = bottoms + np.column_stack([np.zeros_like(h), np.zeros_like(h), h / 2])
+    boxes = np.column_stack([centres, l, w, h, -ry - np.pi / 2, class_ids, np.arange(len(kept), dtype=np.float64)])
     return boxes.astype(np.float32)
 
 

@@ -735,4 +735,9 @@ _DECODERS = {POINTS_CHANNEL: _decode_points, BOXES_CHANNEL: _decode_boxes, POSE_
              ROUTE_CHANNEL: _json_decoder(ROUTE_FIELDS)}
 
 
+def unmatched_inputs(root: str) -> dict[str, list[str]]:
+    """An MCAP log is one self-contained file: nothing can be left unpaired."""
+    return {}
+
+
 register_importer(sys.modules[__name__])

@@ -7,6 +7,7 @@ An importer module describes itself once, at import time, like a model module do
     def list_logs(root): ...        # the log handles under a dataset root, sorted
     def source_files(handle): ...   # the files one log is read from (checksummed: a changed file is a new log)
     def read_metadata(handle): ...  # the log's LogMeta, cheaply (ingest selects logs by date with it)
+    def unmatched_inputs(root): ... # {problem: [what]} for files under root that cannot be paired up
     def read_log(handle): ...       # (LogMeta, iterator of Frames)
 
     register_importer(sys.modules[__name__])
@@ -25,8 +26,9 @@ from types import ModuleType
 from typing import Iterator, Protocol, runtime_checkable
 
 from pipeline.frames import Frame, LogMeta
+from pipeline.taxonomy import CLASSES, IGNORE
 
-__all__ = ["Importer", "register_importer", "get_importer", "list_importers"]
+__all__ = ["Importer", "register_importer", "get_importer", "list_importers", "labelled_classes"]
 
 
 @runtime_checkable
@@ -47,6 +49,11 @@ class Importer(Protocol):
 
     def read_log(self, handle: str) -> tuple[LogMeta, Iterator[Frame]]:
         """The log's metadata and its frames in frame order (lazily decoded)."""
+
+    def unmatched_inputs(self, root: str) -> dict[str, list[str]]:
+        """Inputs under ``root`` that are left out because their other half is missing (a label file
+        without its point cloud, ...): problem name -> the files (or file: item) concerned. Ingest prints
+        a warning line per problem and records the lists in the dataset's manifest (``input_warnings``)."""
 
 
 _IMPORTERS: dict[str, ModuleType] = {}
@@ -100,3 +107,15 @@ def get_importer(source: str) -> ModuleType:
         return _IMPORTERS[source]
     except (KeyError, TypeError):
         raise ValueError(f"unknown source {source!r}; registered importers: {', '.join(sorted(_IMPORTERS))}") from None
+
+
+def labelled_classes(source: str) -> list[str]:
+    """The taxonomy classes (not ignore, in taxonomy order) a source can label: the values of its importer's
+    ``LABEL_MAP`` (source label -> class); an importer without one writes taxonomy labels as they are (mcap),
+    and so does a source no importer is registered for (datasets written directly, as the tests do): every
+    class. Validation requires and bounds these, not classes the source cannot have."""
+    if source not in list_importers():
+        return [name for i, name in enumerate(CLASSES) if i != IGNORE]
+    label_map = getattr(get_importer(source), "LABEL_MAP", None)
+    names = set(label_map.values()) if label_map is not None else set(CLASSES)
+    return [name for i, name in enumerate(CLASSES) if i != IGNORE and name in names]

@@ -115,6 +115,17 @@ def _scans(handle: str) -> list[tuple[int, str, str]]:
             for n in names]
 
 
+def unmatched_inputs(root: str) -> dict[str, list[str]]:
+    """``.label`` files without their velodyne ``.bin`` scan, in every labelled sequence under ``root``."""
+    orphans = []
+    for handle in list_logs(root):
+        scans = {os.path.splitext(n)[0] for n in os.listdir(os.path.join(handle, "velodyne")) if n.endswith(".bin")}
+        labels = os.path.join(handle, "labels")
+        orphans += sorted(os.path.join(labels, n) for n in os.listdir(labels)
+                          if n.endswith(".label") and os.path.splitext(n)[0] not in scans)
+    return {"labels_without_points": orphans} if orphans else {}
+
+
 def source_files(handle: str) -> list[str]:
     """The files a log is made of (the ingest job checksums them)."""
     return [p for _, *paths in _scans(handle) for p in paths if os.path.isfile(p)]

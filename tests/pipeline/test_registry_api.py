@@ -188,7 +188,7 @@ def test_errors_are_404_409_422_401_403_503_never_500(api, world):
     v3 = world.models[2]
     assert status("GET", "/api/artifacts/model:segnet@v9") == 404
     assert status("GET", "/api/artifacts/99999") == 404
-    assert status("GET", "/api/artifacts/99999999999999999999999") == 422  # beyond the database's integers
+    assert status("GET", "/api/artifacts/99999999999999999999999") == 404  # beyond the database's integers: none
     assert status("GET", "/api/artifacts/widget:segnet@v1") == 404  # unknown kind
     assert status("GET", "/api/artifacts/model:segnet@v1/lineage", params={"direction": "sideways"}) == 422
     assert status("GET", "/api/promotions/perception/nothing") == 404

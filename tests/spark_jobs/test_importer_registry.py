@@ -47,6 +47,10 @@ def read_log(handle: str) -> tuple[LogMeta, typing.Iterator[Frame]]:
     return meta, (toy_frame(meta, spec["seed"], i) for i in range(spec["frames"]))
 
 
+def unmatched_inputs(root: str) -> dict[str, list[str]]:
+    return {}
+
+
 def toy_frame(meta: LogMeta, seed: int, index: int) -> Frame:
     rng = np.random.default_rng([seed, index])
     points = rng.uniform(-20, 20, (300, 4)).astype(np.float32)
@@ -83,7 +87,7 @@ def scratch_registry(monkeypatch):
 def fake_module(name: str, source: str, **skip: bool) -> types.ModuleType:
     module = types.ModuleType(name)
     module.SOURCE = source
-    for member in ("list_logs", "source_files", "read_metadata", "read_log"):
+    for member in ("list_logs", "source_files", "read_metadata", "read_log", "unmatched_inputs"):
         if not skip.get(member):
             setattr(module, member, lambda *_args: None)
     return module
