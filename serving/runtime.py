@@ -1,23 +1,32 @@
-"""Loading a verified package and running it on one point cloud at a time.
+"""Loading a verified package and running it on point clouds.
 
 ``load(path)`` accepts a package folder or its ``.tar.gz``. Nothing in the package is deserialised
 before ``verify_package`` has passed; the TorchScript file is then loaded from the very bytes whose
 checksum was checked (so a file swapped between the check and the load is caught too), and nothing
-is ever unpickled (``metadata.json`` is JSON, the example files are raw arrays).
+is ever unpickled (``metadata.json`` is JSON, the example files are raw arrays). ``metadata.json`` is
+checked against the schema the runtime relies on (``check_metadata``: every field it reads, the example
+files' sizes, ``input.max_points`` under ``MAX_POINTS_CAP``) before anything else is loaded.
+
+``runtime="auto"`` picks the fastest runtime the package verified (``choose_runtimes``: its recorded
+p50 latency, among the runtimes whose agreement check with eager passed) that also passes the
+packaged example on this host; ``torchscript``, ``pt2`` and ``onnx`` name one.
 
 ``ServingModel.predict(points)`` takes ``(N, 4)`` float32 (x, y, z, intensity) and returns the class of
 every point. Bad input raises ``InvalidInput`` with a message a client can act on; the HTTP server
-turns it into a 4xx.
+turns it into a 4xx. ``replicas`` loads the runtime that many times, so that many forwards can run at
+once (one per inference worker of the HTTP server).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import queue
 import shutil
 import tempfile
-import threading
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -34,7 +43,17 @@ from serving.package import (
     verify_package,
 )
 
-RUNTIMES = ("torchscript", "pt2")
+RUNTIMES = ("torchscript", "pt2", "onnx")
+AUTO = "auto"
+# Runtimes whose program takes a padded batch of clouds (points [B, N, 4], valid [B, N]); model.pt2 is
+# exported for batch 1.
+BATCHED_RUNTIMES = ("torchscript",)
+# The most points a package may declare in input.max_points (and so the most a server could be asked to
+# buffer per request); a package declaring more is refused on load.
+MAX_POINTS_CAP = 5_000_000
+# Labels are sent as uint8.
+MAX_CLASSES = 255
+log = logging.getLogger(__name__)
 
 
 class InvalidInput(ValueError):
@@ -46,21 +65,26 @@ class InvalidInput(ValueError):
 
 
 class ServingModel:
-    """A verified package, ready to predict. Safe to share between threads (see ``predict``)."""
+    """A verified package, ready to predict. Safe to share between threads (see ``forward``)."""
 
-    def __init__(self, folder: str, metadata: PackageMetadata, forward: Any, runtime: str,
-                 manifest_sha256: str, cleanup_dir: str | None = None):
+    def __init__(self, folder: str, metadata: PackageMetadata, forwards: Sequence[Any], runtime: str,
+                 manifest_sha256: str, cleanup_dir: str | None = None, choice: dict[str, Any] | None = None):
         self.folder = folder
         self.metadata = metadata
         self.runtime = runtime
         self.manifest_sha256 = manifest_sha256
         self.max_points = int(metadata.input["max_points"])
         self.num_classes = int(metadata.example["num_classes"])
-        self._forward = forward
-        # One forward at a time: torch already spreads one forward over every core (intra-op threads),
-        # so concurrent forwards would only oversubscribe them, and the lock keeps thread safety
-        # independent of the runtime (TorchScript or an AOTInductor runner with a single model slot).
-        self._lock = threading.Lock()
+        self.replicas = len(forwards)
+        self.batched = runtime in BATCHED_RUNTIMES
+        # How the runtime was picked (runtime="auto": the candidates tried, fastest first, and why any was passed over).
+        self.runtime_choice = choice or {"runtime": runtime, "how": "asked for"}
+        # One forward per loaded replica, each used by one caller at a time: a TorchScript module or an
+        # AOTInductor runner with a single model slot is not documented as safe to call concurrently, and
+        # torch already spreads one forward over every core (intra-op threads), so by default there is one.
+        self._forwards: queue.SimpleQueue = queue.SimpleQueue()
+        for forward in forwards:
+            self._forwards.put(forward)
         self._cleanup_dir = cleanup_dir
 
     def __repr__(self) -> str:
@@ -92,18 +116,39 @@ class ServingModel:
                                f"{array[first].tolist()}); every value must be finite")
         return array
 
-    def predict_logits(self, points: Any) -> np.ndarray:
-        """Logits ``(N, K)`` float32 for one point cloud."""
+    def forward(self, points: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Logits ``[B, N, K]`` of checked ``points [B, N, 4]`` float32 and ``valid [B, N]`` bool, on a free
+        replica (waiting for one when every replica is busy)."""
         import torch
 
+        forward = self._forwards.get()
+        try:
+            with torch.inference_mode():
+                logits = forward(torch.from_numpy(points), torch.from_numpy(valid))
+        finally:
+            self._forwards.put(forward)
+        return logits.numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
+
+    def predict_logits(self, points: Any) -> np.ndarray:
+        """Logits ``(N, K)`` float32 for one point cloud."""
         array = self.check_points(points)
         if len(array) == 0:
             return np.zeros((0, self.num_classes), dtype=np.float32)
-        tensor = torch.from_numpy(array).unsqueeze(0)
-        valid = torch.ones(tensor.shape[:2], dtype=torch.bool)
-        with self._lock, torch.inference_mode():
-            logits = self._forward(tensor, valid)
-        return logits[0].numpy().copy()
+        return self.forward(array[None], np.ones((1, len(array)), dtype=bool))[0]
+
+    def predict_batch(self, clouds: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Logits of several checked, non-empty clouds: one forward over the padded batch (padding marked
+        invalid, which the model ignores) when the runtime takes batches, else one forward each."""
+        if len(clouds) == 1 or not self.batched:
+            return [self.forward(c[None], np.ones((1, len(c)), dtype=bool))[0] for c in clouds]
+        longest = max(len(c) for c in clouds)
+        points = np.zeros((len(clouds), longest, 4), dtype=np.float32)
+        valid = np.zeros((len(clouds), longest), dtype=bool)
+        for i, cloud in enumerate(clouds):
+            points[i, :len(cloud)] = cloud
+            valid[i, :len(cloud)] = True
+        logits = self.forward(points, valid)
+        return [logits[i, :len(c)] for i, c in enumerate(clouds)]
 
     def predict(self, points: Any) -> np.ndarray:
         """The class id ``(N,)`` int64 of every point (see ``metadata.class_map``)."""
@@ -123,18 +168,19 @@ class ServingModel:
         return points, classes
 
     def self_check(self, runs: int = 2) -> dict[str, Any]:
-        """Run the packaged example ``runs`` times (this also warms the runtime up: TorchScript optimises
-        during its first calls) and compare with the expected logits; ``PackageError`` if they disagree."""
+        """Run the packaged example ``runs`` times on every replica (this also warms the runtime up:
+        TorchScript optimises during its first calls) and compare with the expected logits; ``PackageError``
+        if they disagree."""
         points, _classes = self.example()
         spec = self.metadata.example["expected_logits"]
         expected = np.fromfile(os.path.join(self.folder, spec["file"]), dtype="<f4").reshape(spec["shape"])
-        for _ in range(max(1, runs)):
+        for _ in range(max(1, runs) * self.replicas):
             logits = self.predict_logits(points)
-        result = compare_logits(expected, logits)
-        if not result["agrees"]:
-            raise PackageError(f"{spec['file']}: the {self.runtime} runtime on this host gives logits "
-                               f"{result['max_abs_diff']:.3g} away from the packaged ones (tolerance "
-                               f"{result['tolerance']:.3g}; {result['real_mismatches']} points change class)")
+            result = compare_logits(expected, logits)
+            if not result["agrees"]:
+                raise PackageError(f"{spec['file']}: the {self.runtime} runtime on this host gives logits "
+                                   f"{result['max_abs_diff']:.3g} away from the packaged ones (tolerance "
+                                   f"{result['tolerance']:.3g}; {result['real_mismatches']} points change class)")
         return result
 
     def close(self) -> None:
@@ -150,15 +196,108 @@ class ServingModel:
         self.close()
 
 
-def load(path: str, runtime: str = "torchscript", expected_manifest_sha256: str | None = None) -> ServingModel:
+def labels(logits: np.ndarray) -> np.ndarray:
+    """The class of every point as uint8 (what the HTTP server sends; ``check_metadata`` caps the classes)."""
+    return logits.argmax(-1).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------- metadata schema
+# Every metadata.json field the runtime and the HTTP server read, with its type: checked on load, so a
+# malformed file is a PackageError naming the field rather than a KeyError somewhere later.
+METADATA_FIELDS: tuple[tuple[str, type], ...] = (
+    ("package.ref", str), ("package.version", int), ("model.ref", str), ("input.max_points", int),
+    ("example.num_classes", int), ("runtimes.pt2.format", str),
+    *((f"example.{part}.{key}", kind) for part in ("input", "expected_classes", "expected_logits")
+      for key, kind in (("file", str), ("shape", list))),
+)
+# The example files: metadata.json key, item size in bytes, the shape they must have (N points, K classes).
+EXAMPLE_FILES = (("input", 4, ("N", 4)), ("expected_classes", 8, ("N",)), ("expected_logits", 4, ("N", "K")))
+
+
+def metadata_field(data: dict[str, Any], path: str, kind: type) -> Any:
+    """``data[a][b]...`` for ``path`` ``a.b...``, of type ``kind``; ``PackageError`` naming the field."""
+    value: Any = data
+    for depth, key in enumerate(path.split(".")):
+        if not isinstance(value, dict) or key not in value:
+            where = ".".join(path.split(".")[:depth]) or "the top level"
+            raise PackageError(f"{METADATA}: field {path!r} is missing ({where} has no {key!r})")
+        value = value[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise PackageError(f"{METADATA}: field {path!r} should be {kind.__name__}, found {type(value).__name__} "
+                           f"{str(value)[:60]!r}")
+    return value
+
+
+def check_metadata(metadata: PackageMetadata, folder: str, files: dict[str, str],
+                   max_points_cap: int = MAX_POINTS_CAP) -> None:
+    """``PackageError`` unless ``metadata.json`` has every field the runtime reads, with sane values, and the
+    example files it describes have the sizes their shapes give."""
+    data = metadata.to_dict()
+    for path, kind in METADATA_FIELDS:
+        metadata_field(data, path, kind)
+    max_points = metadata.input["max_points"]
+    if not 2 <= max_points <= max_points_cap:
+        raise PackageError(f"{METADATA}: field 'input.max_points' is {max_points}; this server accepts packages "
+                           f"declaring 2 to {max_points_cap} points")
+    num_classes = metadata.example["num_classes"]
+    if not 1 <= num_classes <= MAX_CLASSES:
+        raise PackageError(f"{METADATA}: field 'example.num_classes' is {num_classes}; expected 1 to {MAX_CLASSES}")
+    sizes = {"K": num_classes}
+    for part, itemsize, dims in EXAMPLE_FILES:
+        spec = metadata.example[part]
+        shape = spec["shape"]
+        if len(shape) != len(dims) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                                              for n in shape):
+            raise PackageError(f"{METADATA}: field 'example.{part}.shape' is {str(shape)[:60]}; expected "
+                               f"{list(dims)} with positive integers")
+        for dim, n in zip(dims, shape):
+            expected = dim if isinstance(dim, int) else sizes.setdefault(dim, n)
+            if n != expected:
+                raise PackageError(f"{METADATA}: field 'example.{part}.shape' is {shape}; dimension {dim} should be "
+                                   f"{expected} like the other example files")
+        name = spec["file"]
+        if name not in files:
+            raise PackageError(f"{METADATA}: field 'example.{part}.file' names {name[:80]!r}, not a file of the package")
+        size = os.path.getsize(os.path.join(folder, *name.split("/")))
+        if size != math.prod(shape) * itemsize:
+            raise PackageError(f"{name}: {size} bytes, but example.{part}.shape {shape} in {METADATA} needs "
+                               f"{math.prod(shape) * itemsize} (truncated or padded)")
+
+
+# ----------------------------------------------------------------------------------------- loading
+def _verified(metadata: PackageMetadata, runtime: str) -> bool:
+    """Whether packaging checked ``runtime`` against eager on the example and it agreed."""
+    if runtime == "onnx":
+        onnx = metadata.runtimes.get("onnx")
+        return isinstance(onnx, dict) and bool(onnx.get("file")) and bool((onnx.get("check") or {}).get("agrees"))
+    agreement = metadata.agreement.get(f"{runtime}_vs_eager")
+    return isinstance(agreement, dict) and bool(agreement.get("agrees"))
+
+
+def choose_runtimes(metadata: PackageMetadata, batched: bool = False) -> list[str]:
+    """The runtimes ``load(runtime="auto")`` tries, in order: those the package verified against eager,
+    fastest first by the p50 latency it recorded on the example (``batched``: only those taking a padded
+    batch). This one function decides the default runtime."""
+    ranked = []
+    for order, name in enumerate(RUNTIMES):
+        if _verified(metadata, name) and (name in BATCHED_RUNTIMES or not batched):
+            p50 = (metadata.performance.get(f"{name}_latency_ms") or {}).get("p50")
+            ranked.append((p50 if isinstance(p50, (int, float)) else math.inf, order, name))
+    return [name for *_, name in sorted(ranked)]
+
+
+def load(path: str, runtime: str = "torchscript", expected_manifest_sha256: str | None = None, replicas: int = 1,
+         batched: bool = False) -> ServingModel:
     """Verify and load a package folder or ``.tar.gz``; ``PackageError`` names the file when it is refused.
 
-    ``runtime`` picks ``model.ts`` (TorchScript, the default, what the C++ consumer runs) or ``model.pt2``
-    (AOTInductor, or the ExportedProgram fallback). ``expected_manifest_sha256`` (the registry's record)
-    additionally pins the exact manifest.
+    ``runtime`` picks ``model.ts`` (TorchScript, the default, what the C++ consumer runs), ``model.pt2``
+    (AOTInductor, or the ExportedProgram fallback), ``model.onnx`` (onnxruntime) or ``auto``: the fastest
+    the package verified that also passes the packaged example here (``choose_runtimes``; ``batched``
+    restricts it to runtimes taking padded batches). ``expected_manifest_sha256`` (the registry's record)
+    additionally pins the exact manifest. ``replicas`` forwards can run at once.
     """
-    if runtime not in RUNTIMES:
-        raise PackageError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if runtime not in (*RUNTIMES, AUTO):
+        raise PackageError(f"unknown runtime {runtime!r}; choose one of {', '.join((*RUNTIMES, AUTO))}")
     path = os.path.abspath(os.path.expanduser(str(path)))
     cleanup = None
     if os.path.isfile(path) and path.endswith((".tar.gz", ".tgz")):
@@ -181,14 +320,43 @@ def load(path: str, runtime: str = "torchscript", expected_manifest_sha256: str 
             metadata = PackageMetadata.parse(read_verified(folder, METADATA, files), METADATA)
         except ContractError as exc:
             raise PackageError(str(exc)) from None
+        except RecursionError:
+            raise PackageError(f"{METADATA}: nested too deeply to be package metadata") from None
         if metadata.format != FORMAT:
             raise PackageError(f"{METADATA}: format is {metadata.format!r}, not an avp serving package")
-        forward = _load_runtime(folder, files, metadata, runtime)
+        check_metadata(metadata, folder, files)
+        if runtime == AUTO:
+            runtime, choice = _pick_fastest(folder, files, metadata, verified["manifest_sha256"], batched)
+        else:
+            choice = {"runtime": runtime, "how": "asked for"}
+        forwards = [_load_runtime(folder, files, metadata, runtime) for _ in range(max(1, replicas))]
     except BaseException:
         if cleanup:
             shutil.rmtree(cleanup, ignore_errors=True)
         raise
-    return ServingModel(folder, metadata, forward, runtime, verified["manifest_sha256"], cleanup)
+    return ServingModel(folder, metadata, forwards, runtime, verified["manifest_sha256"], cleanup, choice)
+
+
+def _pick_fastest(folder: str, files: dict[str, str], metadata: PackageMetadata, manifest_sha256: str,
+                  batched: bool) -> tuple[str, dict[str, Any]]:
+    """The first of ``choose_runtimes`` that loads and passes the packaged example on this host, and a
+    record of the choice (for /metadata)."""
+    candidates = choose_runtimes(metadata, batched)
+    passed_over: dict[str, str] = {}
+    for name in candidates:
+        try:
+            trial = ServingModel(folder, metadata, [_load_runtime(folder, files, metadata, name)], name, manifest_sha256)
+            trial.self_check(runs=1)
+        except Exception as exc:  # noqa: BLE001 - a runtime that fails here is passed over, with the reason
+            passed_over[name] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+            log.warning("runtime %s passed over: %s", name, passed_over[name])
+            continue
+        latency = {n: (metadata.performance.get(f"{n}_latency_ms") or {}).get("p50") for n in candidates}
+        return name, {"runtime": name, "how": "auto: the fastest runtime verified by the package that passed "
+                      "the packaged example on this host", "candidates": candidates,
+                      "recorded_p50_ms": latency, "passed_over": passed_over}
+    raise PackageError(f"{METADATA}: no runtime passed the packaged example on this host "
+                       f"(tried {', '.join(candidates) or 'none'}: {passed_over})")
 
 
 def _load_runtime(folder: str, files: dict[str, str], metadata: PackageMetadata, runtime: str) -> Any:
@@ -201,6 +369,14 @@ def _load_runtime(folder: str, files: dict[str, str], metadata: PackageMetadata,
             return artifacts.load_torchscript(data)
         except RuntimeError as exc:
             raise PackageError(f"{TORCHSCRIPT}: TorchScript could not load it ({str(exc).splitlines()[0]})") from None
+    if runtime == "onnx":
+        from serving.onnx_export import load_onnx
+
+        onnx = metadata.runtimes.get("onnx") or {}
+        if not _verified(metadata, "onnx"):
+            raise PackageError(f"{METADATA}: the package has no verified model.onnx "
+                               f"({onnx.get('error') or 'not exported'})")
+        return load_onnx(read_verified(folder, onnx["file"], files), onnx["file"])
     pt2_format = metadata.runtimes["pt2"]["format"]
     # AOTInductor loads the package from a path (it extracts a shared library); the manifest check just
     # passed, and the read below re-checks the bytes right before handing the path over.
