@@ -589,7 +589,7 @@ class ProductionWatcher:
         if self.metrics:
             self.metrics.swaps.inc()
             self.metrics.set_serving(model, promotion.label)
-        log.warning("production %s: swapped %s -> %s (%s, self-check max |logit diff| %.2g)", promotion.label,
+        log.info("production %s: swapped %s -> %s (%s, self-check max |logit diff| %.2g)", promotion.label,
                     old.ref, model.ref, model.runtime, check["max_abs_diff"])
         return "swapped"
 
@@ -671,6 +671,12 @@ def serve(cfg: Any, package: str | None = None, production: str | None = None, h
 
     s = cfg.serve
     check_settings(s)
+    if not log.handlers:  # the server's own notices (swaps, dropped connections) beside uvicorn's
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     avp: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     if bool(package) == bool(production):
         raise UserError("serve-http needs exactly one of --package PATH|REF (one fixed package) or "
                         "--production NAMESPACE/NAME (follow the production alias)")
