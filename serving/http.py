@@ -656,8 +656,6 @@ def check_settings(s: Any) -> None:
         value = getattr(s, field)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= minimum):
             raise UserError(f"config field serve.{field}: {value} must be at least {minimum}")
-    if not 0 <= s.port <= 65535:
-        raise UserError(f"config field serve.port: {s.port} is not a TCP port (0 to 65535)")
 
 
 def serve(cfg: Any, package: str | None = None, production: str | None = None, host: str | None = None,

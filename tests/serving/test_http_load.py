@@ -270,3 +270,27 @@ def test_a_truncated_example_file_is_a_package_error_naming_it(package_copy):
     rewrite(package_copy, "expected_logits.bin", lambda data: data[:-4])
     with pytest.raises(PackageError, match=r"^expected_logits.bin: \d+ bytes, but example.expected_logits.shape"):
         load(package_copy)
+
+
+# ----------------------------------------------------------------------------------------- settings
+@pytest.mark.parametrize("setting, value", [("queue_size", 0), ("workers", 0), ("deadline_ms", -1),
+                                            ("header_timeout_s", float("nan")), ("max_connections", 0)])
+def test_server_settings_that_cannot_work_are_refused_before_loading(served, setting, value):
+    from pipeline.errors import UserError
+    from serving.http import serve
+    from tests.serving.conftest import serve_config
+
+    cfg = serve_config(served[0].home, **{setting: value})
+    with pytest.raises(UserError, match=f"config field serve.{setting}: "):
+        serve(cfg, package=served[3]["location"], say=lambda m: None)
+
+
+def test_serve_http_needs_exactly_one_target(served):
+    from pipeline.errors import UserError
+    from serving.http import serve
+
+    for targets in ({}, {"package": served[3]["location"], "production": "perception/bev_segnet"}):
+        with pytest.raises(UserError, match="exactly one of --package"):
+            serve(served[0], say=lambda m: None, **targets)
+    with pytest.raises(UserError, match="expected NAMESPACE/NAME"):
+        serve(served[0], production="../x", say=lambda m: None)
