@@ -282,7 +282,7 @@ class InferencePool:
             except queue.Empty:
                 break
             if job is self._STOP:
-                self._queue.put(job)  # for the next worker
+                self._queue.put(job)  # this worker's own mark: it stops after this batch
                 break
             batch.append(job)
         return batch
@@ -314,8 +314,9 @@ class InferencePool:
                     j.finish(logits)
 
     def close(self) -> None:
-        """Let the workers finish what is queued, then stop them."""
-        self._queue.put(self._STOP)
+        """Let the workers finish what is queued, then stop them (one stop mark each)."""
+        for _ in self._threads:
+            self._queue.put(self._STOP)
         for thread in self._threads:
             thread.join(timeout=60)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 import warnings
 
 import httpx
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import ServeConfig
-from serving.http import create_app, json_depth, public_metadata
+from serving.http import InferencePool, Metrics, create_app, json_depth, public_metadata
 from serving.package import METADATA, PackageError, synthetic_scan, write_manifest
 from serving.runtime import RUNTIMES, choose_runtimes, load
 
@@ -138,6 +139,20 @@ def test_a_request_past_its_deadline_is_504(package):
         response = client.post("/v1/segment", **binary(cloud(3, 3000)))
         assert response.status_code == 504 and "deadline of 1 ms" in response.json()["detail"]
         assert client.get("/healthz").status_code == 200
+
+
+def test_closing_the_pool_finishes_queued_work_and_stops_every_worker(package):
+    pool = InferencePool(workers=3, queue_size=8, max_batch=2, max_batch_wait_ms=1.0, metrics=Metrics())
+    clouds = [cloud(50 + i, 64) for i in range(5)]
+
+    async def main() -> list[np.ndarray]:
+        deadline = time.monotonic() + 600
+        return await asyncio.gather(*[pool.infer(package, c, deadline) for c in clouds])
+
+    answers = asyncio.run(main())
+    pool.close()
+    assert not any(thread.is_alive() for thread in pool._threads)
+    assert [a.argmax(-1).tolist() for a in answers] == [package.predict(c).tolist() for c in clouds]
 
 
 def test_dynamic_batching_answers_each_request_with_its_own_cloud(package):
