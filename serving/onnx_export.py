@@ -105,6 +105,10 @@ def load_onnx(data: bytes, name: str) -> Callable[[Any, Any], Any]:
     options.log_severity_level = 3  # errors only
     threads = torch.get_num_threads()  # follow torch's intra-op setting (serve.threads)
     options.intra_op_num_threads = threads
+    # onnxruntime's threads otherwise spin for a while after each run, taking the cores from whatever runs
+    # next (another runtime being timed, another inference worker): measured here, TorchScript run right
+    # after an onnxruntime call took 4x longer with spinning on.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
