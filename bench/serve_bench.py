@@ -1,16 +1,19 @@
-"""Serving benchmark, in one run on one package: in-process inference against the HTTP server (latency
-p50/p99 and requests/s with 1 and 4 concurrent clients, binary and JSON bodies), and the C++ LibTorch
-consumer against Python on the same model, runtime and cloud (TorchScript and AOTInductor), and every
-runtime the package carries side by side (``print_variant_rows``: GFLOP/s against a matmul peak of the
-same run, the package's default runtime - the evaluation's chosen variant - marked).
+"""Serving benchmark, in one run on one package: in-process forward of every runtime the package carries,
+the C++ LibTorch consumer, and the HTTP server (binary with 1 client; 4 clients with one worker, one
+worker per core, and dynamic batching; JSON), then a soak at a fixed request rate (p50/p99, errors, the
+server's RSS at the start and the end), and every runtime the package carries side by side
+(``print_variant_rows``: GFLOP/s against a matmul peak of the same run, the package's default runtime - the
+evaluation's chosen variant - marked).
 
     .venv/bin/python -m bench.serve_bench [--requests 40] [--points 20000] [--small] [--threads 0]
-                                          [--package PATH] [--no-cpp]
+                                          [--package PATH] [--no-cpp] [--soak-s 60] [--soak-rate 0]
 
 Without ``--package`` it registers the default ``bev_segnet`` (seeded weights: latency does not depend
-on training), blesses it and runs the real serve stage (AOTInductor included) in a temporary home.
-Everything runs on this host over loopback (127.0.0.1); the number of requests is bounded. Prints
-markdown table rows. The host is shared: the load average before and after is printed with the figures.
+on training), blesses it and runs the real serve stage (AOTInductor and ONNX included) in a temporary
+home. Everything runs on this host over loopback (127.0.0.1); the number of requests is bounded. The
+server runs its default runtime (the fastest the package verified); ``--soak-rate 0`` soaks at half of
+what one client achieved. Prints markdown table rows. The host is shared: the load average before and
+after is printed with the figures.
 """
 
 from __future__ import annotations
@@ -85,17 +88,20 @@ def timed(fn, count: int, clients: int) -> tuple[float, float, float]:
     return stats(latencies, time.perf_counter() - started)
 
 
-def start_server(folder: str, home: str, threads: int) -> tuple[subprocess.Popen, str]:
-    """``avp serve-http`` on a free loopback port; waits (bounded) until /healthz answers."""
+def start_server(folder: str, home: str, threads: int, **settings) -> tuple[subprocess.Popen, str]:
+    """``avp serve-http`` on a free loopback port with ``serve.K=V`` settings; waits (bounded) until
+    /healthz answers."""
     import httpx
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("AVP_")}
     env.update(AVP_HOME=home, AVP_SERVE__THREADS=str(threads))
+    sets = [arg for key, value in settings.items() for arg in ("--set", f"serve.{key}={value}")]
     proc = subprocess.Popen([str(Path(sys.executable).parent / "avp"), "serve-http", "--package", folder,
-                             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--port", str(port), *sets], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"avp serve-http exited with {proc.returncode}")
@@ -105,7 +111,37 @@ def start_server(folder: str, home: str, threads: int) -> tuple[subprocess.Popen
         except httpx.HTTPError:
             time.sleep(0.3)
     proc.kill()
-    raise RuntimeError("the server did not become healthy in 120 s")
+    raise RuntimeError("the server did not become healthy in 180 s")
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of process ``pid`` in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def soak(send, duration_s: float, rate: float) -> tuple[list[float], int]:
+    """Requests at a fixed rate (open loop: each starts on its schedule, whether or not the previous one
+    has finished) for ``duration_s``; (latencies ms of the successful ones, errors)."""
+    latencies: list[float] = []
+    errors = [0]
+
+    def one() -> None:
+        started = time.perf_counter()
+        try:
+            send()
+            latencies.append((time.perf_counter() - started) * 1000.0)
+        except Exception:  # noqa: BLE001 - counted: the soak reports errors rather than stopping
+            errors[0] += 1
+
+    began = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for i in range(int(duration_s * rate)):
+            time.sleep(max(0.0, began + i / rate - time.perf_counter()))
+            pool.submit(one)
+    return latencies, errors[0]
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -180,12 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true", help="a 128 x 128-cell grid instead of 256 x 256")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--no-cpp", action="store_true", help="skip the C++ consumer")
+    parser.add_argument("--soak-s", type=float, default=60.0, help="length of the fixed-rate soak (0: none)")
+    parser.add_argument("--soak-rate", type=float, default=0.0,
+                        help="requests/s of the soak (0: half the 1-client HTTP rate)")
     args = parser.parse_args(argv)
 
     import httpx
     import torch
 
-    from serving.runtime import load
+    from serving.runtime import RUNTIMES, load
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -193,24 +232,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         folder = args.package or build_package(home, args.points, args.small)
         load_before = os.getloadavg()[0]
-        ts_model, pt2_model = load(folder, runtime="torchscript"), load(folder, runtime="pt2")
-        points, expected = ts_model.example()
-        assert np.array_equal(ts_model.predict(points), expected)
+        default = load(folder, runtime="auto")
+        points, expected = default.example()
+        assert np.array_equal(default.predict(points), expected)
         n = len(points)
-        meta = ts_model.metadata
-        print(f"<!-- {meta['package']['ref']} of {meta['model']['ref']}: {n} points, {torch.get_num_threads()} "
-              f"torch threads, {os.cpu_count()} cores, load average {load_before:.1f} -->")
+        meta = default.metadata
+        print(f"<!-- {meta.package['ref']} of {meta.model['ref']}: {n} points, {torch.get_num_threads()} "
+              f"torch threads, {os.cpu_count()} cores, load average {load_before:.1f}; default runtime "
+              f"{default.runtime} (recorded p50 {default.runtime_choice.get('recorded_p50_ms')}) -->")
         rows: list[tuple[str, int, int, float, float, float]] = []
 
-        # In-process: raw forward (what C++ times) and predict() (with input checks, as the server uses it).
+        # In-process: the raw forward of each runtime (what C++ times), then predict() (with input checks).
         tensor = torch.from_numpy(points).unsqueeze(0)
         valid = torch.ones(tensor.shape[:2], dtype=torch.bool)
-        for name, model in (("Python forward, TorchScript", ts_model), ("Python forward, AOTInductor .pt2", pt2_model)):
-            forward = model._forward
+        names = {"torchscript": "TorchScript", "pt2": f".pt2 ({meta.runtimes['pt2']['format']})",
+                 "int8": "int8 .pt2", "onnx": "ONNX"}
+        for runtime in RUNTIMES:
+            if not (meta.runtimes.get(runtime) or {}).get("file"):
+                continue  # not in this package (int8 only when the evaluation chose it; ONNX when exported)
+            forward = load(folder, runtime=runtime)._forwards.get()
             with torch.inference_mode():
                 for _ in range(5):
                     forward(tensor, valid)
-                rows.append((name, 1, args.requests, *timed(lambda: forward(tensor, valid), args.requests, 1)))
+                rows.append((f"Python forward, {names[runtime]}", 1, args.requests,
+                             *timed(lambda: forward(tensor, valid), args.requests, 1)))
         # C++ right after Python on the same cloud, so both see the same load on a shared host.
         if not args.no_cpp:
             for runtime, report in cpp_latency(folder, args.requests, args.threads).items():
@@ -219,47 +264,71 @@ def main(argv: list[str] | None = None) -> int:
                          "int8": "C++ forward, int8 .pt2"}[runtime]
                 rows.append((label, 1, int(report["runs"]), float(report["p50_ms"]), float(report["p99_ms"]),
                              1000.0 / float(report["p50_ms"])))
-
         for _ in range(3):
-            ts_model.predict(points)
-        rows.append(("Python predict(), TorchScript", 1, args.requests,
-                     *timed(lambda: ts_model.predict(points), args.requests, 1)))
+            default.predict(points)
+        rows.append((f"Python predict(), {names[default.runtime]} (the server's default)", 1, args.requests,
+                     *timed(lambda: default.predict(points), args.requests, 1)))
 
-        # HTTP over loopback: one server process, binary and JSON bodies, 1 and 4 clients.
-        proc, base = start_server(folder, home, args.threads)
-        try:
-            binary, as_json = points.astype("<f4").tobytes(), json.dumps({"points": points.tolist()})
-            local = threading.local()
+        binary, as_json = points.astype("<f4").tobytes(), json.dumps({"points": points.tolist()})
+        local = threading.local()
 
-            def client() -> httpx.Client:
-                if not hasattr(local, "client"):
-                    local.client = httpx.Client(base_url=base, timeout=120)
-                return local.client
+        def client(base: str) -> httpx.Client:
+            if getattr(local, "base", None) != base:
+                local.client, local.base = httpx.Client(base_url=base, timeout=120), base
+            return local.client
 
-            def post_binary() -> None:
-                reply = client().post("/v1/segment", content=binary, params={"format": "binary"},
+        def post_binary(base: str) -> None:
+            reply = client(base).post("/v1/segment", content=binary, params={"format": "binary"},
                                       headers={"Content-Type": "application/octet-stream"})
-                assert reply.status_code == 200 and len(reply.content) == n
+            assert reply.status_code == 200 and len(reply.content) == n, reply.status_code
 
-            def post_json() -> None:
-                reply = client().post("/v1/segment", content=as_json, headers={"Content-Type": "application/json"})
-                assert reply.status_code == 200
+        def post_json(base: str) -> None:
+            reply = client(base).post("/v1/segment", content=as_json, headers={"Content-Type": "application/json"})
+            assert reply.status_code == 200, reply.status_code
 
-            for _ in range(3):
-                post_binary()
-            for clients in (1, 4):
-                rows.append(("HTTP binary in, binary out", clients, args.requests,
-                             *timed(post_binary, args.requests, clients)))
-            rows.append(("HTTP JSON in, JSON out", 1, max(4, args.requests // 4),
-                         *timed(post_json, max(4, args.requests // 4), 1)))
-        finally:
-            stop_server(proc)
+        # HTTP over loopback: one server process per configuration.
+        cores = os.cpu_count() or 1
+        configurations = [
+            ("1 worker", 1, {}, {}),
+            ("1 worker", 4, {}, {}),
+            (f"{cores} workers x 1 thread", 4, {"workers": cores}, {"threads": 1}),
+            ("dynamic batching (TorchScript, max 4, 5 ms)", 4, {"max_batch": 4, "max_batch_wait_ms": 5}, {}),
+        ]
+        one_client_rate = 0.0
+        for label, clients, settings, overrides in configurations:
+            proc, base = start_server(folder, home, overrides.get("threads", args.threads), **settings)
+            try:
+                runtime = httpx.get(base + "/metadata", timeout=10).json()["serving"]["runtime"]
+                for _ in range(3):
+                    post_binary(base)
+                result = timed(lambda: post_binary(base), args.requests, clients)
+                rows.append((f"HTTP binary, {label}, {names[runtime]}", clients, args.requests, *result))
+                if clients == 1 and not settings:
+                    one_client_rate = result[2]
+                    count = max(4, args.requests // 4)
+                    rows.append((f"HTTP JSON in, JSON out, {names[runtime]}", 1, count,
+                                 *timed(lambda: post_json(base), count, 1)))
+                    if args.soak_s > 0:
+                        rate = args.soak_rate or round(one_client_rate / 2, 1)
+                        rss_start = rss_mib(proc.pid)
+                        latencies, errors = soak(lambda: post_binary(base), args.soak_s, rate)
+                        rss_end = rss_mib(proc.pid)
+                        soak_row = (args.soak_s, rate, len(latencies), errors, *stats(latencies, args.soak_s)[:2],
+                                    rss_start, rss_end)
+            finally:
+                stop_server(proc)
 
         print()
         print(f"| path ({n} points) | clients | requests | p50 ms | p99 ms | requests/s |")
         print("| --- | ---: | ---: | ---: | ---: | ---: |")
         for name, clients, count, p50, p99, rate in rows:
             print(f"| {name} | {clients} | {count} | {p50:.2f} | {p99:.2f} | {rate:.1f} |")
+        if args.soak_s > 0:
+            duration, rate, ok, errors, p50, p99, rss_start, rss_end = soak_row
+            print("\n| soak (binary, 1 worker) | seconds | requests/s | answered | errors | p50 ms | p99 ms | "
+                  "RSS start MiB | RSS end MiB |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+            print(f"| fixed rate | {duration:.0f} | {rate:.1f} | {ok} | {errors} | {p50:.2f} | {p99:.2f} | "
+                  f"{rss_start:.0f} | {rss_end:.0f} ({100 * (rss_end / rss_start - 1):+.1f} %) |")
         print(f"\n<!-- load average before {load_before:.1f}, after {os.getloadavg()[0]:.1f}; C++ requests/s is "
               "1000 / p50 (one caller) -->")
         print_variant_rows(folder, args.requests)

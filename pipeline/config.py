@@ -191,9 +191,22 @@ class ServeConfig:
     example_seed: int = 0
     latency_runs: int = 20  # timed calls per runtime when packaging
     aot_inductor: bool = True  # compile model.pt2 with AOTInductor (else save the ExportedProgram)
-    # what serving.load / avp serve-http run; auto: the variant the evaluation chose (metadata.json)
-    runtime: Literal["auto", "torchscript", "pt2", "int8"] = "auto"
-    threads: int = 0  # intra-op threads of avp serve-http (0: torch's default, one per core)
+    onnx: bool = True  # also export model.onnx into the package, checked with onnxruntime
+    # What serving.load and avp serve-http run. auto: the variant the evaluation chose (metadata.json
+    # runtimes.default), else the fastest runtime the package verified that passes its example here.
+    runtime: Literal["auto", "torchscript", "pt2", "int8", "onnx"] = "auto"
+    threads: int = 0  # intra-op threads of each inference worker (0: the cores divided among the workers)
+    workers: int = 1  # inference workers of avp serve-http, each running its own replica of the model
+    queue_size: int = 16  # requests waiting for a worker; one more is answered 429 with Retry-After
+    deadline_ms: int = 10_000  # a request not answered within this (queueing included) is answered 504
+    max_batch: int = 1  # dynamic batching: up to this many queued requests in one forward (1: off)
+    max_batch_wait_ms: float = 2.0  # how long a worker waits for a batch to fill
+    poll_s: float = 5.0  # how often avp serve-http --production reads the production alias
+    header_timeout_s: float = 10.0  # a connection that has not sent its request headers by then is closed
+    body_timeout_s: float = 30.0  # a request body not received by then is answered 408
+    max_connections: int = 128  # connections beyond this are closed as soon as they are accepted
+    drain_s: float = 30.0  # after SIGTERM, how long in-flight requests get to finish
+    docs: bool = False  # serve the OpenAPI schema and its pages (/openapi.json, /docs)
 
 
 @dataclass
@@ -459,6 +472,11 @@ BOUNDS: dict[str, Bound] = {
     "serve.port": _at_least(1, 65_535), "serve.max_points": _at_least(2, 100_000_000),
     "serve.example_points": _at_least(1, 100_000_000), "serve.example_seed": _SEED,
     "serve.latency_runs": _at_least(1, 100_000), "serve.threads": _at_least(0, _MAX_PROCESSES),
+    "serve.workers": _at_least(1, _MAX_PROCESSES), "serve.queue_size": _at_least(1, 1_000_000),
+    "serve.deadline_ms": _at_least(1, 3_600_000), "serve.max_batch": _at_least(1, 1024),
+    "serve.max_batch_wait_ms": _at_least(0, 60_000), "serve.poll_s": _positive(86_400),
+    "serve.header_timeout_s": _positive(3600), "serve.body_timeout_s": _positive(3600),
+    "serve.max_connections": _at_least(1, 1_000_000), "serve.drain_s": _at_least(0, 3600),
     "registry.api_port": _at_least(1, 65_535), "registry.lease_s": _positive(), "registry.lease_renew_s": _positive(),
 }
 

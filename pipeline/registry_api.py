@@ -151,6 +151,8 @@ class PromoteBody(_Body):
 
 class ReasonBody(_Body):
     reason: str = Field("", max_length=2000)
+    # also when the artifact is production: production then rolls back to the previous succeeded version
+    production: bool = False
 
 
 class DatasetBuild(_Body):
@@ -412,7 +414,7 @@ def create_app(registry: Callable[[], Registry], auth: TokenAuth | AirflowAuth, 
                   name=to_state, summary=f"mark a succeeded artifact {to_state.replace('_', ' ')}")
         def move(ref: str, body: ReasonBody, caller: Caller = Depends(writer)) -> ArtifactOut:
             with provenance.acting_as(caller.name):
-                return ArtifactOut.of(registry().transition(ref, to_state, body.reason))
+                return ArtifactOut.of(registry().transition(ref, to_state, body.reason, production=body.production))
 
     lifecycle_route("deprecate", "deprecated")
     lifecycle_route("end-of-life", "end_of_life")
@@ -817,12 +819,16 @@ class RemoteRegistry:
         return PromotionOut.model_validate(self._call(
             "POST", f"/promotions/{quote(namespace)}/{quote(name)}/rollback")).promotion()
 
-    def transition(self, ref: str | int, to_state: str, reason: str = "") -> Artifact:
+    def transition(self, ref: str | int, to_state: str, reason: str = "", *, production: bool = False) -> Artifact:
         paths = {"deprecated": "deprecate", "end_of_life": "end-of-life"}
         if to_state not in paths:
             raise RegistryError(f"the registry API moves artifacts only to {', '.join(paths)}, not {to_state!r}")
         return ArtifactOut.model_validate(self._call(
-            "POST", f"/artifacts/{self._ref(ref)}/{paths[to_state]}", json={"reason": reason})).artifact()
+            "POST", f"/artifacts/{self._ref(ref)}/{paths[to_state]}",
+            json={"reason": reason, "production": production})).artifact()
+
+    def production_of(self, artifact_id: int) -> list[Promotion]:
+        return [p for p in self.promotions() if p.status == "production" and p.artifact_id == artifact_id]
 
     def promotions(self, namespace: str | None = None, name: str | None = None) -> list[Promotion]:
         query = {k: v for k, v in {"namespace": namespace, "name": name}.items() if v}

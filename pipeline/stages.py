@@ -163,10 +163,12 @@ for _spec in (
               flags=(Flag("example_points"), Flag("max_points")),
               inputs=(Input("model", ARTIFACT_HELP.format("model")),)),
     StageSpec("serve-http", "serving.http:serve", section="serve", produces="",
-              help="serve a package over HTTP (POST /v1/segment, /healthz, /metadata)",
+              help="serve a package over HTTP (POST /v1/segment, /healthz, /metadata, /metrics)",
               flags=(Flag("host"), Flag("port")),
               inputs=(Input("package", "package folder or .tar.gz, package:NAME@vN, or NAMESPACE/NAME "
-                                       "(its production package)", required=True),)),
+                                       "(its production package at start)"),
+                      Input("production", "NAMESPACE/NAME: serve its production package and follow "
+                                          "promotions and rollbacks"))),
 ):
     register(_spec)
 

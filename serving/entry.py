@@ -32,7 +32,7 @@ from pipeline.stages import resolve_input
 
 # ServeConfig fields that change the package's bytes; host, port, namespace, runtime and latency_runs
 # only change how it is served or measured, so they stay out of the content key.
-PACKAGE_FIELDS = ("max_points", "example_points", "example_seed", "aot_inductor")
+PACKAGE_FIELDS = ("max_points", "example_points", "example_seed", "aot_inductor", "onnx")
 # A metrics.json value is copied into the package summary only when it is this small.
 SUMMARY_MAX_ITEMS = 32
 
@@ -202,7 +202,7 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
         s = cfg.serve
         metadata = build_package(folder, model_dir=model_art.location, facts=facts, max_points=s.max_points,
                                  example_points=s.example_points, example_seed=s.example_seed,
-                                 latency_runs=s.latency_runs, aot_inductor=s.aot_inductor, say=say,
+                                 latency_runs=s.latency_runs, aot_inductor=s.aot_inductor, onnx=s.onnx, say=say,
                                  evaluation_dir=metrics_art.location if metrics_art else None)
         manifest_sha256 = write_manifest(folder)
         # What is published passes the very check every consumer runs.

@@ -5,6 +5,8 @@ A package is one folder (and a reproducible ``.tar.gz`` of it) holding::
     model.ts               frozen TorchScript, provenance in _extra_files["metadata.json"] (C++ LibTorch, Python)
     model.pt2              torch.export -> AOTInductor package (C++ AOTIModelPackageLoader, Python);
                            an ExportedProgram saved with torch.export.save where AOTInductor cannot compile
+    model.onnx             ONNX of the same torch.export program, checked with onnxruntime (optional: where it
+                           cannot be exported or disagrees, metadata.json runtimes.onnx.error says why)
     metadata.json          model/dataset versions, git SHA, diff hash, run id, user, evaluation summary and
                            verdict, latency and MACs, class map, input spec and pre-processing parameters
     example_input.bin      float32 [N, 4] little-endian raw (x, y, z, intensity)
@@ -304,7 +306,7 @@ def _write_raw(path: str, array: np.ndarray, dtype: str) -> None:
 
 def build_package(folder: str, *, model_dir: str, facts: dict[str, Any], max_points: int, example_points: int,
                   example_seed: int, latency_runs: int, aot_inductor: bool, evaluation_dir: str | None = None,
-                  say: Callable[[str], None] = lambda _m: None) -> PackageMetadata:
+                  onnx: bool = True, say: Callable[[str], None] = lambda _m: None) -> PackageMetadata:
     """Write a complete package into ``folder`` (which must exist and be empty); returns its metadata.
 
     ``facts`` carries what the registry knows (package/model/dataset/metrics references, provenance,
@@ -312,6 +314,8 @@ def build_package(folder: str, *, model_dir: str, facts: dict[str, Any], max_poi
     is the evaluate stage's metrics artifact folder: the AOTInductor ``model.pt2`` it compiled
     (``serving.artifacts.COMPILED_DIR``) is shipped when it was compiled for this model, export spec,
     torch and host (checked, SHA-256 of the copy included); otherwise the model is compiled here.
+    With ``onnx``, ``model.onnx`` is exported from the same ``torch.export`` program and checked in
+    onnxruntime (``serving.onnx_export``); a failure is recorded and the package is built without it.
     """
     import torch
 
@@ -345,6 +349,7 @@ def build_package(folder: str, *, model_dir: str, facts: dict[str, Any], max_poi
     record = artifacts.compiled_record(model, export_spec, "cpu")
     compiled_dir = os.path.join(evaluation_dir, artifacts.COMPILED_DIR) if evaluation_dir else None
     pt2_info, why = artifacts.reuse_compiled(compiled_dir, record, pt2_path) if aot_inductor else (None, "")
+    exported = None
     if pt2_info is not None:
         say(why)
         pt2_info["compiled_by"] = "evaluate"
@@ -380,6 +385,16 @@ def build_package(folder: str, *, model_dir: str, facts: dict[str, Any], max_poi
 
     say(f"measuring latency over {latency_runs} interleaved runs on the {example_points}-point example")
     runners = {"torchscript": scripted, "pt2": pt2_model, "eager": model, **({"int8": int8_run} if int8_run else {})}
+    onnx_info = {"file": None, "error": "skipped: serve.onnx is false"}
+    if onnx:
+        from serving.onnx_export import ONNX, export_onnx, load_onnx
+
+        say("exporting model.onnx (torch.onnx, dynamo) and checking it with onnxruntime")
+        exported = exported or artifacts.export_program(model, (points, valid), export_spec)
+        onnx_info = export_onnx(exported, os.path.join(folder, ONNX), (points, valid), eager_logits, say)
+        if onnx_info["file"]:
+            with open(os.path.join(folder, ONNX), "rb") as fh:
+                runners["onnx"] = load_onnx(fh.read(), ONNX)
     for run in runners.values():
         artifacts.warm_up(run, [(points, valid)], LATENCY_WARMUP)
     samples = artifacts.time_interleaved(runners, [(points, valid)], latency_runs, torch.device("cpu"))
@@ -440,6 +455,7 @@ def build_package(folder: str, *, model_dir: str, facts: dict[str, Any], max_poi
                     "batch": export_spec.as_dict()["batch"]},
             **({"int8": int8_runtime} if int8_runtime else {}),
             "default": default,
+            "onnx": onnx_info,
         },
         "agreement": agreement,
         "performance": performance,
@@ -497,8 +513,9 @@ def default_runtime(choice: dict[str, Any] | None, built: dict[str, bool], why_n
                                                                "an AOTInductor program"
         runtime = "torchscript"
         reason = f"the evaluation chose {choice['variant']}, but {why}: the reference TorchScript"
-    return {"variant": choice["variant"] if choice and runtime == choice["runtime"] else "torchscript_frozen",
-            "serve_runtime": runtime, "file": files[runtime], "reason": reason}
+    from_evaluation = bool(choice) and runtime == choice["runtime"]
+    return {"variant": choice["variant"] if from_evaluation else "torchscript_frozen",
+            "serve_runtime": runtime, "file": files[runtime], "reason": reason, "from_evaluation": from_evaluation}
 
 
 # ----------------------------------------------------------------------------------------- shell entry

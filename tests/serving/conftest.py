@@ -73,20 +73,20 @@ def serve_config(home: str, **serve):
     from pipeline import config
 
     values = {"home": home, "serve.example_points": EXAMPLE_POINTS, "serve.latency_runs": 3,
-              "serve.aot_inductor": False, "serve.max_points": 50_000}
+              "serve.aot_inductor": False, "serve.onnx": False, "serve.max_points": 50_000}
     values.update({f"serve.{k}": v for k, v in serve.items()})
     return config.load(values, env={})
 
 
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
-    """One blessed model packaged by the serve stage (ExportedProgram .pt2: no C++ compile), shared by
-    the read-only tests; returns (cfg, registry, model artifact, stage result)."""
+    """One blessed model packaged by the serve stage (ExportedProgram .pt2: no C++ compile; with ONNX),
+    shared by the read-only tests; returns (cfg, registry, model artifact, stage result)."""
     from pipeline.registry import Registry
     from serving.entry import run
 
     home = str(tmp_path_factory.mktemp("serving") / "home")
-    cfg = serve_config(home)
+    cfg = serve_config(home, onnx=True)
     registry = Registry.open(cfg)
     model, _metrics = register_model(registry, seed=0)
     result = run(cfg, registry, say=lambda m: None, run_id="test-run", model=model.ref)

@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 
+from pipeline.config import ServeConfig
 from pipeline.servers import free_port
 
 with warnings.catch_warnings():  # starlette's notice that its TestClient will move to httpx2 one day
@@ -157,9 +158,9 @@ def test_a_lying_content_length_is_refused(client):
 # ----------------------------------------------------------------------------------------- concurrency
 def test_concurrent_requests_each_get_their_own_answer(package):
     """Many different clouds in flight at once (decoding and inference in worker threads): every answer
-    must be the one for its own cloud, whatever the interleaving."""
-    app = create_app(package, max_points=LIMIT)
+    must be the one for its own cloud, whatever the interleaving (the queue holds them all)."""
     clouds = [cloud(100 + i, 200 + 37 * i) for i in range(24)]
+    app = create_app(package, max_points=LIMIT, settings=ServeConfig(queue_size=len(clouds)))
     expected = [package.predict(c).tolist() for c in clouds]
 
     async def main() -> list[httpx.Response]:

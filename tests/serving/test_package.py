@@ -242,9 +242,11 @@ def test_a_symlink_is_refused_even_when_listed(package_copy, tmp_path):
 
 
 def test_a_malformed_manifest_line_is_refused(package_copy):
-    with open(os.path.join(package_copy, MANIFEST), "a") as fh:
+    with open(os.path.join(package_copy, MANIFEST), "a+") as fh:
+        fh.seek(0)
+        lines = len(fh.read().splitlines())
         fh.write("not a checksum line\n")
-    _refused(package_copy, MANIFEST, "line 7")
+    _refused(package_copy, MANIFEST, f"line {lines + 1}")
 
 
 def test_a_consistently_rewritten_package_is_caught_by_the_registry_digest(package_copy, served):
@@ -314,8 +316,9 @@ def test_an_empty_cloud_gives_no_classes_and_float64_input_is_accepted(served):
 
 
 def test_self_check_passes_on_the_package_and_fails_on_a_wrong_runtime(served):
-    package = load(served[3]["location"])
+    package = load(served[3]["location"], runtime="torchscript")
     assert package.self_check()["agrees"]
-    package._forward = lambda points, valid: torch.zeros(1, points.shape[1], 8)  # a runtime gone wrong
+    package._forwards.get()  # its one replica, replaced by a runtime gone wrong
+    package._forwards.put(lambda points, valid: torch.zeros(1, points.shape[1], 8))
     with pytest.raises(PackageError, match="expected_logits.bin: the torchscript runtime"):
         package.self_check()

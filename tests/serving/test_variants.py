@@ -46,19 +46,21 @@ def test_packaged_torchscript_is_frozen_and_equals_eager_on_the_example_and_logg
         assert comparison["agrees"] and comparison["class_match_rate"] == 1.0, comparison
 
 
-def test_a_package_without_an_evaluation_choice_serves_torchscript(served):
+def test_a_package_without_an_evaluation_choice_names_torchscript_and_python_serves_the_fastest(served):
     metadata = PackageMetadata.load_from(served[3]["location"])
-    assert metadata.runtimes["default"]["serve_runtime"] == "torchscript"
+    assert metadata.runtimes["default"]["serve_runtime"] == "torchscript"  # what the C++ consumer runs
     assert "no evaluation choice" in metadata.runtimes["default"]["reason"]
-    with load(served[3]["location"]) as model:
-        assert model.runtime == "torchscript"
+    assert metadata.runtimes["default"]["from_evaluation"] is False
+    with load(served[3]["location"]) as model:  # auto without a choice: the fastest verified runtime here
+        assert model.runtime_choice["how"].startswith("auto: the fastest on this host")
+        assert model.runtime in model.runtime_choice["measured_p50_ms"]
 
 
 def test_default_runtime_serves_the_choice_only_when_the_package_carries_it():
     pt2 = {**INT8_CHOICE, "variant": "aot_inductor", "runtime": "pt2", "file": "model.pt2", "reason": "fast"}
     built = {"torchscript": True, "pt2": True, "int8": False}
     assert default_runtime(pt2, built, "") == {"variant": "aot_inductor", "serve_runtime": "pt2", "file": "model.pt2",
-                                               "reason": "chosen by the evaluation: fast"}
+                                               "reason": "chosen by the evaluation: fast", "from_evaluation": True}
     fallback = default_runtime(pt2, {**built, "pt2": False}, "")
     assert fallback["serve_runtime"] == "torchscript" and fallback["variant"] == "torchscript_frozen"
     assert "model.pt2 is not an AOTInductor program" in fallback["reason"]
