@@ -157,6 +157,8 @@ class ServeConfig:
     """Serving package and HTTP server."""
 
     namespace: str = "perception"
+    # approve_promotion in the DAG waits this long for a person's decision; then production stays unchanged
+    approval_timeout_s: int = 3 * 24 * 3600
     host: str = "127.0.0.1"  # address avp serve-http binds
     port: int = 8765  # port avp serve-http listens on
     max_points: int = 300_000  # largest cloud the server accepts and the .pt2 is exported for
@@ -166,6 +168,9 @@ class ServeConfig:
     aot_inductor: bool = True  # compile model.pt2 with AOTInductor (else save the ExportedProgram)
     runtime: Literal["torchscript", "pt2"] = "torchscript"  # what serving.load / avp serve-http run
     threads: int = 0  # intra-op threads of avp serve-http (0: torch's default, one per core)
+    # the model card's known limitations (MODEL_CARD.md in every package)
+    card_recall_floor: float = 0.5  # classes whose test point recall is below this are listed
+    card_min_band_objects: int = 20  # distance bands with fewer test objects than this are listed as thinly tested
 
 
 @dataclass
@@ -339,7 +344,8 @@ def set_value(cfg: PipelineConfig, dotted: str, value: Any) -> None:
 
 # Lower bounds of numeric fields, checked on the resolved config and offered to Airflow as Param minimums.
 MINIMUMS = {"train.np": 1, "train.epochs": 1, "train.batch_size": 1, "train.nnodes": 1, "train.node_rank": 0,
-            "train.rank_timeout_s": 1, "simulate.logs": 1, "simulate.frames": 1}
+            "train.rank_timeout_s": 1, "simulate.logs": 1, "simulate.frames": 1,
+            "serve.approval_timeout_s": 1}
 
 
 def check_rules(cfg: PipelineConfig) -> None:

@@ -10,6 +10,8 @@ A package is one folder (and a reproducible ``.tar.gz`` of it) holding::
     example_input.bin      float32 [N, 4] little-endian raw (x, y, z, intensity)
     expected_output.bin    int64 [N] little-endian raw: the class of every example point
     expected_logits.bin    float32 [N, K] little-endian raw: the eager model's logits on the example
+    MODEL_CARD.md          the model card (``serving.model_card``): use, data, evaluation, limitations, provenance
+    MODEL_CARD.html        the same card as a self-contained HTML page
     MANIFEST.sha256        ``sha256sum`` format, one line per file above (``sha256sum -c`` checks it)
 
 ``build_package`` writes all of it from a model artifact folder and checks that eager, TorchScript and
@@ -51,7 +53,10 @@ PT2 = "model.pt2"
 EXAMPLE_INPUT = "example_input.bin"
 EXPECTED_CLASSES = "expected_output.bin"
 EXPECTED_LOGITS = "expected_logits.bin"
-REQUIRED_FILES = (METADATA, TORCHSCRIPT, PT2, EXAMPLE_INPUT, EXPECTED_CLASSES, EXPECTED_LOGITS)
+MODEL_CARD = "MODEL_CARD.md"  # written by the serve stage (serving.model_card) beside build_package's files
+MODEL_CARD_HTML = "MODEL_CARD.html"
+REQUIRED_FILES = (METADATA, TORCHSCRIPT, PT2, EXAMPLE_INPUT, EXPECTED_CLASSES, EXPECTED_LOGITS, MODEL_CARD,
+                  MODEL_CARD_HTML)
 # Key under which model.ts carries its provenance (the training stage uses the same name).
 TORCHSCRIPT_METADATA = "metadata.json"
 # A manifest longer than this is not one of ours; refuse it before parsing megabytes of text.
