@@ -1,7 +1,7 @@
 """
 ### avp_daily: fleet drive logs -> a served LiDAR segmentation model, every day
 
-`ingest -> validate -> train -> evaluate -> serve`. Each task calls the same stage entry function as
+`ingest -> validate -> train -> evaluate -> serve -> approve_promotion`. Each task calls the same stage entry function as
 `avp <stage>` on the command line (`pipeline.stages.invoke`), so a stage run here and on a laptop is the
 same code. Tasks pass artifact references (`dataset:fleet-lidar@v7`) through XCom; data stays in the
 pipeline home (`AVP_HOME`).
@@ -12,12 +12,18 @@ pipeline home (`AVP_HOME`).
   run has no logical date and takes everything up to now.
 * **Gates**: a failed validation fails `validate`, so training never starts on a broken dataset; a model
   that is not blessed makes `serve` skip, with the reasons in its log.
+* **Human approval**: `approve_promotion` waits for a person (*Required actions*, or the task's
+  *Required action* tab) to promote the new package to production or reject it, with a reason; both are
+  recorded in the registry with the person's name. The request shows the model card and the comparison
+  with production. No answer within `serve.approval_timeout_s` leaves production unchanged. Param
+  `auto_promote` promotes a blessed package without asking; backfill runs never promote. Rollback:
+  `avp registry rollback perception/bev_segnet`.
 * **Retries are safe**: every stage is content-keyed in the registry, so a retried or re-run day reuses
   what already succeeded, and `train` resumes from its latest checkpoint.
 * **Backfills**: `airflow backfill create --dag-id avp_daily --from-date 2026-11-01 --to-date 2026-11-03`
   (or *Backfill* in the UI) gives one dataset version per day; re-running a day is a cache hit.
 * **Params** (Trigger DAG w/ config): epochs, backend, np, force, window, window_days, split, spark_master
-  (declared by the stage specs in `pipeline/stages.py`); any other config field by its full name, e.g.
+  (declared by the stage specs in `pipeline/stages.py`), auto_promote; any other config field by its full name, e.g.
   `{"ingest.train_share": 0.8, "ingest.test_share": 0.1}`.
 * One training at a time through the `avp_training` pool; with `AVP_TRAINING_QUEUE` set (CeleryExecutor,
   see docs/deploy.md) `train` goes to that queue's workers (GPU hosts), every other task to the default one.
@@ -36,6 +42,7 @@ import os
 
 from airflow.sdk import Asset, Param, dag, task
 
+from pipeline.approval import APPROVAL_PARAMS, ApprovePromotion
 from pipeline.orchestration import dag_params
 
 DATASET_ASSET = Asset("avp://dataset/fleet-lidar")
@@ -57,7 +64,7 @@ TRAINING_QUEUE = os.environ.get("AVP_TRAINING_QUEUE", "")
     doc_md=__doc__,
     tags=["avp", "perception"],
     default_args={"retries": 1, "retry_delay": dt.timedelta(seconds=20)},
-    params={name: Param(**spec) for name, spec in dag_params().items()},
+    params={name: Param(**spec) for name, spec in {**dag_params(), **APPROVAL_PARAMS}.items()},
 )
 def avp_daily():
     @task(outlets=[DATASET_ASSET])
@@ -139,7 +146,11 @@ def avp_daily():
         spark_submit_ingest(request) >> dataset
     else:
         dataset = ingest()
-    serve(evaluate(train(validate(dataset))))
+    package = serve(evaluate(train(validate(dataset))))
+    ApprovePromotion(task_id="approve_promotion", package=package,
+                     doc_md="Human approval before production: promote the package `serve` built (shown with its "
+                            "model card and the comparison with production) or reject it, with a reason; see "
+                            "`pipeline/approval.py`.")
 
 
 avp_daily()

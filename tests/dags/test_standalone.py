@@ -20,7 +20,8 @@ def test_standalone_runs_a_triggered_dag_and_a_backfill(tmp_path):
                        "the DAG to be parsed")
         assert dag["is_paused"] is False  # AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False
         # SQLite behind a busy scheduler can answer a write with 500 (database locked): retry a few times
-        triggered = wait_for(lambda: (r := client.post("/api/v2/dags/avp_daily/dagRuns", json={"logical_date": None}))
+        triggered = wait_for(lambda: (r := client.post("/api/v2/dags/avp_daily/dagRuns",
+                                                       json={"logical_date": None, "conf": {"auto_promote": True}}))
                              .status_code in (200, 201) and r, 60, "the trigger to be accepted")
         run_id = triggered.json()["dag_run_id"]
 
@@ -31,7 +32,8 @@ def test_standalone_runs_a_triggered_dag_and_a_backfill(tmp_path):
         assert wait_for(finished, 900, f"run {run_id}") == "success", airflow.log_tail()
         tasks = client.get(f"/api/v2/dags/avp_daily/dagRuns/{run_id}/taskInstances").json()["task_instances"]
         assert {t["task_id"]: t["state"] for t in tasks} == {
-            "ingest": "success", "validate": "success", "train": "success", "evaluate": "success", "serve": "success"}
+            "ingest": "success", "validate": "success", "train": "success", "evaluate": "success", "serve": "success",
+            "approve_promotion": "success"}
 
         # A backfill over two days, as the UI's Backfill button creates it: one dataset version per day.
         backfill = wait_for(lambda: (r := client.post("/api/v2/backfills", json={
