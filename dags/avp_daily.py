@@ -1,9 +1,9 @@
 """
 ### avp_daily: fleet drive logs -> a served LiDAR segmentation model, every day
 
-`ingest -> validate -> train -> evaluate -> serve -> approve_promotion`. Each task calls the same stage entry function as
-`avp <stage>` on the command line (`pipeline.stages.invoke`), so a stage run here and on a laptop is the
-same code. Tasks pass artifact references (`dataset:fleet-lidar@v7`) through XCom; data stays in the
+`ingest -> validate -> train -> evaluate -> serve -> approve_promotion`. Each task calls the same stage
+entry function as `avp <stage>` on the command line (`pipeline.stages.invoke`), so a stage run here and on
+a laptop is the same code. Tasks pass artifact references (`dataset:fleet-lidar@v7`) through XCom; data stays in the
 pipeline home (`AVP_HOME`).
 
 * **Data interval**: the daily run at midnight of day D (its logical date; Airflow 3's daily timetable

@@ -130,7 +130,8 @@ def card_facts(registry: Registry, package: Artifact, model: Artifact, metrics: 
 # ----------------------------------------------------------------------------------------- rendering
 def render_markdown(facts: dict[str, Any]) -> str:
     """The card as Markdown (GitHub/CommonMark tables)."""
-    pkg, model, prov, data, ev = facts["package"], facts["model"], facts["provenance"], facts["data"], facts["evaluation"]
+    pkg, model, prov = facts["package"], facts["model"], facts["provenance"]
+    data, ev = facts["data"], facts["evaluation"]
     grid, seg, prod, lim = facts["grid"], ev["segmentation"], facts["production"], facts["limitations"]
     lines = [f"# Model card: {model['name']} v{model['version']} ({pkg['ref']})", "",
              f"Evaluation verdict: **{'blessed' if facts['blessed'] else 'not blessed'}**"
@@ -156,7 +157,8 @@ def render_markdown(facts: dict[str, Any]) -> str:
                   f"{', '.join(data['cities']) or 'n/a'}.",
                   "* Drives recorded " + (f"from {data['date_range'][0]} to {data['date_range'][1]}"
                                           if data["date_range"] else "on unknown dates")
-                  + (f"; selection window {window[0] or 'start'} .. {window[1]} (exclusive)" if window[1] else "") + ".",
+                  + (f"; selection window {window[0] or 'start'} .. {window[1]} (exclusive)" if window[1] else "")
+                  + ".",
                   f"* Sources: {', '.join(data['sources']) or 'n/a'} ({data['simulated_logs']} of "
                   f"{data['source_logs']} logs simulated).",
                   f"* Class shares (points): {shares or 'n/a'}.", ""]
@@ -181,10 +183,9 @@ def render_markdown(facts: dict[str, Any]) -> str:
                                       for b in bands]] for name, o in ev["objects"].items()]) + [""]
         planner = ev["planner"]
         if planner:
-            lines += ["System metrics (the planner on perceived vs true classes): "
-                      + ", ".join(f"{k.replace('_', ' ')} {_f(v) if isinstance(v, float) else v}"
-                                  for k, v in planner.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-                      + ".", ""]
+            figures = [f"{k.replace('_', ' ')} {_f(v) if isinstance(v, float) else v}"
+                       for k, v in planner.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            lines += ["System metrics (the planner on perceived vs true classes): " + ", ".join(figures) + ".", ""]
         hw = ev["hardware"]
         if hw:
             lines += [f"Latency on the evaluating hardware ({hw.get('device', '?')}, {hw.get('device_name', '?')}), "
@@ -235,9 +236,9 @@ def render_markdown(facts: dict[str, Any]) -> str:
                  else "") + ".",
               f"* Code: git `{prov.get('git_sha')}`" + (f" + uncommitted changes `{prov['diff_hash'][:12]}`"
                                                           if prov.get("diff_hash") else "") + ".",
-              f"* Model {model['ref']} (content key `{model['content_key'][:12]}`), trained by {model.get('created_by')} "
-              f"at {model.get('created_at')} UTC, training run `{model.get('training_run_id')}`, code "
-              f"`{model.get('git_sha')}`.",
+              f"* Model {model['ref']} (content key `{model['content_key'][:12]}`), trained by "
+              f"{model.get('created_by')} at {model.get('created_at')} UTC, training run "
+              f"`{model.get('training_run_id')}`, code `{model.get('git_sha')}`.",
               "* Training config:", "", "```json", json.dumps(facts["training_config"], indent=1, sort_keys=True),
               "```", ""]
     return "\n".join(lines)

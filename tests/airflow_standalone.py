@@ -5,6 +5,7 @@ process group, and the system Chromium driven by Playwright (browsers cannot be 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -42,8 +43,23 @@ class Standalone:
     log_path: Path
     process: subprocess.Popen
 
-    def client(self, **kwargs: Any) -> httpx.Client:
+    def client(self, user: str | None = None, **kwargs: Any) -> httpx.Client:
+        """An API client; with ``user`` (not every visitor is admin) it carries that user's bearer token."""
+        if user is not None:
+            kwargs["headers"] = {**kwargs.get("headers", {}), "Authorization": f"Bearer {self.token(user)}"}
         return httpx.Client(base_url=self.base_url, timeout=30, **kwargs)
+
+    def password(self, user: str) -> str:
+        """The password the simple auth manager generated for ``user`` (AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS)."""
+        path = Path(self.env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
+        return json.loads(path.read_text())[user]
+
+    def token(self, user: str) -> str:
+        """A JWT for ``user`` from the simple auth manager's token endpoint."""
+        response = httpx.post(f"{self.base_url}/auth/token", json={"username": user, "password": self.password(user)},
+                              timeout=30)
+        response.raise_for_status()
+        return response.json()["access_token"]
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
@@ -63,9 +79,9 @@ def standalone_airflow(tmp_path: Path, *, simulate: bool = True, **extra_env: st
     ``extra_env`` sets AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=False (then the simple auth manager's
     users log in; its generated passwords are in AIRFLOW_HOME)."""
     port = free_port()
-    env = airflow_env(tmp_path, AIRFLOW__API__HOST="127.0.0.1", AIRFLOW__API__PORT=str(port),
-                      AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",
-                      AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False", **extra_env)
+    env = airflow_env(tmp_path, **{"AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(port),
+                                   "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+                                   "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False", **extra_env})
     if simulate:
         simulated = subprocess.run(["avp", "simulate"], env=env, cwd=REPO, capture_output=True, text=True,
                                    timeout=600)

@@ -26,6 +26,7 @@ TINY = {  # small and fast, but every stage does its real work
     "AVP_TRAIN__EPOCHS": "1", "AVP_TRAIN__NP": "1", "AVP_TRAIN__BACKEND": "ddp", "AVP_TRAIN__MAX_POINTS": "2000",
     "AVP_EVALUATE__MIN_MIOU": "0.0", "AVP_EVALUATE__LATENCY_RUNS": "2", "AVP_EVALUATE__LATENCY_WARMUP": "1",
     "AVP_EVALUATE__AOT_INDUCTOR": "false",
+    "AVP_EVALUATE__LATENCY_P99_BUDGET_MS": "600000",  # a busy shared CPU must not make the model unblessed
     "AVP_SERVE__AOT_INDUCTOR": "false", "AVP_SERVE__EXAMPLE_POINTS": "500", "AVP_SERVE__LATENCY_RUNS": "2",
 }
 
