@@ -7,9 +7,9 @@ waits in ``awaiting_input`` and the *Required actions* page of the UI (or the HI
 * **What is offered**: only a succeeded package whose model evaluation blessed, and only once: a package that
   is already production (a re-run day is a cache hit) is not asked about again. A backfill run never promotes
   (it rebuilds past days; their models are not candidates for today's cars). Those cases skip the task.
-* **The request** names the package and what it would replace, links its model card and shows it (the card's
-  "Comparison with production" is the evaluation's comparison on the same test frames), with a ``reason``
-  field. The choices:
+* **The request** names the package and what it would replace and shows its model card (the card's
+  "Comparison with production" is the evaluation's comparison on the same test frames) and where the card's
+  HTML page is (the UI's Markdown drops ``file://`` links), with a ``reason`` field. The choices:
   - ``Promote``: ``registry.promote`` makes it production as ``<serve.namespace>/<name>/1.N``, by the person
     who answered;
   - ``Reject``: an event on the package in the registry with who and why; production is unchanged;
@@ -81,8 +81,9 @@ def request(cfg: PipelineConfig, package: str) -> tuple[str, str]:
         card = fh.read()
     body = "\n".join([
         f"**{art.ref}** (model {art.meta.get('model')}, blessed) would become production, {replaces}.", "",
-        f"Model card: [{MODEL_CARD_HTML}](file://{os.path.join(folder, MODEL_CARD_HTML)}) "
-        f"(`{os.path.join(folder, MODEL_CARD)}`), shown below.", "",
+        # The card itself, below: the UI's Markdown drops file:// links, and the package is on the pipeline's
+        # storage, not behind the Airflow UI.
+        f"Model card: shown below; as a page: `{os.path.join(folder, MODEL_CARD_HTML)}`.", "",
         f"*{PROMOTE}* promotes it; *{REJECT}* keeps production as it is. Either way, say why in *{REASON}*: "
         "it is recorded in the registry with your name.", "", "---", "", card])
     return f"Promote {art.ref} to production ({cfg.serve.namespace}/{art.name})?", body

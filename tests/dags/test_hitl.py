@@ -121,7 +121,7 @@ def test_the_request_shows_what_changes_and_the_model_card(candidate):
     assert subject == f"Promote {package} to production ({NAMESPACE}/bev_segnet)?"
     assert f"the first production version of {NAMESPACE}/bev_segnet" in body
     assert "## Comparison with production" in body and "## Known limitations" in body
-    assert "[MODEL_CARD.html](file://" in body
+    assert "as a page: `" in body and "/MODEL_CARD.html`" in body
     registry.promote(package, NAMESPACE, "bev_segnet")
     registry.note(package, "pretend a newer one replaced it")
     _subject, body = request(config.load(), package)
