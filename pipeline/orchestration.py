@@ -89,8 +89,11 @@ def run_overrides(params: Mapping[str, Any] | None, interval_start: Any = None,
 def run_stage(stage: str, params: Mapping[str, Any] | None, interval_start: Any = None, interval_end: Any = None,
               **inputs: Any) -> dict[str, Any]:
     """Run one stage for a DAG run exactly as ``avp <stage>`` would, returning its small result dict."""
+    from pipeline import lineage
+
     cfg = run_config(params, interval_start, interval_end)
     result = stages.invoke(stage, cfg, say=print, **inputs)
+    lineage.report(cfg, result.get("ref"))  # the task's OpenLineage inputs and output (when it is enabled)
     return {k: v for k, v in result.items() if k != "tables"}
 
 
