@@ -17,7 +17,7 @@ from pipeline.registry import Registry
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # two or three DAG runs per test
 
 TINY = {  # small and fast, but every stage does its real work
     "AVP_SIMULATE__LOGS": "10", "AVP_SIMULATE__FRAMES": "3", "AVP_SIMULATE__DAYS": "2",

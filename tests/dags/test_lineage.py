@@ -11,7 +11,7 @@ import pytest
 
 from tests.dags.test_dag_run import airflow_env, dag_test, prepare, registry_for, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 REF = re.compile(r"\b(?:log|dataset|statistics|validation|model|metrics|package):[A-Za-z0-9._-]+@v\d+\b")
 
 
