@@ -102,9 +102,11 @@ def test_an_operator_runs_the_pipeline_from_the_ui(tmp_path):
         window.fill("rolling")
         page.keyboard.press("Enter")
         form.locator("input[name=element_window_days]").fill("30")
+        form.locator("input[name=element_epochs]").scroll_into_view_if_needed()
+        shot("04-trigger-form", key=True)
         form.get_by_role("button", name="Advanced Options").click()
         form.get_by_label("Run ID").fill(TRIGGERED)
-        shot("04-trigger-form", key=True)
+        shot("04-trigger-run-id")
         form.get_by_role("button", name="Trigger").last.click()
         run = wait_for(lambda: api.get(f"/api/v2/dags/{DAG}/dagRuns/{TRIGGERED}").json() if
                        run_state(api, TRIGGERED) else None, 60, "the triggered run")
@@ -113,8 +115,8 @@ def test_an_operator_runs_the_pipeline_from_the_ui(tmp_path):
 
         # The scheduled run Airflow created when the DAG appeared (catchup is off: the latest day) runs
         # first (one active run at a time) and asks for approval too: reject it through the REST API.
-        [scheduled] = [r["dag_run_id"] for r in api.get(f"/api/v2/dags/{DAG}/dagRuns").json()["dag_runs"]
-                       if r["run_type"] == "scheduled"]
+        [scheduled] = wait_for(lambda: [r["dag_run_id"] for r in api.get(f"/api/v2/dags/{DAG}/dagRuns").json()[
+            "dag_runs"] if r["run_type"] == "scheduled"], 300, "the scheduled run")
         wait_for(lambda: awaiting_approval(api, scheduled) or finished(api, scheduled), RUN_MINUTES * 60,
                  f"the scheduled run {scheduled} to ask for approval")
         assert awaiting_approval(api, scheduled), task_states(api, scheduled)
@@ -140,7 +142,7 @@ def test_an_operator_runs_the_pipeline_from_the_ui(tmp_path):
         card_page = page.locator("code", has_text="MODEL_CARD.html").first.inner_text()  # where the card's page is
         assert Path(card_page).is_file() and Path(card_page).parent.name == package.split(":")[1].replace("@", "-")
         for heading in ("Training data", "Evaluation", "Comparison with production", "Known limitations"):
-            page.get_by_role("heading", name=heading).wait_for()  # the model card, rendered in the request
+            page.get_by_role("heading", name=heading, exact=True).wait_for()  # the card, rendered in the request
         shot("05-approval", key=True)
         page.locator("[name=element_reason]").fill("two epochs: better on every class")
         page.get_by_role("button", name="Promote").click()
@@ -155,8 +157,10 @@ def test_an_operator_runs_the_pipeline_from_the_ui(tmp_path):
 
         # 6. a run whose data fails validation (a class-share ceiling no dataset meets), triggered with its
         # config in the run's conf; queued now, it runs after the approval above
-        api.post(f"/api/v2/dags/{DAG}/dagRuns", json={"dag_run_id": FAILING, "logical_date": None, "conf": {
-            "validate.max_class_share": 0.05, "ingest.dataset_name": "strict"}}).raise_for_status()
+        strict = {"validate.max_class_share": 0.05, "ingest.dataset_name": "strict"}
+        wait_for(lambda: api.post(f"/api/v2/dags/{DAG}/dagRuns", json={
+            "dag_run_id": FAILING, "logical_date": None, "conf": strict}).status_code in (200, 201, 409), 60,
+            "the trigger to be accepted")  # SQLite behind a busy scheduler may answer 500 (database locked)
 
         # 5. a two-day backfill from the backfill dialog; both days select the same logs as the scheduled run,
         # so they reuse its artifacts (cache hits), and backfills never ask for approval
@@ -181,7 +185,8 @@ def test_an_operator_runs_the_pipeline_from_the_ui(tmp_path):
         assert sorted((r["logical_date"][:10], r["state"]) for r in runs) == [
             ("2026-11-03", "success"), ("2026-11-04", "success")]
         assert all(task_states(api, r["dag_run_id"])["approve_promotion"] == "skipped" for r in runs)
-        page.goto(f"{base}/dags/{DAG}/backfills")
+        page.goto(f"{base}/dags/{DAG}")
+        page.get_by_role("link", name="Backfills").click()
         page.get_by_text("2026-11-03").first.wait_for()
         shot("08-backfills")
 
