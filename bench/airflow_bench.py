@@ -108,7 +108,7 @@ def trial(client: httpx.Client, dag_id: str) -> dict:
 
 
 def whole_run(client: httpx.Client) -> float:
-    run_id = _trigger(client, "avp_daily", {"force": True})["dag_run_id"]
+    run_id = _trigger(client, "avp_daily", {"force": True, "auto_promote": True})["dag_run_id"]
 
     def finished():
         run = client.get(f"/api/v2/dags/avp_daily/dagRuns/{run_id}").json()

@@ -1,9 +1,9 @@
 """
 ### avp_daily: fleet drive logs -> a served LiDAR segmentation model, every day
 
-`ingest -> validate -> train -> evaluate -> serve`. Each task calls the same stage entry function as
-`avp <stage>` on the command line (`pipeline.stages.invoke`), so a stage run here and on a laptop is the
-same code. Tasks pass artifact references (`dataset:fleet-lidar@v7`) through XCom; data stays in the
+`ingest -> validate -> train -> evaluate -> serve -> approve_promotion`. Each task calls the same stage
+entry function as `avp <stage>` on the command line (`pipeline.stages.invoke`), so a stage run here and on
+a laptop is the same code. Tasks pass artifact references (`dataset:fleet-lidar@v7`) through XCom; data stays in the
 pipeline home (`AVP_HOME`).
 
 * **Data interval**: the daily run at midnight of day D (its logical date; Airflow 3's daily timetable
@@ -12,13 +12,20 @@ pipeline home (`AVP_HOME`).
   run has no logical date and takes everything up to now.
 * **Gates**: a failed validation fails `validate`, so training never starts on a broken dataset; a model
   that is not blessed makes `serve` skip, with the reasons in its log.
+* **Human approval**: `approve_promotion` waits for a person (*Required actions*, or the task's
+  *Required action* tab) to promote the new package to production or reject it, with a reason; both are
+  recorded in the registry with the person's name. The request shows the model card and the comparison
+  with production. No answer within `serve.approval_timeout_s` leaves production unchanged. Param
+  `auto_promote` promotes a blessed package without asking; backfill runs never promote. Rollback:
+  `avp registry rollback perception/bev_segnet`.
 * **Retries are safe**: every stage is content-keyed in the registry, so a retried or re-run day reuses
   what already succeeded, and `train` resumes from its latest checkpoint.
 * **Backfills**: `airflow backfill create --dag-id avp_daily --from-date 2026-11-01 --to-date 2026-11-03`
   (or *Backfill* in the UI) gives one dataset version per day; re-running a day is a cache hit.
 * **Params** (Trigger DAG w/ config): epochs, backend, np, force, window, window_days, split (declared by
   the stage specs in `pipeline/stages.py`) and the split shares by their full names, e.g.
-  `{"ingest.train_share": 0.8, "ingest.test_share": 0.1}`, each with its range. A conf key the DAG does not
+  `{"ingest.train_share": 0.8, "ingest.test_share": 0.1}`, each with its range; `auto_promote` skips the human
+  approval. A conf key the DAG does not
   declare fails the run: the Spark master and the home are the deployment's, not a trigger's. `until`
   (validate|train|evaluate|serve) ends the run after that stage (later tasks skip) and `dataset` trains on a
   registered dataset instead of ingesting (the registry API's `POST /datasets` and `POST /models` trigger runs
@@ -40,6 +47,7 @@ import os
 
 from airflow.sdk import Asset, Param, dag, task
 
+from pipeline.approval import ApprovePromotion
 from pipeline.orchestration import dag_params
 
 DATASET_ASSET = Asset("avp://dataset/fleet-lidar")
@@ -146,7 +154,11 @@ def avp_daily():
         spark_submit_ingest(request) >> dataset
     else:
         dataset = ingest()
-    serve(evaluate(train(validate(dataset))))
+    package = serve(evaluate(train(validate(dataset))))
+    ApprovePromotion(task_id="approve_promotion", package=package,
+                     doc_md="Human approval before production: promote the package `serve` built (shown with its "
+                            "model card and the comparison with production) or reject it, with a reason; see "
+                            "`pipeline/approval.py`.")
 
 
 avp_daily()

@@ -184,6 +184,8 @@ class ServeConfig:
     """Serving package and HTTP server."""
 
     namespace: str = "perception"
+    # approve_promotion in the DAG waits this long for a person's decision; then production stays unchanged
+    approval_timeout_s: int = 3 * 24 * 3600
     host: str = "127.0.0.1"  # address avp serve-http binds
     port: int = 8765  # port avp serve-http listens on
     max_points: int = 300_000  # largest cloud the server accepts and the .pt2 is exported for
@@ -207,6 +209,9 @@ class ServeConfig:
     max_connections: int = 128  # connections beyond this are closed as soon as they are accepted
     drain_s: float = 30.0  # after SIGTERM, how long in-flight requests get to finish
     docs: bool = False  # serve the OpenAPI schema and its pages (/openapi.json, /docs)
+    # the model card's known limitations (MODEL_CARD.md in every package)
+    card_recall_floor: float = 0.5  # classes whose test point recall is below this are listed
+    card_min_band_objects: int = 20  # distance bands with fewer test objects than this are listed as thinly tested
 
 
 @dataclass
@@ -477,6 +482,8 @@ BOUNDS: dict[str, Bound] = {
     "serve.max_batch_wait_ms": _at_least(0, 60_000), "serve.poll_s": _positive(86_400),
     "serve.header_timeout_s": _positive(3600), "serve.body_timeout_s": _positive(3600),
     "serve.max_connections": _at_least(1, 1_000_000), "serve.drain_s": _at_least(0, 3600),
+    "serve.card_recall_floor": _SHARE, "serve.card_min_band_objects": _at_least(0),
+    "serve.approval_timeout_s": _at_least(1, 365 * 86_400),
     "registry.api_port": _at_least(1, 65_535), "registry.lease_s": _positive(), "registry.lease_renew_s": _positive(),
 }
 

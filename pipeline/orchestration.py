@@ -22,14 +22,18 @@ WINDOW_PARAMS: dict[str, dict[str, Any]] = {
                "description": "which logs make the dataset"},
     "window_days": {"default": 7, "type": "integer", "minimum": 1, "description": "days in a rolling window"},
 }
-# DAG-only params of a registered build (the registry API's POST /datasets and /models): where the run stops,
-# and a registered dataset to train on instead of ingesting one.
+# DAG-only params: where the run stops and a registered dataset to train on instead of ingesting one (the
+# registry API's POST /datasets and /models set them), and whether a blessed package skips the human approval.
 UNTIL_STAGES = ("validate", "train", "evaluate", "serve")
 BUILD_PARAMS: dict[str, dict[str, Any]] = {
     "until": {"default": "serve", "enum": list(UNTIL_STAGES),
               "description": "the last stage this run performs (validate: a dataset build stops after validation)"},
     "dataset": {"default": None, "type": ["null", "string"],
                 "description": "a registered dataset (dataset:name@vN) to train on instead of ingesting one"},
+    # read by the approve_promotion task (pipeline.approval): skip the human wait
+    "auto_promote": {"default": False, "type": "boolean",
+                     "description": "promote a blessed package without waiting for a person's approval "
+                                    "(for teams that gate on metrics alone)"},
 }
 # Config fields a DAG run may set by their full name (declared as params of that name). Nothing else in a
 # run's conf reaches the config: where data is read, which Spark master runs ingest and where the pipeline
@@ -118,8 +122,11 @@ def run_overrides(params: Mapping[str, Any] | None, interval_start: Any = None,
 def run_stage(stage: str, params: Mapping[str, Any] | None, interval_start: Any = None, interval_end: Any = None,
               *, deployment: Mapping[str, Any] | None = None, **inputs: Any) -> dict[str, Any]:
     """Run one stage for a DAG run exactly as ``avp <stage>`` would, returning its small result dict."""
+    from pipeline import lineage
+
     cfg = run_config(params, interval_start, interval_end, deployment)
     result = stages.invoke(stage, cfg, say=print, **inputs)
+    lineage.report(cfg, result.get("ref"))  # the task's OpenLineage inputs and output (when it is enabled)
     return {k: v for k, v in result.items() if k != "tables"}
 
 

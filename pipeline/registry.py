@@ -731,8 +731,9 @@ class Registry:
         # A package inherits the verdict of the model it was built from.
         return art.kind == "package" and any(p.kind == "model" and p.blessed for p in self.parents(art.id))
 
-    def promote(self, ref: str | int, namespace: str, name: str, major: int = 1) -> Promotion:
-        """Make a blessed, succeeded model (or its package) production as ``namespace/name/major.minor``."""
+    def promote(self, ref: str | int, namespace: str, name: str, major: int = 1, by: str | None = None) -> Promotion:
+        """Make a blessed, succeeded model (or its package) production as ``namespace/name/major.minor``;
+        ``by`` names who decided (an approver), else this process's user."""
         check_name(namespace, "namespace")
         check_name(name, "promotion name")
         art = self.get(ref)
@@ -754,14 +755,24 @@ class Registry:
                     conn.execute(p.insert().values(
                         namespace=namespace, name=name, major=major, minor=minor,
                         artifact_id=art.id, status="production", promoted_at=_now(),
-                        promoted_by=provenance.user()))
+                        promoted_by=by or provenance.user()))
                     conn.execute(events_table.insert().values(
                         artifact_id=art.id, from_state=art.state, to_state=art.state, at=_now(),
-                        by=provenance.user(), reason=f"promoted to {namespace}/{name}/{major}.{minor}"))
+                        by=by or provenance.user(), reason=f"promoted to {namespace}/{name}/{major}.{minor}"))
                 return self.production(namespace, name)
             except IntegrityError:
                 time.sleep(0.01 * (attempt + 1))
         raise RegistryError(f"could not promote {art.ref}: too many concurrent promotions")
+
+    def note(self, ref: str | int, reason: str, by: str | None = None) -> Artifact:
+        """Record a decision about an artifact that changes nothing else (a rejected promotion, an approval
+        that timed out) as an event on it, with who (``by``, else this process's user) and why."""
+        art = self.get(ref)
+        with self._tx() as conn:
+            conn.execute(events_table.insert().values(
+                artifact_id=art.id, from_state=art.state, to_state=art.state, at=_now(), by=by or provenance.user(),
+                reason=reason))
+        return art
 
     def promotions(self, namespace: str | None = None, name: str | None = None) -> list[Promotion]:
         p = promotions_table

@@ -15,9 +15,10 @@ echo "== 2. Airflow metadata DB and the training pool (in $AIRFLOW_HOME)"
 airflow db migrate >"$AIRFLOW_HOME/db-migrate.log" 2>&1 || { tail -20 "$AIRFLOW_HOME/db-migrate.log"; exit 1; }
 airflow pools set avp_training 1 "one training at a time" >/dev/null
 
-echo "== 3. run the avp_daily DAG for $DEMO_DAY: ingest -> validate -> train -> evaluate -> serve"
+echo "== 3. run the avp_daily DAG for $DEMO_DAY: ingest -> validate -> train -> evaluate -> serve -> promote"
 set +e
-airflow dags test avp_daily "$DEMO_DAY" 2>&1 | tee "$AVP_HOME/demo-dag.log" |
+# auto_promote: no one is at the UI to approve the package (make airflow shows the approval step)
+airflow dags test avp_daily "$DEMO_DAY" --conf '{"auto_promote": true}' 2>&1 | tee "$AVP_HOME/demo-dag.log" |
   grep --line-buffered -vE "^\s*$|\[(info|debug|warning)\s*\]|^\s*(at |File )|WARN |Traceback" | cut -c1-200
 dag_status=${PIPESTATUS[0]}
 set -e

@@ -8,8 +8,9 @@
 2. Find the evaluation's ``metrics`` artifact of that model (the newest succeeded child), if any.
 3. ``registry.build("package", <model name>, ...)``, content-keyed on the model and metrics versions,
    the code of ``serving``, ``training`` and ``pipeline`` and the packaging config. The builder writes
-   ``<name>-v<N>/`` (see ``serving.package``), verifies it exactly as a consumer would, and writes
-   ``<name>-v<N>.tar.gz`` beside it. The package record's parents are the model and the metrics.
+   ``<name>-v<N>/`` (see ``serving.package``) with its model card (``serving.model_card``), verifies it
+   exactly as a consumer would, and writes ``<name>-v<N>.tar.gz`` beside it. The package record's parents
+   are the model and the metrics.
 
 Promotion is the registry's: ``avp registry promote package:<name>@vN`` makes it production as
 ``<serve.namespace>/<name>/<major>.<minor>`` (refused for a package of an unblessed model), and
@@ -32,7 +33,8 @@ from pipeline.stages import resolve_input
 
 # ServeConfig fields that change the package's bytes; host, port, namespace, runtime and latency_runs
 # only change how it is served or measured, so they stay out of the content key.
-PACKAGE_FIELDS = ("max_points", "example_points", "example_seed", "aot_inductor", "onnx")
+PACKAGE_FIELDS = ("max_points", "example_points", "example_seed", "aot_inductor", "onnx", "card_recall_floor",
+                  "card_min_band_objects")
 # A metrics.json value is copied into the package summary only when it is this small.
 SUMMARY_MAX_ITEMS = 32
 
@@ -183,6 +185,7 @@ def package_facts(registry: Registry, record: Artifact, model: Artifact, metrics
 def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = print, run_id: str = "",
         model: str | None = None) -> dict[str, Any]:
     """The serve stage; returns the package reference, its folder and tarball, and summary tables."""
+    from serving.model_card import card_facts, write_model_card
     from serving.package import build_package, make_tarball, verify_package, write_manifest
 
     model_art = resolve_model(cfg, registry, model)
@@ -204,6 +207,8 @@ def run(cfg: PipelineConfig, registry: Registry, say: Callable[[str], None] = pr
                                  example_points=s.example_points, example_seed=s.example_seed,
                                  latency_runs=s.latency_runs, aot_inductor=s.aot_inductor, onnx=s.onnx, say=say,
                                  evaluation_dir=metrics_art.location if metrics_art else None)
+        write_model_card(folder, card_facts(registry, record, model_art, metrics_art, dataset_art, metadata,
+                                            s.card_recall_floor, s.card_min_band_objects))
         manifest_sha256 = write_manifest(folder)
         # What is published passes the very check every consumer runs.
         verify_package(folder, manifest_sha256)

@@ -14,6 +14,8 @@ A package is one folder (and a reproducible ``.tar.gz`` of it) holding::
     expected_logits.bin    float32 [N, K] little-endian raw: the eager model's logits on the example
     model_int8.pt2         only when the evaluation chose int8: its int8 PT2E AOTInductor program, with
     int8_expected_logits.bin   float32 [N, K]: that program's logits on the example
+    MODEL_CARD.md          the model card (``serving.model_card``): use, data, evaluation, limitations, provenance
+    MODEL_CARD.html        the same card as a self-contained HTML page
     MANIFEST.sha256        ``sha256sum`` format, one line per file above (``sha256sum -c`` checks it)
 
 ``build_package`` writes all of it from a model artifact folder and checks that eager, TorchScript and
@@ -60,7 +62,10 @@ EXPECTED_LOGITS = "expected_logits.bin"
 # Carried only when the evaluation chose the int8 variant: the program and its own logits on the example.
 INT8_PT2 = "model_int8.pt2"
 INT8_EXPECTED_LOGITS = "int8_expected_logits.bin"
-REQUIRED_FILES = (METADATA, TORCHSCRIPT, PT2, EXAMPLE_INPUT, EXPECTED_CLASSES, EXPECTED_LOGITS)
+MODEL_CARD = "MODEL_CARD.md"  # written by the serve stage (serving.model_card) beside build_package's files
+MODEL_CARD_HTML = "MODEL_CARD.html"
+REQUIRED_FILES = (METADATA, TORCHSCRIPT, PT2, EXAMPLE_INPUT, EXPECTED_CLASSES, EXPECTED_LOGITS, MODEL_CARD,
+                  MODEL_CARD_HTML)
 # Key under which model.ts carries its provenance (the training stage uses the same name).
 TORCHSCRIPT_METADATA = "metadata.json"
 # A manifest longer than this is not one of ours; refuse it before parsing megabytes of text.

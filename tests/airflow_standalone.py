@@ -43,21 +43,26 @@ class Standalone:
     log_path: Path
     process: subprocess.Popen
 
-    def client(self, **kwargs: Any) -> httpx.Client:
+    def client(self, user: str | None = None, **kwargs: Any) -> httpx.Client:
+        """An API client; with ``user`` (not every visitor is admin) it carries that user's bearer token."""
+        if user is not None:
+            kwargs["headers"] = {**kwargs.get("headers", {}), "Authorization": f"Bearer {self.token(user)}"}
         return httpx.Client(base_url=self.base_url, timeout=30, **kwargs)
+
+    def password(self, user: str) -> str:
+        """The password the simple auth manager generated for ``user`` (AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS)."""
+        path = Path(self.env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated"
+        return json.loads(path.read_text())[user]
+
+    def token(self, user: str) -> str:
+        """A JWT for ``user`` from the simple auth manager's token endpoint."""
+        response = httpx.post(f"{self.base_url}/auth/token", json={"username": user, "password": self.password(user)},
+                              timeout=30)
+        response.raise_for_status()
+        return response.json()["access_token"]
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
-
-    def token(self, username: str) -> str:
-        """A JWT for ``username`` of the simple auth manager (AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS), logged
-        in with the password Airflow generated for it."""
-        passwords = json.loads((Path(self.env["AIRFLOW_HOME"]) / "simple_auth_manager_passwords.json.generated")
-                               .read_text())
-        answer = httpx.post(f"{self.base_url}/auth/token", json={"username": username, "password": passwords[username]},
-                            timeout=30)
-        answer.raise_for_status()
-        return answer.json()["access_token"]
 
     def run_end_state(self, client: httpx.Client, run_id: str, timeout: float = 900) -> str:
         """``success`` or ``failed``: how avp_daily's run ``run_id`` ended, polled through ``client``."""
@@ -85,9 +90,9 @@ def standalone_airflow(tmp_path: Path, *, simulate: bool = True, **extra_env: st
     ``extra_env`` sets AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=False (then the simple auth manager's
     users log in; its generated passwords are in AIRFLOW_HOME)."""
     port = free_port()
-    env = airflow_env(tmp_path, AIRFLOW__API__HOST="127.0.0.1", AIRFLOW__API__PORT=str(port),
-                      **{"AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-                         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False", **extra_env})
+    env = airflow_env(tmp_path, **{"AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(port),
+                                   "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+                                   "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False", **extra_env})
     if simulate:
         simulated = subprocess.run(["avp", "simulate"], env=env, cwd=REPO, capture_output=True, text=True,
                                    timeout=600)

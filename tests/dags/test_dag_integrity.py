@@ -29,9 +29,10 @@ def test_tasks_dependencies_and_operator_controls(dagbag):
     dag = dagbag.dags["avp_daily"]
     edges = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
     assert edges == {"ingest": ["validate"], "validate": ["train"], "train": ["evaluate"],
-                     "evaluate": ["serve"], "serve": []}
+                     "evaluate": ["serve"], "serve": ["approve_promotion"], "approve_promotion": []}
     assert dag.task_dict["train"].pool == "avp_training"
-    assert set(dag.params) >= {"epochs", "backend", "np", "force", "window"}
+    assert set(dag.params) >= {"epochs", "backend", "np", "force", "window", "auto_promote"}
+    assert dag.params["auto_promote"] is False  # a person approves unless the run says otherwise
     assert dag.doc_md and "backfill" in dag.doc_md
     outlets = {t.task_id: [a.uri for a in t.outlets] for t in dag.tasks}
     assert outlets["ingest"] == ["avp://dataset/fleet-lidar"] and outlets["train"] == ["avp://model/bev_segnet"]
@@ -68,7 +69,7 @@ def test_spark_connection_turns_ingest_into_spark_submit(tmp_path):
     found = json.loads(out.stdout.strip().splitlines()[-1])
     assert found["edges"] == {"plan_ingest": ["ingest", "spark_submit_ingest"], "spark_submit_ingest": ["ingest"],
                               "ingest": ["validate"], "validate": ["train"], "train": ["evaluate"],
-                              "evaluate": ["serve"], "serve": []}
+                              "evaluate": ["serve"], "serve": ["approve_promotion"], "approve_promotion": []}
     assert found["type"] == "SparkSubmitOperator" and found["conn"] == "avp_spark"
     assert found["app"] == str(REPO / "spark_jobs" / "ingest.py") and os.path.isfile(found["app"])
     assert found["args0"] == "--request" and found["env"] == ["PYSPARK_DRIVER_PYTHON", "PYSPARK_PYTHON"]
@@ -94,4 +95,4 @@ def test_training_queue_routes_only_train(tmp_path, queue):
     found = json.loads(out.stdout.strip().splitlines()[-1])
     default = found["default"]
     assert found["queues"] == {task: (queue or default) if task == "train" else default
-                               for task in ("ingest", "validate", "train", "evaluate", "serve")}
+                               for task in ("ingest", "validate", "train", "evaluate", "serve", "approve_promotion")}

@@ -17,7 +17,7 @@ from pipeline.registry import Registry
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # two or three DAG runs per test
 
 TINY = {  # small and fast, but every stage does its real work
     "AVP_SIMULATE__LOGS": "10", "AVP_SIMULATE__FRAMES": "3", "AVP_SIMULATE__DAYS": "2",
@@ -26,6 +26,7 @@ TINY = {  # small and fast, but every stage does its real work
     "AVP_TRAIN__EPOCHS": "1", "AVP_TRAIN__NP": "1", "AVP_TRAIN__BACKEND": "ddp", "AVP_TRAIN__MAX_POINTS": "2000",
     "AVP_EVALUATE__MIN_MIOU": "0.0", "AVP_EVALUATE__LATENCY_RUNS": "2", "AVP_EVALUATE__LATENCY_WARMUP": "1",
     "AVP_EVALUATE__AOT_INDUCTOR": "false",
+    "AVP_EVALUATE__LATENCY_P99_BUDGET_MS": "600000",  # a busy shared CPU must not make the model unblessed
     "AVP_SERVE__AOT_INDUCTOR": "false", "AVP_SERVE__EXAMPLE_POINTS": "500", "AVP_SERVE__LATENCY_RUNS": "2",
 }
 
@@ -48,8 +49,11 @@ def run(env, *args, timeout=900):
 
 
 def dag_test(env, day):
-    """(succeeded, log) of `airflow dags test` (it exits with "DagRun failed" when the run fails)."""
-    out = run(env, "airflow", "dags", "test", "avp_daily", day)
+    """(succeeded, log) of `airflow dags test` (it exits with "DagRun failed" when the run fails). Nobody is
+    there to answer approve_promotion: it is marked done without promoting (a promotion would change the
+    next evaluation's baseline, so a re-run day would no longer be a cache hit; the approval itself is
+    tests/dags/test_hitl.py's and test_standalone's)."""
+    out = run(env, "airflow", "dags", "test", "avp_daily", day, "--mark-success-pattern", "approve_promotion")
     return out.returncode == 0, out.stdout + out.stderr
 
 

@@ -13,14 +13,17 @@ pytestmark = pytest.mark.slow
 
 
 def test_standalone_runs_a_triggered_dag_and_a_backfill(tmp_path):
-    with standalone_airflow(tmp_path) as airflow:
+    # The scheduled run Airflow creates for the latest day (catchup is off) asks for approval and nobody
+    # answers: a 1 s approval timeout ends it (production unchanged) before the triggered run starts.
+    with standalone_airflow(tmp_path, AVP_SERVE__APPROVAL_TIMEOUT_S="1") as airflow:
         env = airflow.env
         client = airflow.client()
         dag = wait_for(lambda: (r := client.get("/api/v2/dags/avp_daily")).status_code == 200 and r.json(), 120,
                        "the DAG to be parsed")
         assert dag["is_paused"] is False  # AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION=False
         # SQLite behind a busy scheduler can answer a write with 500 (database locked): retry a few times
-        triggered = wait_for(lambda: (r := client.post("/api/v2/dags/avp_daily/dagRuns", json={"logical_date": None}))
+        triggered = wait_for(lambda: (r := client.post("/api/v2/dags/avp_daily/dagRuns",
+                                                       json={"logical_date": None, "conf": {"auto_promote": True}}))
                              .status_code in (200, 201) and r, 60, "the trigger to be accepted")
         run_id = triggered.json()["dag_run_id"]
 
@@ -31,7 +34,8 @@ def test_standalone_runs_a_triggered_dag_and_a_backfill(tmp_path):
         assert wait_for(finished, 900, f"run {run_id}") == "success", airflow.log_tail()
         tasks = client.get(f"/api/v2/dags/avp_daily/dagRuns/{run_id}/taskInstances").json()["task_instances"]
         assert {t["task_id"]: t["state"] for t in tasks} == {
-            "ingest": "success", "validate": "success", "train": "success", "evaluate": "success", "serve": "success"}
+            "ingest": "success", "validate": "success", "train": "success", "evaluate": "success", "serve": "success",
+            "approve_promotion": "success"}
 
         # A backfill over two days, as the UI's Backfill button creates it: one dataset version per day.
         backfill = wait_for(lambda: (r := client.post("/api/v2/backfills", json={
@@ -55,3 +59,9 @@ def test_standalone_runs_a_triggered_dag_and_a_backfill(tmp_path):
                                    .date().isoformat() for p in registry.parents(d.id) if p.kind == "log"})
                     for d in registry.list("dataset", state="succeeded")}
         assert {tuple(days) for days in log_days.values()} == {("2026-11-01",), ("2026-11-01", "2026-11-02")}, log_days
+        # the triggered run promoted on its own (auto_promote); the scheduled run's request timed out
+        production = registry.production("perception", "bev_segnet")
+        assert production is not None and production.promoted_by.startswith("auto_promote")
+        timed_out = [e for p in registry.list("package") for e in registry.events(p.id)
+                     if e["reason"].startswith("promotion request timed out")]
+        assert timed_out and all(e["by"] == "airflow" for e in timed_out)

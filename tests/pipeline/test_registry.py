@@ -7,8 +7,16 @@ from pathlib import Path
 import pytest
 
 from pipeline import config
-from pipeline.registry import (BuildInProgress, IllegalTransition, NotFound, PromotionRefused, Registry,
-                               RegistryError, _now, parse_ref)
+from pipeline.registry import (
+    BuildInProgress,
+    IllegalTransition,
+    NotFound,
+    PromotionRefused,
+    Registry,
+    RegistryError,
+    _now,
+    parse_ref,
+)
 from tests.conftest import VENV_BIN
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,15 +18,16 @@ EXAMPLE_POINTS = 2000
 
 
 def register_model(registry, seed: int = 0, blessed: bool | None = True, with_metrics: bool = True,
-                   reasons: tuple[str, ...] = ()):
-    """A dataset record, a model artifact laid out like the train stage's (model.pt, model.json,
-    model.ts, metrics.json) with weights from ``seed``, its blessing, and an evaluation metrics artifact."""
+                   reasons: tuple[str, ...] = (), dataset=None):
+    """A dataset record (unless ``dataset`` is given), a model artifact laid out like the train stage's
+    (model.pt, model.json, model.ts, metrics.json) with weights from ``seed``, its blessing, and an
+    evaluation metrics artifact."""
     from tests.evaluation.builders import train_metrics
     from training.checkpoint import save_torchscript
     from training.models import build_model, config_to_dict
 
-    dataset = registry.build("dataset", "fleet-lidar", entry_point="tests", config={},
-                             builder=lambda staging, record: None)
+    dataset = dataset or registry.build("dataset", "fleet-lidar", entry_point="tests", config={},
+                                        builder=lambda staging, record: None)
 
     def write_model(staging, record):
         torch.manual_seed(seed)

@@ -242,9 +242,8 @@ def test_a_symlink_is_refused_even_when_listed(package_copy, tmp_path):
 
 
 def test_a_malformed_manifest_line_is_refused(package_copy):
-    with open(os.path.join(package_copy, MANIFEST), "a+") as fh:
-        fh.seek(0)
-        lines = len(fh.read().splitlines())
+    lines = len(read_manifest(package_copy)[0])
+    with open(os.path.join(package_copy, MANIFEST), "a") as fh:
         fh.write("not a checksum line\n")
     _refused(package_copy, MANIFEST, f"line {lines + 1}")
 

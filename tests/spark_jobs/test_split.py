@@ -1,8 +1,8 @@
+import random
+
 import pytest
 
 from spark_jobs import split as splitting
-import random
-
 from spark_jobs.extract import log_group_sizes
 from spark_jobs.ingest import order_row_groups
 
