@@ -9,7 +9,7 @@ import pytest
 from pipeline.errors import StageFailed
 from tests.spark_jobs.test_validate import LogSpec, build_dataset, failed_checks, fleet, spark, validate  # noqa: F401
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("spark")]  # one Spark session, as in test_validate.py
 
 
 def failure_of(cfg, registry, **overrides) -> str:
@@ -18,7 +18,7 @@ def failure_of(cfg, registry, **overrides) -> str:
     return str(failure.value)
 
 
-def test_a_log_with_frames_in_two_splits_is_leakage(cfg, registry, spark):
+def test_a_log_with_frames_in_two_splits_is_leakage(cfg, registry):
     logs = fleet()
     leaked = LogSpec(logs[0].log_id, "test", logs[0].city)  # log-00 is in train; some of its frames in test too
     build_dataset(registry, [*logs, leaked])
@@ -27,7 +27,7 @@ def test_a_log_with_frames_in_two_splits_is_leakage(cfg, registry, spark):
     assert f"log {logs[0].log_id} has frames in" in message and "and another split" in message
 
 
-def test_frames_per_log_bounds_come_from_config(cfg, registry, spark):
+def test_frames_per_log_bounds_come_from_config(cfg, registry):
     logs = fleet()
     logs[3] = LogSpec(logs[3].log_id, logs[3].split, logs[3].city, frames=1)
     logs[4] = LogSpec(logs[4].log_id, logs[4].split, logs[4].city, frames=5)
@@ -41,7 +41,7 @@ def test_frames_per_log_bounds_come_from_config(cfg, registry, spark):
         "verdict"] == "passed"
 
 
-def test_a_manifest_log_without_frames_fails(cfg, registry, spark):
+def test_a_manifest_log_without_frames_fails(cfg, registry):
     logs = fleet()
     ghost = LogSpec("log-ghost", "train", logs[0].city, frames=0)  # listed, never written
     build_dataset(registry, [*logs, ghost])
