@@ -18,9 +18,8 @@ Usage::
     python scripts/mutate.py spark_jobs/split.py      # one module
     MUTATE_JOBS=1 python scripts/mutate.py ...        # parallel mutants (default 2)
 
-Each module's result goes to ``mutants-results/<module>.json`` (score, counts, surviving mutant names)
-and one summary line per module to stdout; ``mutmut show <name>`` (run in the repository root after a
-module's run) prints a survivor's diff.
+Each module's result goes to ``mutants-results/<module>.json`` (score, counts, the mutants not killed
+and their changed lines) and one summary line per module to stdout.
 """
 
 from __future__ import annotations
@@ -96,11 +95,23 @@ def summarise(module: str, tests: list[str]) -> dict:
     skipped = counts.get("skipped", 0)
     tested = sum(counts.values()) - skipped
     killed = counts.get(KILLED, 0)
+    not_killed = {status: names for status, names in statuses.items() if status not in (KILLED, "skipped")}
     return {
         "module": module, "tests": tests, "counts": counts, "tested": tested, "killed": killed,
-        "score": round(100.0 * killed / tested, 1) if tested else None,
-        "not_killed": {status: names for status, names in statuses.items() if status not in (KILLED, "skipped")},
+        "score": round(100.0 * killed / tested, 1) if tested else None, "not_killed": not_killed,
+        # the changed lines of each mutant not killed, for judging whether it is equivalent
+        "diffs": {name: changed_lines(name, module) for names in not_killed.values() for name in names},
     }
+
+
+def changed_lines(name: str, module: str) -> list[str]:
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+
+    try:
+        diff = get_diff_for_mutant(name, path=Path(module)).splitlines()
+    except Exception as exc:  # a diff is a convenience: never lose the scores over it
+        return [f"(no diff: {type(exc).__name__}: {exc})"]
+    return [line for line in diff if line[:1] in "+-" and not line.startswith(("+++", "---"))]
 
 
 def main(argv: list[str]) -> int:
