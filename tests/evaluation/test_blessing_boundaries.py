@@ -198,3 +198,34 @@ def test_reasons_are_failures_then_passes_then_notes():
              else "note" for r in verdict.reasons]
     assert kinds == [False, False, True, "note"]
     assert verdict.reasons[-1] == "no production model to compare with (first model): absolute thresholds only"
+
+
+def test_a_class_with_a_single_point_is_judged_and_counts_for_the_lowest_recall():
+    m = candidate()
+    m["segmentation"]["classes"]["cyclist"] = {"iou": 0.0, "recall": 0.0, "precision": None, "points": 1}
+    verdict = blessing.decide(m, EvaluateConfig(min_class_recall=0.25))
+    assert outcome(verdict, "min_class_recall") == [(False, "cyclist point recall 0.000 < min_class_recall 0.250")]
+    m["segmentation"]["classes"]["cyclist"]["recall"] = 0.375
+    verdict = blessing.decide(m, EvaluateConfig(min_class_recall=0.25))
+    assert outcome(verdict, "min_class_recall")[0][1].endswith("(lowest 0.375)")
+
+
+def test_no_class_with_points_gives_no_lowest_recall():
+    m = candidate()
+    for metrics_of_class in m["segmentation"]["classes"].values():
+        metrics_of_class["points"] = 0
+    verdict = blessing.decide(m, EvaluateConfig())
+    assert outcome(verdict, "min_class_recall") == [
+        (True, "every class's point recall >= min_class_recall 0.000 (lowest n/a)")]
+
+
+def test_a_class_the_baseline_never_had_is_not_compared():
+    base = candidate()
+    del base["segmentation"]["classes"]["pedestrian"]  # an older taxonomy, say
+    verdict = blessing.decide(candidate(), EvaluateConfig(max_regression=ALLOWED), base)
+    assert verdict.blessed and "(2 compared; none dropped)" in outcome(verdict, "class_regression")[0][1]
+
+
+def test_an_unchanged_planner_shows_a_plus_zero():
+    assert outcome(against({}, {}), "planner_regression") == [
+        (True, "missed-brake rate 0.250 vs production model:m@v1 0.250 (+0.000; allowed +0.125)")]
