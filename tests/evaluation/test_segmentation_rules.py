@@ -40,7 +40,8 @@ def test_a_score_of_one_lands_in_the_top_bin_and_ignore_points_count_nowhere():
     scores = scores_for({1: [1.0, 0.9, 1.0, 0.1]}, 4)
     acc = seg.PRAccumulator(seg.pr_thresholds(2))  # thresholds 0, 0.5
     acc.update(labels, scores)
-    assert acc.positives[1].tolist() == [1, 1]  # ground points: 0.1 -> bin 0, 1.0 -> bin 1 (clipped)
+    assert acc.positives.dtype == acc.negatives.dtype == np.int64  # exact counts, however many points
+    assert acc.positives[1].tolist() == [1, 1]  # ground points: 0.1 -> bin 0, 1.0 -> bin 1 (the last)
     assert acc.negatives[1].tolist() == [0, 1]  # the building point at 0.9; the ignore point is left out
     assert acc.positives[IGNORE].sum() == 0 and acc.negatives[IGNORE].sum() == 0
     assert acc.negatives[2].tolist() == [2, 0]  # building's column is 0 for both ground points
@@ -78,6 +79,7 @@ def test_a_class_without_points_has_no_recall_and_no_average_precision():
     ([None, 1.0], [1.0, 0.5], 0.5 * 1.0),                 # undefined precision skips its step
     ([0.25, 0.5], [0.5, 0.5], 0.5 * 0.5),                 # a flat step adds nothing
     ([0.4, 0.8], [0.6, None], 0.6 * 0.4),                 # a missing recall counts as 0
+    ([0.2, 0.5, 1.0], [1.0, 0.5, 0.25], 0.5 * 0.2 + 0.25 * 0.5 + 0.25 * 1.0),  # each step to the next recall
 ])
 def test_average_precision_is_the_sum_of_recall_steps_times_precision(precision, recall, expected):
     got = seg.average_precision(precision, recall)
