@@ -204,3 +204,21 @@ def test_resolved_and_canonical_json():
     assert config.canonical_json({"b": 1, "a": [1, 2], "c": {"z": None, "y": 1.5}}) == (
         '{"a":[1,2],"b":1,"c":{"y":1.5,"z":null}}')
     assert config.canonical_json({"p": config.PipelineConfig}) == f'{{"p":"{config.PipelineConfig}"}}'
+
+
+def test_a_field_below_a_field_is_refused_naming_the_field():
+    cfg = config.load(env={})
+    with pytest.raises(ConfigError, match=r"^config field 'train.epochs' has no sub-fields$"):
+        config.set_value(cfg, "train.epochs.x", 1)
+
+
+def test_an_environment_name_splits_at_its_first_double_underscore():
+    with pytest.raises(ConfigError, match=r"unknown config field 'train.epochs__x'"):
+        config.load(env={"AVP_TRAIN__EPOCHS__X": "1"})
+
+
+def test_broken_rules_are_joined_in_one_message():
+    with pytest.raises(ConfigError) as caught:
+        config.load({"train.np": 0, "train.epochs": 0}, env={})
+    assert str(caught.value) == ("config field train.np: 0 must be at least 1; "
+                                 "config field train.epochs: 0 must be at least 1")
