@@ -44,7 +44,7 @@ def run_sample(tmp_path, ci: str | None):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("ci", [None, "false", ""])
+@pytest.mark.parametrize("ci", [None, "false"])
 def test_locally_missing_prerequisites_skip_with_their_reason(tmp_path, ci):
     out = run_sample(tmp_path, ci)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -52,7 +52,7 @@ def test_locally_missing_prerequisites_skip_with_their_reason(tmp_path, ci):
     assert "needs the moon at /nowhere" in out.stdout and "no database server: install postgresql" in out.stdout
 
 
-@pytest.mark.parametrize("ci", ["true", "TRUE", " true "])
+@pytest.mark.parametrize("ci", ["true", " TRUE "])
 def test_under_ci_missing_prerequisites_fail_loudly(tmp_path, ci):
     out = run_sample(tmp_path, ci)
     assert out.returncode == 1, out.stdout + out.stderr
