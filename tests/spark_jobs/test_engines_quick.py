@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import os
 
-from tests.spark_jobs.test_validate import POINTS_PER_FRAME, build_dataset, fleet, validate
+from tests.spark_jobs.test_validate import POINTS_PER_FRAME, LogSpec, build_dataset, fleet, validate
 
 
 def test_one_spark_job_and_one_ge_validation_on_tiny_data(cfg, registry):
-    logs = [spec.__class__(spec.log_id, spec.split, spec.city, frames=1) for spec in fleet()]
+    logs = [LogSpec(spec.log_id, spec.split, spec.city, frames=1) for spec in fleet()]
     data = build_dataset(registry, logs)
     result = validate(cfg, registry, **{"ingest.spark_master": "local[1]"})
     assert result["verdict"] == "passed" and result["dataset"] == data.ref
