@@ -111,7 +111,8 @@ def summarise(module: str, tests: list[str]) -> dict:
         "module": module, "tests": tests, "counts": counts, "tested": tested, "killed": killed,
         "score": round(100.0 * killed / tested, 1) if tested else None, "not_killed": not_killed,
         # the changed lines of each mutant not killed, for judging whether it is equivalent
-        "diffs": {name: changed_lines(name, module) for names in not_killed.values() for name in names},
+        "diffs": {name: changed_lines(name, module)
+                  for status, names in not_killed.items() if status != "no tests" for name in names},
     }
 
 
@@ -125,11 +126,17 @@ def changed_lines(name: str, module: str) -> list[str]:
     return [line for line in diff if line[:1] in "+-" and not line.startswith(("+++", "---"))]
 
 
+def write_result(module: str, result: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / (module.replace("/", ".") + ".json")).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--summary"]:  # the result of the last run in ./mutants again (e.g. after an interruption)
+        write_result(argv[1], summarise(argv[1], MODULES[argv[1]]))
+        return 0
     if argv[:1] == ["--one"]:
-        result = run_one(argv[1], int(os.environ.get("MUTATE_JOBS", "2")))
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / (argv[1].replace("/", ".") + ".json")).write_text(json.dumps(result, indent=2) + "\n")
+        write_result(argv[1], run_one(argv[1], int(os.environ.get("MUTATE_JOBS", "2"))))
         return 0
     modules = argv or list(MODULES)
     unknown = [m for m in modules if m not in MODULES]
