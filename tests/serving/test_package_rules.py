@@ -230,3 +230,113 @@ def test_compare_logits_counts_only_real_mismatches():
     assert pkg.compare_logits(np.zeros((1, 0, 2)), np.zeros((1, 0, 2))) == {
         "max_abs_diff": 0.0, "tolerance": pkg.RELATIVE_TOLERANCE, "class_match_rate": 1.0, "real_mismatches": 0,
         "agrees": True}
+
+
+# ------------------------------------------------------------------------- refusals, word for word
+def test_a_symlink_is_refused_when_listing(tmp_path):
+    folder, _ = make_folder(tmp_path)
+    (folder / "link").symlink_to(folder / "model.ts")
+    with pytest.raises(PackageError, match="^link: is a symbolic link; a package holds only regular files$"):
+        pkg.write_manifest(str(folder))
+
+
+def test_a_listed_path_through_a_linked_folder_resolves_outside(tmp_path):
+    folder, _ = make_folder(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.txt").write_text("x")
+    (folder / "sub").symlink_to(outside)
+    text = (folder / MANIFEST).read_text() + f"{hashlib.sha256(b'x').hexdigest()}  sub/x.txt\n"
+    (folder / MANIFEST).write_text(text)
+    with pytest.raises(PackageError, match="^sub/x.txt: resolves outside the package folder$"):
+        pkg.verify_package(str(folder))
+
+
+def test_a_listed_file_that_is_missing_is_named(tmp_path):
+    folder, _ = make_folder(tmp_path)
+    (folder / "model.pt2").unlink()
+    with pytest.raises(PackageError, match="^model.pt2: listed in MANIFEST.sha256 but missing from the package$"):
+        pkg.verify_package(str(folder))
+
+
+def test_two_unlisted_files_say_one_more(tmp_path):
+    folder, _ = make_folder(tmp_path)
+    (folder / "x1").write_text("1")
+    (folder / "x2").write_text("2")
+    with pytest.raises(PackageError, match=r"^x1: present in the package but not listed in MANIFEST.sha256 "
+                                           r"\(and 1 more\)$"):
+        pkg.verify_package(str(folder))
+
+
+def test_a_checksum_mismatch_says_what_it_means(tmp_path):
+    folder, _ = make_folder(tmp_path)
+    (folder / "model.ts").write_bytes(b"other")
+    with pytest.raises(PackageError, match=r"\): the file was modified or corrupted$"):
+        pkg.verify_package(str(folder))
+
+
+def test_a_long_malformed_manifest_line_is_quoted_up_to_120_characters(tmp_path):
+    folder, _ = make_folder(tmp_path)
+    line = "z" * 200
+    (folder / MANIFEST).write_text(line + "\n")
+    with pytest.raises(PackageError) as caught:
+        pkg.verify_package(str(folder))
+    assert str(caught.value) == f"MANIFEST.sha256: line 1 is not '<sha256>  <name>': {'z' * 120!r}"
+
+
+def test_a_refused_member_name_says_what_is_refused():
+    with pytest.raises(PackageError) as caught:
+        pkg.check_member_name("../x")
+    assert str(caught.value) == ("manifest entry '../x' is not a plain relative path inside the package (absolute "
+                                 "paths, '..', '.', backslashes and empty segments are refused)")
+
+
+def tarball_with(path, names):
+    with tarfile.open(path, "w:gz") as tar:
+        for name in names:
+            info = tarfile.TarInfo(name)
+            if name.endswith("/"):
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = 1
+                tar.addfile(info, io.BytesIO(b"1"))
+    return str(path)
+
+
+def test_folder_members_are_accepted_and_absolute_members_refused(tmp_path):
+    out = pkg.extract_tarball(tarball_with(tmp_path / "d.tar.gz", ["pkg/", "pkg/sub/", "pkg/sub/x"]),
+                              str(tmp_path / "out"))
+    assert (tmp_path / "out" / "pkg" / "sub" / "x").read_bytes() == b"1" and out == str(tmp_path / "out" / "pkg")
+    with pytest.raises(PackageError, match="not a plain relative path"):
+        pkg.extract_tarball(tarball_with(tmp_path / "abs.tar.gz", ["/pkg/x"]), str(tmp_path / "out2"))
+
+
+def test_an_uncompressed_tar_is_not_a_package_tarball(tmp_path):
+    path = tmp_path / "plain.tar.gz"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("pkg/x")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"1"))
+    with pytest.raises(PackageError, match="plain.tar.gz: not a readable .tar.gz"):
+        pkg.extract_tarball(str(path), str(tmp_path / "out"))
+
+
+def test_the_gzip_header_carries_no_file_name(tmp_path):
+    folder, _ = make_folder(tmp_path)
+    pkg.make_tarball(str(folder), str(tmp_path / "p.tar.gz"))
+    assert (tmp_path / "p.tar.gz").read_bytes()[3] == 0  # FLG: no FNAME (it would be the temporary file's)
+
+
+def test_a_near_tie_is_the_top_two_of_many_classes():
+    tol = pkg.RELATIVE_TOLERANCE  # logits within [-1, 1]
+    reference = np.array([[[0.9, 0.5, 0.5]]])  # top two: 0.9 and 0.5, a clear margin (the third does not count)
+    flipped = np.array([[[0.5, 0.9, 0.5]]])
+    assert pkg.compare_logits(reference, flipped)["real_mismatches"] == 1
+    close = np.array([[[0.5, 0.5 + 2.5 * tol, -0.9]]])  # margin 2.5 tolerances: a real mismatch if it flips
+    assert pkg.compare_logits(close, close[..., [1, 0, 2]])["real_mismatches"] == 1
+
+
+def test_a_difference_of_exactly_the_tolerance_agrees():
+    reference = np.zeros((1, 4, 3))
+    assert pkg.compare_logits(reference, reference + pkg.RELATIVE_TOLERANCE)["agrees"]
