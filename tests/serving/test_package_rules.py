@@ -345,7 +345,8 @@ def test_a_difference_of_exactly_the_tolerance_agrees():
 def test_names_with_spaces_survive_manifest_verification_and_the_tarball(tmp_path):
     folder, digest = make_folder(tmp_path, extra=["notes dir/read me.txt"])
     files = pkg.verify_package(str(folder), digest)["files"]
-    assert pkg.read_verified(str(folder), "notes dir/read me.txt", files) == (folder / "notes dir/read me.txt").read_bytes()
+    name = "notes dir/read me.txt"
+    assert pkg.read_verified(str(folder), name, files) == (folder / name).read_bytes()
     pkg.make_tarball(str(folder), str(tmp_path / "p.tar.gz"))
     out = pkg.extract_tarball(str(tmp_path / "p.tar.gz"), str(tmp_path / "out"))
     assert pkg.verify_package(out, digest)["files"] == files
