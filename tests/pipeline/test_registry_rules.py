@@ -105,7 +105,8 @@ def test_a_deprecated_version_is_not_reused(registry):
 
 
 # --------------------------------------------------------------------------------------------- references
-@pytest.mark.parametrize("ref, parsed", [("dataset:fleet@v3", ("dataset", "fleet", 3)), ("dataset:fleet", ("dataset", "fleet", None)),
+@pytest.mark.parametrize("ref, parsed", [("dataset:fleet@v3", ("dataset", "fleet", 3)),
+                                         ("dataset:fleet", ("dataset", "fleet", None)),
                                          ("fleet@4", (None, "fleet", 4)), ("fleet", (None, "fleet", None)),
                                          ("model:seg@v12", ("model", "seg", 12))])
 def test_parse_ref(ref, parsed):
