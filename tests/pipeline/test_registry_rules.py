@@ -276,3 +276,16 @@ def test_sticky_assign_decides_new_keys_once_and_keeps_old_ones(registry):
     assert registry.sticky_assign("ledger-a", ["x"], decide) == {"x": "v0-x"}
     assert calls == [({}, ["x", "y"]), ({"x": "v0-x", "y": "v0-y"}, ["z"])]
     assert registry.sticky_assign("ledger-b", ["x"], lambda e, n: {"x": "other"}) == {"x": "other"}
+
+
+def test_record_registers_an_existing_thing_once(registry, tmp_path):
+    """What ingest does for a source drive log: a succeeded record pointing at a file that already exists."""
+    (tmp_path / "a.mcap").write_bytes(b"log")
+    log = registry.record("log", "log-a", content_key="sha-a", location=str(tmp_path / "a.mcap"),
+                          entry_point="tests:record", meta={"city": "pittsburgh"})
+    assert (log.ref, log.state, log.location, log.meta) == ("log:log-a@v1", "succeeded", str(tmp_path / "a.mcap"),
+                                                            {"city": "pittsburgh"})
+    assert [e["to_state"] for e in registry.events(log.id)] == ["registered", "building", "succeeded"]
+    assert registry.record("log", "log-a", content_key="sha-a", location="elsewhere", entry_point="x").id == log.id
+    changed = registry.record("log", "log-a", content_key="sha-b", location=str(tmp_path / "a.mcap"), entry_point="x")
+    assert changed.version == 2 and changed.meta == {}
