@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 AVP := $(VENV)/bin/avp
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench airflow airflow-cluster constraints clean
+.PHONY: setup demo test test-fast mutate bench airflow airflow-cluster constraints clean
 
 setup:
 	@bash scripts/setup.sh
@@ -24,9 +24,12 @@ test: setup  ## also installs the servers tests start (PostgreSQL) when missing 
 	@bash scripts/install_servers.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: setup  ## skip the slow (Spark / multi-process / Airflow) tests
+test-fast: setup  ## skip the slow tests (one small real Spark job + GE validation still runs: test_engines_quick)
 	@bash scripts/install_servers.sh
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+mutate: setup  ## mutation testing of the silent-mistake modules, one at a time (MODULES="..." for some; docs/testing.md)
+	nice -n 10 $(PY) scripts/mutate.py $(MODULES)
 
 bench: setup  ## every benchmark, one after the other (results go into docs/benchmarks.md by hand)
 	$(PY) -m bench.ingest_bench

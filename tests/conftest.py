@@ -1,4 +1,5 @@
-"""Shared fixtures: a throwaway pipeline home and registry per test, and paths to the real data."""
+"""Shared fixtures: a throwaway pipeline home and registry per test, and paths to the real data; the
+``requires`` mark and its CI rule come from ``tests.prerequisites``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.prerequisites import pytest_configure, pytest_runtest_setup  # noqa: F401 (hooks of this conftest)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"

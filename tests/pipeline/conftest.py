@@ -9,7 +9,6 @@ cases are skipped with a line saying how to install them; under CI (``CI=true``)
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import uuid
@@ -18,12 +17,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.servers import ServerUnavailable, start_postgres
+from tests.prerequisites import missing
 
 
 def _unavailable(reason: str) -> None:
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"PostgreSQL is required in CI: {reason}")
-    pytest.skip(f"PostgreSQL tests skipped: {reason}")
+    missing(f"PostgreSQL tests skipped: {reason}")
 
 
 @pytest.fixture(scope="session")

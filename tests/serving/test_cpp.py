@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
+from tests.prerequisites import requires
 
 BUILD_SCRIPT = REPO / "serving" / "cpp" / "build.sh"
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (shutil.which("cmake") and shutil.which("g++")), reason="needs cmake and g++"),
+    requires(shutil.which("cmake") and shutil.which("g++"), "needs cmake and g++"),
 ]
 
 

@@ -24,9 +24,10 @@ from pipeline.geometry import points_in_boxes
 from pipeline.taxonomy import CLASS_ID, CLASSES, NUM_CLASSES
 from spark_jobs.quality import frame_problem, normalise
 from spark_jobs.sources import av2, kitti, semantickitti
+from tests.conftest import REAL_DATA
+from tests.prerequisites import requires
 
-REAL_DATA = Path(__file__).resolve().parents[3] / "shared" / "real-data"
-needs_real_data = pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real dataset samples not found at {REAL_DATA}")
+needs_real_data = requires(REAL_DATA.is_dir(), f"real dataset samples not found at {REAL_DATA}")
 
 KITTI_ROOT = REAL_DATA / "kitti"
 KITTI_SAMPLES = [f"{i:06d}" for i in range(6)]
