@@ -4,8 +4,6 @@ says which way it went. Values are binary fractions (0.5, 0.125, ...) so "exactl
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 from evaluation import blessing
@@ -106,92 +104,8 @@ def test_no_brake_decisions_passes_the_missed_brake_gate():
     assert outcome(verdict, "max_missed_brake_rate") == [(True, "missed-brake rate n/a <= max_missed_brake_rate 0.000")]
 
 
-# ---------------------------------------------------------------------------------- relative to production
-ALLOWED = 0.125
-
-
-def against(base_changes, cand_changes, allowed=ALLOWED):
-    return blessing.decide(candidate(**cand_changes), EvaluateConfig(max_regression=allowed),
-                           candidate(**base_changes), "production model:m@v1")
-
-
-@pytest.mark.parametrize("mine, blessed", [(0.625, True), (0.625 - EPS, False)])
-def test_class_regression_boundary(mine, blessed):
-    verdict = against({}, {"segmentation__classes__ground__iou": mine})  # production's ground IoU is 0.75
-    assert verdict.blessed is blessed
-    checks = outcome(verdict, "class_regression")
-    if blessed:
-        assert checks == [(True, "no class IoU fell more than 0.125 below production model:m@v1 "
-                                 "(3 compared; largest drop 0.125 (ground))")]
-    else:
-        assert checks == [(False, f"class ground IoU {mine:.3f} vs production model:m@v1 0.750 "
-                                  f"(-{0.75 - mine:.3f}, more than the allowed 0.125)")]
-
-
-@pytest.mark.parametrize("mine, blessed", [(0.375, True), (0.375 - EPS, False)])
-def test_scene_regression_boundary(mine, blessed):
-    verdict = against({}, {"scenes__log-a__miou": mine})  # production's log-a mIoU is 0.5
-    assert verdict.blessed is blessed
-    [*_, (passed, text)] = outcome(verdict, "scene_regression")
-    assert passed is blessed
-    assert ("log-a" in text) and (("largest drop 0.125 (log-a)" in text) is blessed)
-
-
-@pytest.mark.parametrize("mine, blessed", [(0.375, True), (0.375 + EPS, False)])
-def test_planner_regression_boundary(mine, blessed):
-    verdict = against({}, {"planner__missed_brake_rate": mine})  # production missed 0.25
-    assert verdict.blessed is blessed
-    assert outcome(verdict, "planner_regression") == [
-        (blessed, f"missed-brake rate {mine:.3f} vs production model:m@v1 0.250 (+{mine - 0.25:.3f}; allowed +0.125)")]
-
-
-def test_a_better_planner_shows_its_gain_without_a_plus_sign():
-    verdict = against({}, {"planner__missed_brake_rate": 0.125})
-    assert outcome(verdict, "planner_regression") == [
-        (True, "missed-brake rate 0.125 vs production model:m@v1 0.250 (-0.125; allowed +0.125)")]
-
-
-def test_nothing_dropped_is_said_so_and_every_item_is_compared():
-    verdict = against({}, {})
-    assert verdict.blessed
-    assert outcome(verdict, "class_regression") == [
-        (True, "no class IoU fell more than 0.125 below production model:m@v1 (3 compared; none dropped)")]
-    assert outcome(verdict, "scene_regression") == [
-        (True, "no scene mIoU fell more than 0.125 below production model:m@v1 (2 compared; none dropped)")]
-
-
-def test_several_regressions_are_listed_worst_first():
-    verdict = against({}, {"segmentation__classes__ground__iou": 0.0, "segmentation__classes__vehicle__iou": 0.25})
-    failed = [text for passed, text in outcome(verdict, "class_regression") if not passed]
-    assert [t.split()[1] for t in failed] == ["ground", "vehicle"]  # drop 0.75 before drop 0.25
-    verdict = against({}, {"segmentation__classes__ground__iou": 0.5, "segmentation__classes__vehicle__iou": 0.0})
-    failed = [text for passed, text in outcome(verdict, "class_regression") if not passed]
-    assert [t.split()[1] for t in failed] == ["vehicle", "ground"]  # drop 0.5 before drop 0.25
-
-
-def test_items_without_a_value_on_either_side_are_not_compared():
-    base = candidate()
-    base["segmentation"]["classes"]["vehicle"]["iou"] = None  # production never saw a vehicle
-    base["scenes"] = {"log-a": {"miou": None}, "log-b": {"miou": 0.75}}
-    cand = candidate(**{"segmentation__classes__vehicle__iou": 0.0, "scenes__log-a__miou": 0.0})
-    cand["scenes"]["log-new"] = {"miou": 0.0}  # a scene production was not evaluated on
-    verdict = blessing.decide(cand, EvaluateConfig(max_regression=ALLOWED), base)
-    assert verdict.blessed
-    assert "(2 compared; none dropped)" in outcome(verdict, "class_regression")[0][1]
-    assert "(1 compared; none dropped)" in outcome(verdict, "scene_regression")[0][1]
-
-
-def test_no_planner_comparison_when_either_side_has_no_rate():
-    for base, cand in ((None, 0.9), (0.1, None)):
-        verdict = against({"planner__missed_brake_rate": base}, {"planner__missed_brake_rate": cand})
-        assert outcome(verdict, "planner_regression") == []
-
-
-def test_the_baseline_label_defaults_to_production():
-    verdict = blessing.decide(candidate(), EvaluateConfig(), copy.deepcopy(candidate()))
-    assert "below production (3 compared" in outcome(verdict, "class_regression")[0][1]
-
-
+# ---------------------------------------------------------------------------------- reasons and recall
+# (the regression against production is the paired bootstrap test: tests/evaluation/test_statistics.py)
 def test_reasons_are_failures_then_passes_then_notes():
     verdict = blessing.decide(candidate(), EvaluateConfig(min_miou=0.75, latency_p99_budget_ms=50.0))
     kinds = [next(c["passed"] for c in verdict.checks if c["text"] == r) if any(c["text"] == r for c in verdict.checks)
@@ -219,13 +133,3 @@ def test_no_class_with_points_gives_no_lowest_recall():
         (True, "every class's point recall >= min_class_recall 0.000 (lowest n/a)")]
 
 
-def test_a_class_the_baseline_never_had_is_not_compared():
-    base = candidate()
-    del base["segmentation"]["classes"]["pedestrian"]  # an older taxonomy, say
-    verdict = blessing.decide(candidate(), EvaluateConfig(max_regression=ALLOWED), base)
-    assert verdict.blessed and "(2 compared; none dropped)" in outcome(verdict, "class_regression")[0][1]
-
-
-def test_an_unchanged_planner_shows_a_plus_zero():
-    assert outcome(against({}, {}), "planner_regression") == [
-        (True, "missed-brake rate 0.250 vs production model:m@v1 0.250 (+0.000; allowed +0.125)")]
