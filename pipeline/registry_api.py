@@ -116,7 +116,7 @@ class Links(BaseModel):
 
     validation_report: Optional[str]
     evaluation_report: Optional[str]
-    model_card: Optional[str]  # the serving package's metadata.json: versions, verdict, latency, classes
+    model_card: Optional[str]  # the serving package's MODEL_CARD.html (metadata.json for older packages)
     airflow_run: Optional[str]
 
 
@@ -507,12 +507,18 @@ def _links(registry: Registry, art: Artifact, base: str, airflow_ui: str | None)
         found = [c for c in registry.children(art.id) if c.kind == kind and c.state == "succeeded"]
         return found[-1] if found else None
 
-    def file_link(owner: Artifact | None, name: str) -> str | None:
-        if owner is None or not owner.location or is_url(owner.location):
+    def file_link(owner: Artifact | None, *names: str) -> str | None:
+        """The first of ``names`` in the artifact's folder, or in a folder inside it (a package's files sit in
+        ``<location>/<name>-v<N>/``)."""
+        if owner is None or not owner.location or is_url(owner.location) or not os.path.isdir(owner.location):
             return None
-        if not os.path.isfile(os.path.join(owner.location, name)):
-            return None
-        return f"{base}/api/artifacts/{owner.id}/files/{name}"
+        folders = ["", *sorted(d for d in os.listdir(owner.location) if os.path.isdir(os.path.join(owner.location, d)))]
+        for name in names:
+            for folder in folders:
+                relative = f"{folder}/{name}" if folder else name
+                if os.path.isfile(os.path.join(owner.location, relative)):
+                    return f"{base}/api/artifacts/{owner.id}/files/{quote(relative)}"
+        return None
 
     validation = art if art.kind == "validation" else newest_child("validation") if art.kind == "dataset" else None
     metrics = art if art.kind == "metrics" else newest_child("metrics") if art.kind == "model" else None
@@ -522,7 +528,7 @@ def _links(registry: Registry, art: Artifact, base: str, airflow_ui: str | None)
         run = f"{airflow_ui}/dags/{quote(art.dag_id, safe='')}/runs/{quote(art.dag_run_id, safe='')}"
     return Links(validation_report=file_link(validation, "report.html"),
                  evaluation_report=file_link(metrics, "report.html"),
-                 model_card=file_link(package, "metadata.json"), airflow_run=run)
+                 model_card=file_link(package, "MODEL_CARD.html", "metadata.json"), airflow_run=run)
 
 
 def _trigger(base_url: str, headers: dict[str, str], conf: dict[str, Any]) -> dict[str, Any]:

@@ -46,6 +46,7 @@ def uvicorn_server(app) -> Iterator[str]:
 def _files(**content: str):
     def builder(staging, _record):
         for name, text in content.items():
+            Path(staging, name).parent.mkdir(parents=True, exist_ok=True)
             Path(staging, name).write_text(text)
     return builder
 
@@ -78,7 +79,9 @@ def make_world(registry: Registry) -> World:
     metrics = registry.build("metrics", "segnet", entry_point="evaluation.entry:run", config={},
                              builder=_files(**{"report.html": "<h1>evaluation of segnet v1</h1>"}), parents=[models[0]])
     package = registry.build("package", "segnet", entry_point="serving.entry:run", config={},
-                             builder=_files(**{"metadata.json": '{"model": "model:segnet@v1"}'}), parents=[models[0]])
+                             builder=_files(**{"segnet-v1/metadata.json": '{"model": "model:segnet@v1"}',  # as serve
+                                               "segnet-v1/MODEL_CARD.html": "<h1>model card of segnet v1</h1>"}),
+                             parents=[models[0]])
     return World(registry, logs, dataset, validation, [registry.get(m.id) for m in models], metrics, package)
 
 
@@ -131,7 +134,7 @@ def test_one_artifact_has_every_recorded_field_and_its_links(api, world):
     assert got["events"][-1]["reason"] == "blessed"
     links = got["links"]
     assert api.get(links["evaluation_report"]).text == "<h1>evaluation of segnet v1</h1>"
-    assert api.get(links["model_card"]).json() == {"model": "model:segnet@v1"}
+    assert api.get(links["model_card"]).text == "<h1>model card of segnet v1</h1>"  # in the package's folder
     assert links["validation_report"] is None and links["airflow_run"] is None
     dataset_links = api.get(f"/api/artifacts/{world.dataset.ref}").json()["links"]
     assert api.get(dataset_links["validation_report"]).text == "<h1>validation of fleet v1</h1>"
