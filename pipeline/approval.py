@@ -141,7 +141,8 @@ class ApprovePromotion(HITLOperator):
     def _config(context: Any) -> PipelineConfig:
         from pipeline.orchestration import run_config
 
-        return run_config(context["params"])
+        # the task's own form field (``reason``) is among its params, beside the DAG's: not a config override
+        return run_config({k: v for k, v in context["params"].items() if k != REASON})
 
     def execute(self, context: Any) -> Any:
         from airflow.sdk.exceptions import AirflowSkipException

@@ -43,7 +43,9 @@ def operator(package: str) -> ApprovePromotion:
 
 
 def context(run_type: str = "manual", **params):
-    return {"params": {"auto_promote": False, **params}, "dag_run": SimpleNamespace(run_type=run_type, run_id="r1")}
+    # as Airflow passes them: the DAG's params and the approval form's own field (``reason``)
+    return {"params": {"auto_promote": False, "reason": "", **params},
+            "dag_run": SimpleNamespace(run_type=run_type, run_id="r1")}
 
 
 def answer(choice: str, user: str, reason: str) -> dict:
