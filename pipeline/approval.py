@@ -46,6 +46,8 @@ def _registry(cfg: PipelineConfig):
 
 def offer(cfg: PipelineConfig, package: str, run_type: str = "manual") -> tuple[str | None, Any]:
     """(why the package is not offered for approval, or None; its registry record)."""
+    if not package:  # serve returned nothing (marked success by hand, e.g. `airflow dags test --mark-success-pattern`)
+        return "serve reported no package: nothing to offer for production", None
     registry = _registry(cfg)
     art = registry.get(package)
     if art.kind != "package" or art.state != "succeeded":

@@ -38,7 +38,8 @@ def test_ingest_runs_through_spark_submit_on_a_standalone_cluster(tmp_path, spar
     assert run(env, "airflow", "pools", "set", "avp_training", "1", "one training at a time").returncode == 0
 
     # Evaluate and serve are the DAG-run test's business: here ingest and train run on the cluster.
-    out = run(env, "airflow", "dags", "test", "avp_daily", "2026-11-03", "--mark-success-pattern", "^(evaluate|serve)$")
+    out = run(env, "airflow", "dags", "test", "avp_daily", "2026-11-03", "--mark-success-pattern",
+              "^(evaluate|serve|approve_promotion)$")
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     assert "spark_submit_ingest" in log and f"--master {master_url}" in log
