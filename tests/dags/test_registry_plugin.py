@@ -132,7 +132,8 @@ def test_a_registered_dataset_build_runs_until_validation(airflow, admin):
     assert airflow.run_end_state(admin, run_id) == "success", airflow.log_tail()
     tasks = admin.get(f"/api/v2/dags/avp_daily/dagRuns/{run_id}/taskInstances").json()["task_instances"]
     assert {t["task_id"]: t["state"] for t in tasks} == {
-        "ingest": "success", "validate": "success", "train": "skipped", "evaluate": "skipped", "serve": "skipped"}
+        "ingest": "success", "validate": "success", "train": "skipped", "evaluate": "skipped", "serve": "skipped",
+        "approve_promotion": "skipped"}
     built = admin.get(started.json()["artifacts"]).json()  # the artifacts this run registered
     assert {a["kind"] for a in built} >= {"dataset", "validation"} and "model" not in {a["kind"] for a in built}
     assert all(a["state"] == "succeeded" and a["dag_id"] == "avp_daily" for a in built)
@@ -153,7 +154,8 @@ def test_a_registered_model_build_trains_on_the_given_dataset(airflow, admin):
     assert airflow.run_end_state(admin, run_id) == "success", airflow.log_tail()
     tasks = admin.get(f"/api/v2/dags/avp_daily/dagRuns/{run_id}/taskInstances").json()["task_instances"]
     assert {t["task_id"]: t["state"] for t in tasks} == {
-        "ingest": "success", "validate": "success", "train": "success", "evaluate": "skipped", "serve": "skipped"}
+        "ingest": "success", "validate": "success", "train": "success", "evaluate": "skipped", "serve": "skipped",
+        "approve_promotion": "skipped"}
     [model] = [a for a in admin.get(started.json()["artifacts"]).json() if a["kind"] == "model"]
     assert model["state"] == "succeeded" and model["config"]["epochs"] == 1
     assert admin.get(f"/avp/api/artifacts/{model['id']}").json()["parents"] == [dataset["ref"]]
