@@ -27,7 +27,7 @@ from tests.pipeline.test_servers import gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 DAG = "/api/v2/dags/avp_daily"
-TASKS = ("ingest", "validate", "train", "evaluate", "serve")
+TASKS = ("ingest", "validate", "train", "evaluate", "serve", "approve_promotion")
 
 
 @pytest.fixture
@@ -96,7 +96,8 @@ def test_celery_cluster_runs_a_triggered_dag_and_a_parallel_backfill(cluster_hom
         wait_for(lambda: client.get(DAG).status_code == 200, 180, "the DAG to be parsed")
         # Unpausing creates the latest scheduled run (catchup=False) next to ours: both run, one at a time.
         assert client.patch(DAG, json={"is_paused": False}).status_code == 200
-        triggered = wait_for(lambda: (r := client.post(f"{DAG}/dagRuns", json={"logical_date": None}))
+        triggered = wait_for(lambda: (r := client.post(f"{DAG}/dagRuns", json={
+            "logical_date": None, "conf": {"auto_promote": True}}))  # no one answers the approval here
                              .status_code in (200, 201) and r, 60, "the trigger to be accepted")
         run_id = triggered.json()["dag_run_id"]
         assert wait_for(lambda: _finished(client, run_id), 1200, f"run {run_id}") == "success", \
