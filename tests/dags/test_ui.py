@@ -56,6 +56,7 @@ def finished(api, run_id: str) -> str | None:
 
 def test_an_operator_runs_the_pipeline_from_the_ui(tmp_path):
     chromium_executable()  # skip (or fail under CI) before starting anything when there is no browser
+    from playwright.sync_api import expect
     started = time.monotonic()
     shots = tmp_path / "screenshots"
     env = {"AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
@@ -171,11 +172,16 @@ def test_an_operator_runs_the_pipeline_from_the_ui(tmp_path):
         page.get_by_role("button", name="Trigger Dag").click()
         dialog = page.get_by_role("dialog")
         dialog.get_by_text("Backfill", exact=True).click()
+        # Each field opens a date/time popover; one that is closing can linger in the page beside the next, so
+        # fill only the visible inputs and wait for the popover to close before opening the other field.
+        date_input = page.get_by_placeholder("YYYY/MM/DD").locator("visible=true")
+        time_input = page.get_by_placeholder("HH:mm").locator("visible=true")
         for label, day in (("From", "2026/11/03"), ("To", "2026/11/04")):
             dialog.get_by_text(label, exact=True).locator("xpath=..").get_by_test_id("datetime-input").click()
-            page.get_by_placeholder("YYYY/MM/DD").fill(day)
-            page.get_by_placeholder("HH:mm").fill("00:00")
+            date_input.fill(day)
+            time_input.fill("00:00")
             dialog.get_by_text("Date Range").click()
+            expect(date_input).to_have_count(0, timeout=30_000)
         dialog.get_by_text("2 runs will be triggered").wait_for()
         shot("07-backfill-dialog", key=True)
         dialog.get_by_role("button", name="Run Backfill").click()

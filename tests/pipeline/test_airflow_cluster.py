@@ -64,6 +64,11 @@ def _log_days(registry: Registry, dataset) -> list[str]:
                    for p in registry.parents(dataset.id) if p.kind == "log"})
 
 
+def _task_states(client: httpx.Client, run_id: str) -> dict[str, str | None]:
+    tis = client.get(f"{DAG}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
+    return {t["task_id"]: t["state"] for t in tis}
+
+
 def _finished(client: httpx.Client, run_id: str):
     state = client.get(f"{DAG}/dagRuns/{run_id}").json()["state"]
     return state if state in ("success", "failed") else None
@@ -94,14 +99,30 @@ def test_celery_cluster_runs_a_triggered_dag_and_a_parallel_backfill(cluster_hom
 
         client = httpx.Client(base_url=state["api_url"], timeout=30)
         wait_for(lambda: client.get(DAG).status_code == 200, 180, "the DAG to be parsed")
-        # Unpausing creates the latest scheduled run (catchup=False) next to ours: both run, one at a time.
+        # Unpausing creates the latest scheduled run (catchup=False) next to ours: both run, one at a time, the
+        # scheduled one first. It asks a person to approve its package (the HITL task waits on the triggerer);
+        # the operator rejects it through the REST API. Ours promotes without asking (auto_promote).
         assert client.patch(DAG, json={"is_paused": False}).status_code == 200
         triggered = wait_for(lambda: (r := client.post(f"{DAG}/dagRuns", json={
-            "logical_date": None, "conf": {"auto_promote": True}}))  # no one answers the approval here
+            "logical_date": None, "conf": {"auto_promote": True}}))
                              .status_code in (200, 201) and r, 60, "the trigger to be accepted")
         run_id = triggered.json()["dag_run_id"]
-        assert wait_for(lambda: _finished(client, run_id), 1200, f"run {run_id}") == "success", \
-            (home / "cluster" / "logs" / "worker.log").read_text()[-3000:]
+        [scheduled] = wait_for(lambda: [r["dag_run_id"] for r in client.get(f"{DAG}/dagRuns").json()["dag_runs"]
+                                        if r["run_type"] == "scheduled"], 120, "the scheduled run")
+        worker_log = home / "cluster" / "logs" / "worker.log"
+
+        def asks_for_approval():
+            states = _task_states(client, scheduled)
+            assert _finished(client, scheduled) is None, (states, worker_log.read_text()[-3000:])
+            return states.get("approve_promotion") == "awaiting_input"
+
+        wait_for(asks_for_approval, 900, f"the scheduled run {scheduled} to ask for approval")
+        answer = client.patch(f"{DAG}/dagRuns/{scheduled}/taskInstances/approve_promotion/-1/hitlDetails",
+                              json={"chosen_options": ["Reject"], "params_input": {"reason": "not on the cluster"}})
+        assert answer.status_code == 200, answer.text
+        assert wait_for(lambda: _finished(client, scheduled), 300, f"run {scheduled}") == "success"
+        assert wait_for(lambda: _finished(client, run_id), 900, f"run {run_id}") == "success", \
+            worker_log.read_text()[-3000:]
 
         tis = client.get(f"{DAG}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
         assert {t["task_id"]: t["state"] for t in tis} == {task: "success" for task in TASKS}
@@ -129,6 +150,11 @@ def test_celery_cluster_runs_a_triggered_dag_and_a_parallel_backfill(cluster_hom
         package = registry.get(served)  # the package this run's serve task returned, read from PostgreSQL
         assert package.kind == "package" and package.state == "succeeded"
         assert {a.kind for _d, a in registry.lineage(package.id, "up")} >= {"model", "metrics", "dataset", "log"}
+        auto = registry.production(cfg.serve.namespace, package.name)  # auto_promote, on the training worker's DB
+        assert auto.artifact_id == package.id and auto.promoted_by == f"auto_promote ({run_id})"
+        rejected = registry.get(client.get(
+            f"{DAG}/dagRuns/{scheduled}/taskInstances/serve/xcomEntries/return_value").json()["value"])
+        assert "promotion rejected: not on the cluster" in [e["reason"] for e in registry.events(rejected.id)]
 
         # A backfill of two days, two runs at a time: one dataset version per day, a consistent registry.
         backfill = wait_for(lambda: (r := client.post("/api/v2/backfills", json={
@@ -161,8 +187,9 @@ def test_celery_cluster_runs_a_triggered_dag_and_a_parallel_backfill(cluster_hom
         for pkg in sorted(packages, key=lambda p: p.version):  # through the CLI, on the same PostgreSQL registry
             promoted = run(env, "avp", "registry", "promote", pkg.ref)
             assert promoted.returncode == 0, promoted.stderr[-2000:]
-        statuses = [p.status for p in registry.promotions()]
-        assert statuses.count("production") == 1 and statuses.count("previous") == len(packages) - 1
+        statuses = [p.status for p in registry.promotions()]  # the run's auto promotion, then one per package
+        assert len(statuses) == len(packages) + 1
+        assert statuses.count("production") == 1 and statuses.count("previous") == len(packages)
         assert registry.production(cfg.serve.namespace, packages[0].name).artifact_id == max(
             packages, key=lambda p: p.version).id
     finally:
