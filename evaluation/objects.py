@@ -76,21 +76,62 @@ def parse_bands(text: str, where: str = "evaluate.distance_bands_m", unit: str =
 
 def cluster_points(xy: np.ndarray, radius: float, min_points: int) -> np.ndarray:
     """Cluster id of each point (0, 1, ...) by single linkage at ``radius`` in the plane, or -1 for points
-    in a group smaller than ``min_points``. Ids are ordered by each cluster's first point."""
+    in a group smaller than ``min_points``. Ids are ordered by each cluster's first point.
+
+    Exact single linkage without listing every close pair (a real scan predicted as objects everywhere has
+    tens of millions of them, seconds and gigabytes per frame): the plane is cut into square cells whose
+    diagonal is ``radius``, so the points of one cell are always linked, and two cells are linked when a
+    point of one lies within ``radius`` of a point of the other, which one nearest-neighbour query per
+    point and neighbouring cell answers (only cells at most two apart can be that close).
+    """
+    xy = np.asarray(xy, np.float64)
     n = len(xy)
     if n == 0:
         return np.zeros(0, np.int64)
-    pairs = cKDTree(np.asarray(xy, np.float64)[:, :2]).query_pairs(radius, output_type="ndarray")
-    graph = coo_matrix((np.ones(len(pairs), np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
-    _count, component = connected_components(graph, directed=False)
+    xy = xy.reshape(n, -1)[:, :2]
+    side = radius / np.sqrt(2) * (1 - 1e-9)  # a hair under: two points of one cell are < radius apart
+    scaled = (xy - xy.min(axis=0)) / side
+    cell_ij = np.floor(scaled).astype(np.int64)
+    within = scaled - cell_ij  # where each point lies in its cell, in [0, 1)
+    width = int(cell_ij[:, 1].max()) + 5  # room for the offsets below: no two cells share a key
+    cell_key = cell_ij[:, 0] * width + cell_ij[:, 1] + 2
+    keys, cell_of = np.unique(cell_key, return_inverse=True)
+    cell_of = cell_of.reshape(-1)
+    # The third coordinate is the cell's index times more than radius, so a query lifted to one cell's
+    # index finds only that cell's points within radius.
+    lift = 2.0 * radius + 1.0
+    tree = cKDTree(np.column_stack([xy, cell_of * lift]))
+    src, dst = [cell_of[:0]], [cell_of[:0]]
+    for di, dj in [(0, 1), (0, 2), *((1, d) for d in range(-2, 3)), *((2, d) for d in range(-1, 2))]:
+        # each unordered pair of neighbouring cells once; cells two apart on both axes are too far
+        gap_i = np.maximum(0.0, np.maximum(di - within[:, 0], within[:, 0] - (di + 1)))
+        gap_j = np.maximum(0.0, np.maximum(dj - within[:, 1], within[:, 1] - (dj + 1)))
+        near = np.hypot(gap_i, gap_j) * side <= radius * (1 + 1e-6)  # can reach that cell at all (rounding aside)
+        wanted = cell_key + di * width + dj
+        target = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+        ask = np.flatnonzero(near & (keys[target] == wanted))
+        if len(ask) == 0:
+            continue
+        _, nearest = tree.query(np.column_stack([xy[ask], target[ask] * lift]), k=1,
+                                distance_upper_bound=radius * (1 + 1e-6))
+        found = nearest < n
+        ask, nearest = ask[found], nearest[found]
+        dx, dy = (xy[ask] - xy[nearest]).T
+        hit = ask[dx * dx + dy * dy <= radius * radius]  # the test query_pairs makes, to the last bit
+        src.append(cell_of[hit])
+        dst.append(target[hit])
+    src_all, dst_all = np.concatenate(src), np.concatenate(dst)
+    graph = coo_matrix((np.ones(len(src_all), np.int8), (src_all, dst_all)), shape=(len(keys), len(keys)))
+    _count, cell_component = connected_components(graph, directed=False)
+    component = cell_component[cell_of]
     sizes = np.bincount(component)
     keep = sizes[component] >= min_points
     # Renumber the kept components 0.. in order of first appearance so results do not depend on scipy.
-    out = np.full(n, -1, np.int64)
     _, first = np.unique(component[keep], return_index=True)
-    order = component[keep][np.sort(first)]
-    mapping = {int(c): i for i, c in enumerate(order)}
-    out[keep] = [mapping[int(c)] for c in component[keep]]
+    renumber = np.full(len(sizes), -1, np.int64)
+    renumber[component[keep][np.sort(first)]] = np.arange(len(first))
+    out = np.full(n, -1, np.int64)
+    out[keep] = renumber[component[keep]]
     return out
 
 

@@ -357,7 +357,7 @@ def describe(tallies: dict[str, Any], settings: Any) -> dict[str, Any]:
         point = metric_table(s.tallies.sum(axis=0, keepdims=True), layout, planner=not s.per_point)
         names = [n for n, (v, _e) in point.items() if np.isfinite(v[0])]
         low = high = np.full(len(names), np.nan)
-        if settings.bootstrap_resamples and s.logs:
+        if settings.bootstrap_resamples and s.logs and names:  # a slice can have no finite metric
             draws = resample_counts(s.name, len(s.logs), settings.bootstrap_resamples, settings.bootstrap_seed)
             table = metric_table(draws @ s.tallies, layout, planner=not s.per_point)
             low, high = _interval(np.stack([table[n][0] for n in names], axis=1), settings.confidence_level)

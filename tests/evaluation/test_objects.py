@@ -63,6 +63,37 @@ def test_clusters_follow_the_radius_and_drop_small_groups():
     assert obj.cluster_points(np.zeros((0, 2)), 0.75, 5).tolist() == []
 
 
+def _single_linkage_by_every_pair(xy, radius, min_points):
+    """The definition, computed independently: every pair within radius linked, groups by scipy."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    pairs = cKDTree(xy).query_pairs(radius, output_type="ndarray")
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(len(xy), len(xy)))
+    component = connected_components(graph, directed=False)[1]
+    return component, np.bincount(component)[component] >= min_points
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_clusters_equal_single_linkage_over_every_pair_to_the_last_bit(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(60):
+        radius = float(rng.choice([0.1, 0.5, 0.75, 1.0]))
+        min_points = int(rng.integers(1, 6))
+        xy = rng.uniform(-1, 1, (int(rng.integers(1, 500)), 2)) * float(rng.choice([1, 3, 10, 30]))
+        if rng.random() < 0.5:  # pairs exactly radius apart or a rounding error off, and duplicates
+            xy = np.round(xy, 1)
+        ids = obj.cluster_points(xy, radius, min_points)
+        component, kept = _single_linkage_by_every_pair(xy, radius, min_points)
+        assert ((ids >= 0) == kept).all()
+        # the same partition: one id per reference group, one reference group per id
+        pairs = {(int(c), int(i)) for c, i in zip(component[kept], ids[kept])}
+        assert len(pairs) == len({c for c, _ in pairs}) == len({i for _, i in pairs})
+        first_seen = list(dict.fromkeys(ids[kept].tolist()))
+        assert first_seen == sorted(first_seen)  # numbered by first point
+
+
 def test_perfect_segmentation_finds_every_object_in_its_band():
     points, labels, boxes = scene(THREE)
     result = summarize([(points, labels, labels, boxes)])

@@ -92,6 +92,15 @@ def test_a_single_log_slice_is_reported_as_too_small():
     assert "city=solo (1 log)" in warning and "city=boston" not in warning
 
 
+def test_a_slice_without_any_scored_point_is_described_with_no_metric():
+    """A real import's test split can hold one frame whose points no scored class claims (KITTI labels only
+    objects): every metric of that slice is undefined, so none is reported, and nothing is bootstrapped."""
+    empty = log_tally(ground=(0, 0), vehicle=(0, 0), pedestrian=(0, 0), planner=(0, 0, 0, 0))
+    described = statistics.describe(tallies([("log-00", "karlsruhe", empty)]), SETTINGS)
+    for name in ("all", "city=karlsruhe"):
+        assert described["slices"][name]["metrics"] == {} and described["slices"][name]["points"] == 0
+
+
 def test_point_values_are_the_ratios_of_the_summed_counts():
     production = fleet()
     described = statistics.describe(production["tallies"], SETTINGS)["slices"]["all"]

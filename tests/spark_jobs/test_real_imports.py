@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import config, stages
+from pipeline.errors import StageFailed
 from pipeline.registry import Registry
 from pipeline.taxonomy import CLASSES
 from spark_jobs.sources import av2, kitti, semantickitti
@@ -49,7 +50,7 @@ def ingest_and_validate(tmp_path: Path, source: str, root: Path, **overrides) ->
 
 @pytest.mark.slow
 @needs_real_data
-def test_kitti_import_counts_unpaired_labels_passes_validation_with_defaults_and_trains(tmp_path):
+def test_kitti_import_counts_unpaired_labels_passes_validation_with_defaults_and_reaches_serve(tmp_path):
     root = tmp_path / "kitti"
     shutil.copytree(REAL_DATA / "kitti" / "training", root / "training")
     (root / "training" / "velodyne" / "000005.bin").unlink()  # its label is now unpaired
@@ -67,6 +68,27 @@ def test_kitti_import_counts_unpaired_labels_passes_validation_with_defaults_and
     trained = stages.invoke("train", cfg, say=said.append)
     registry = Registry.open(cfg)
     assert [p.ref for p in registry.parents(registry.get(trained["ref"]).id)] == ["dataset:kitti@v1"]
+    # ... and evaluation scores it on the import's own test split (one frame: its slices are too small to
+    # judge, which is said, not a crash). Four training frames and one epoch cannot reach the default mIoU
+    # bar, a team's decision; with the bar at 0 (and no latency budget: this machine is shared) the model is
+    # blessed and packaged.
+    tiny = {"evaluate.latency_runs": "3", "evaluate.latency_warmup": "1", "evaluate.aot_inductor": "false",
+            "evaluate.int8": "false", "serve.aot_inductor": "false", "serve.latency_runs": "2"}
+    cfg = config.load({"home": str(tmp_path / "home"), "ingest.source": "kitti", **tiny}, env={})
+    evaluated = stages.invoke("evaluate", cfg, say=said.append)
+    assert evaluated["model"] == trained["ref"] and not evaluated["blessed"]
+    assert any(r.startswith("mIoU ") and "< min_miou 0.300" in r for r in evaluated["reasons"])
+    assert any("slices with fewer than min_slice_logs" in r for r in evaluated["reasons"])
+    with pytest.raises(StageFailed, match="not blessed"):
+        stages.invoke("serve", cfg, say=said.append)
+    cfg = config.load({"home": str(tmp_path / "home"), "ingest.source": "kitti", "evaluate.min_miou": "0",
+                       "evaluate.latency_p99_budget_ms": "1e7", **tiny}, env={})
+    blessing = stages.invoke("evaluate", cfg, say=said.append)
+    assert blessing["blessed"], blessing["reasons"]
+    served = stages.invoke("serve", cfg, say=said.append)
+    package = registry.get(served["ref"])
+    assert package.kind == "package" and package.state == "succeeded"
+    assert "dataset:kitti@v1" in [a.ref for _d, a in registry.lineage(package.id, "up")]
 
 
 def class_rows(validated: dict) -> int:
