@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.contracts import TrainJob
 
@@ -62,29 +63,47 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     # The executors run the nodes' Python (PYSPARK_PYTHON); the same interpreter when unset.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    # Horovod picks MPI or Gloo by importing its extensions in fresh processes (a second or two): ask while
+    # the Spark driver starts, not after.
+    controller = ThreadPoolExecutor(1, thread_name_prefix="horovod-probe").submit(_uses_gloo)
     import horovod.spark
-    from pyspark.sql import SparkSession
+    from pyspark import SparkConf, SparkContext
 
     from training.launch import Placement, rank_settings
 
     placement = Placement.from_train(train)
     app = f"avp-train-{job.provenance.get('model_ref', job.run_id)}"
-    spark = (SparkSession.builder.master(train["spark_master"]).appName(app)
-             .config("spark.task.cpus", "1").config("spark.task.maxFailures", "1")
-             .config("spark.ui.showConsoleProgress", "false").getOrCreate())
+    # A SparkContext is all horovod.spark.run needs; a SparkSession would also start the SQL engine (seconds
+    # of class loading on the driver, competing with the executors' start on a small host).
+    context = SparkContext.getOrCreate(SparkConf().setMaster(train["spark_master"]).setAppName(app)
+                                       .set("spark.task.cpus", "1").set("spark.task.maxFailures", "1")
+                                       .set("spark.ui.showConsoleProgress", "false"))
     started = time.time()
     try:
-        print(f"Spark application {spark.sparkContext.applicationId} ({app}) on {train['spark_master']}: "
+        print(f"Spark application {context.applicationId} ({app}) on {train['spark_master']}: "
               f"{job.world} Horovod ranks", flush=True)
+        gloo = controller.result()
         horovod.spark.run(run_rank, args=(job_path,), num_proc=job.world, start_timeout=placement.rank_timeout_s,
-                          env=rank_settings(placement), executable=os.environ["PYSPARK_PYTHON"], verbose=1)
+                          env=rank_settings(placement), executable=os.environ["PYSPARK_PYTHON"], verbose=1,
+                          use_gloo=gloo, use_mpi=not gloo)
     except Exception as exc:  # the ranks' own reports are in error-rank-*.json; this says how the job ended
         print(f"the Horovod job on Spark failed after {time.time() - started:.0f} s: {type(exc).__name__}: {exc}",
               flush=True)
         return 1
     finally:
-        spark.stop()
+        context.stop()
     return 0
+
+
+def _uses_gloo() -> bool:
+    """Horovod's own choice (MPI when this build has it, else Gloo), with the probe's answer cached for
+    ``horovod.spark.run``."""
+    from horovod.common.util import gloo_built, mpi_built
+
+    if mpi_built(verbose=False):
+        return False
+    gloo_built(verbose=False)
+    return True
 
 
 if __name__ == "__main__":
