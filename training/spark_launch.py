@@ -17,12 +17,12 @@ driver exits non-zero.
 
 from __future__ import annotations
 
+import importlib
 import os
 import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.contracts import TrainJob
 
@@ -63,13 +63,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     # The executors run the nodes' Python (PYSPARK_PYTHON); the same interpreter when unset.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    # Horovod picks MPI or Gloo by importing its extensions in fresh processes (a second or two): ask while
-    # the Spark driver starts, not after.
-    controller = ThreadPoolExecutor(1, thread_name_prefix="horovod-probe").submit(_uses_gloo)
     import horovod.spark
     from pyspark import SparkConf, SparkContext
 
     from training.launch import Placement, rank_settings
+
+    # horovod.spark.run picks MPI or Gloo by importing its torch extension in forked children, three times: a
+    # second or more each while this process has not loaded torch, instant once it has. Load it while the Spark
+    # driver starts. (The children are forked by the main thread later, with no import in flight.)
+    preload = threading.Thread(target=importlib.import_module, args=("horovod.torch",), daemon=True,
+                               name="preload-horovod-torch")
+    preload.start()
 
     placement = Placement.from_train(train)
     app = f"avp-train-{job.provenance.get('model_ref', job.run_id)}"
@@ -82,10 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"Spark application {context.applicationId} ({app}) on {train['spark_master']}: "
               f"{job.world} Horovod ranks", flush=True)
-        gloo = controller.result()
+        preload.join()
         horovod.spark.run(run_rank, args=(job_path,), num_proc=job.world, start_timeout=placement.rank_timeout_s,
-                          env=rank_settings(placement), executable=os.environ["PYSPARK_PYTHON"], verbose=1,
-                          use_gloo=gloo, use_mpi=not gloo)
+                          env=rank_settings(placement), executable=os.environ["PYSPARK_PYTHON"], verbose=1)
     except Exception as exc:  # the ranks' own reports are in error-rank-*.json; this says how the job ended
         print(f"the Horovod job on Spark failed after {time.time() - started:.0f} s: {type(exc).__name__}: {exc}",
               flush=True)
@@ -93,17 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         context.stop()
     return 0
-
-
-def _uses_gloo() -> bool:
-    """Horovod's own choice (MPI when this build has it, else Gloo), with the probe's answer cached for
-    ``horovod.spark.run``."""
-    from horovod.common.util import gloo_built, mpi_built
-
-    if mpi_built(verbose=False):
-        return False
-    gloo_built(verbose=False)
-    return True
 
 
 if __name__ == "__main__":
