@@ -23,6 +23,7 @@ from pipeline.registry import Registry
 from pipeline.servers import free_port, pg_bin_dir, redis_server_binary
 from tests.dags.test_dag_run import REPO, airflow_env, run
 from tests.dags.test_standalone import wait_for
+from tests.dags.test_ui import awaiting_approval, finished, task_states
 from tests.pipeline.test_servers import gone
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -64,16 +65,6 @@ def _log_days(registry: Registry, dataset) -> list[str]:
                    for p in registry.parents(dataset.id) if p.kind == "log"})
 
 
-def _task_states(client: httpx.Client, run_id: str) -> dict[str, str | None]:
-    tis = client.get(f"{DAG}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
-    return {t["task_id"]: t["state"] for t in tis}
-
-
-def _finished(client: httpx.Client, run_id: str):
-    state = client.get(f"{DAG}/dagRuns/{run_id}").json()["state"]
-    return state if state in ("success", "failed") else None
-
-
 def test_celery_cluster_runs_a_triggered_dag_and_a_parallel_backfill(cluster_home):
     port = free_port()
     env = airflow_env(cluster_home, AIRFLOW__API__PORT=str(port), AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="True")
@@ -112,16 +103,15 @@ def test_celery_cluster_runs_a_triggered_dag_and_a_parallel_backfill(cluster_hom
         worker_log = home / "cluster" / "logs" / "worker.log"
 
         def asks_for_approval():
-            states = _task_states(client, scheduled)
-            assert _finished(client, scheduled) is None, (states, worker_log.read_text()[-3000:])
-            return states.get("approve_promotion") == "awaiting_input"
+            assert finished(client, scheduled) is None, (task_states(client, scheduled), worker_log.read_text()[-3000:])
+            return awaiting_approval(client, scheduled)
 
         wait_for(asks_for_approval, 900, f"the scheduled run {scheduled} to ask for approval")
         answer = client.patch(f"{DAG}/dagRuns/{scheduled}/taskInstances/approve_promotion/-1/hitlDetails",
                               json={"chosen_options": ["Reject"], "params_input": {"reason": "not on the cluster"}})
         assert answer.status_code == 200, answer.text
-        assert wait_for(lambda: _finished(client, scheduled), 300, f"run {scheduled}") == "success"
-        assert wait_for(lambda: _finished(client, run_id), 900, f"run {run_id}") == "success", \
+        assert wait_for(lambda: finished(client, scheduled), 300, f"run {scheduled}") == "success"
+        assert wait_for(lambda: finished(client, run_id), 900, f"run {run_id}") == "success", \
             worker_log.read_text()[-3000:]
 
         tis = client.get(f"{DAG}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
