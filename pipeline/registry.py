@@ -61,6 +61,10 @@ TRANSITIONS = {
 RETIRED = ("deprecated", "end_of_life")
 # Key of the PostgreSQL advisory lock every registry write transaction takes (scoped to the database).
 PG_WRITE_LOCK = 0x61767072  # "avpr"
+# PostgreSQL ends a session left idle inside its transaction for a lease, but never sooner than this: a
+# short lease (tests use 0.2 s) must not end a healthy session that paused between two statements on a
+# loaded host. A frozen client then blocks writers a few seconds longer; no correctness rests on it.
+PG_IDLE_IN_TRANSACTION_FLOOR_S = 5.0
 
 
 class RegistryError(Exception):
@@ -298,7 +302,8 @@ class Registry:
         if self.url.startswith("postgresql"):
             # A client frozen or cut off inside a transaction would hold the write lock for everyone: the
             # server ends such a session once it has sat idle in its transaction for a lease.
-            connect_args = {"options": f"-c idle_in_transaction_session_timeout={int(lease_s * 1000)}"}
+            idle_ms = int(max(lease_s, PG_IDLE_IN_TRANSACTION_FLOOR_S) * 1000)
+            connect_args = {"options": f"-c idle_in_transaction_session_timeout={idle_ms}"}
         if url.startswith("sqlite"):
             connect_args = {"timeout": 120}
             path = url.split("///", 1)[-1]

@@ -221,8 +221,14 @@ def test_lease_must_be_renewed_before_it_expires(cfg):
         _registry(cfg, lease_s=60, renew_s=60)
 
 
-def test_postgresql_ends_a_session_left_idle_in_its_transaction_for_a_lease(postgres_url, tmp_path):
-    # a frozen client inside a write transaction must not hold the registry's write lock forever
+@pytest.mark.parametrize("lease_s, timeout", [(12, "12s"), (0.2, "5s")])
+def test_postgresql_ends_a_session_left_idle_in_its_transaction_for_a_lease(postgres_url, tmp_path, lease_s, timeout):
+    # A frozen client inside a write transaction must not hold the registry's write lock forever, and a
+    # short lease must not end a healthy session that paused between two statements (CI once lost one
+    # after 200 ms while reflecting the table): the timeout is a lease, at least 5 s.
     cfg = config.load({"home": str(tmp_path / "home"), "registry_url": postgres_url}, env={})
-    with _registry(cfg, lease_s=2, renew_s=1).engine.connect() as conn:
-        assert conn.execute(sa.text("SHOW idle_in_transaction_session_timeout")).scalar() == "2s"
+    with _registry(cfg, lease_s=lease_s, renew_s=lease_s / 2).engine.connect() as conn:
+        assert conn.execute(sa.text("SHOW idle_in_transaction_session_timeout")).scalar() == timeout
+        conn.execute(sa.text("SELECT 1"))  # inside a transaction now
+        time.sleep(1)  # five 0.2 s leases idle: the session survives
+        assert conn.execute(sa.text("SELECT 2")).scalar() == 2
