@@ -17,6 +17,7 @@ shutdown) or SIGTERM (Redis), then SIGKILL to its group after a timeout.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -26,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+import psutil
 
 PG_INSTALL_HINT = ("install the server with `apt-get install postgresql` as root (`make test` run as root does this) "
                    "or point AVP_PG_BIN at the folder holding initdb and postgres")
@@ -106,12 +109,19 @@ class ServerProcess:
         self.stop()
 
 
-def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-    """Send ``sig`` to ``proc`` (by its PID); if it is still there after ``timeout`` s, SIGKILL its process
-    group (it was started with ``start_new_session=True``, so the group is its own: children included)."""
+def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30, *,
+                       whole_group: bool = False) -> None:
+    """Send ``sig`` to ``proc`` (to its whole process group with ``whole_group``, as a terminal's Ctrl-C
+    does); if it is still there after ``timeout`` s, SIGKILL its process group (it was started with
+    ``start_new_session=True``, so the group is its own: children included).
+
+    Descendants that left the group are ended too: Airflow runs every task in a process group of its own
+    (its supervisor calls setpgid), so a task running at shutdown, and whatever it started, would outlive
+    the group. They are noted before the signal and get SIGTERM, then SIGKILL."""
+    family = _descendants(proc.pid)
     if proc.poll() is None:
         try:
-            os.kill(proc.pid, sig)
+            (os.killpg if whole_group else os.kill)(proc.pid, sig)
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pass
@@ -122,6 +132,26 @@ def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeou
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
+    _end(family, timeout)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _end(processes: list[psutil.Process], timeout: float) -> None:
+    """SIGTERM the processes still alive (psutil refuses a PID that was reused meanwhile), then SIGKILL."""
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _gone, alive = psutil.wait_procs(processes, timeout=timeout)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=timeout)
 
 
 def _as_postgres_user() -> dict:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 import httpx
 import pytest
 
-from pipeline.servers import free_port
+from pipeline.servers import free_port, stop_process_group
 from tests.dags.test_dag_run import REPO, airflow_env
 
 
@@ -106,12 +106,9 @@ def standalone_airflow(tmp_path: Path, *, simulate: bool = True, **extra_env: st
         wait_for(airflow.healthy, 240, "the API server and scheduler")
         yield airflow
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends; SIGTERM leaves workers behind
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        # SIGINT to the group is what Ctrl-C sends (SIGTERM leaves workers behind); a task still running
+        # has a process group of its own and is ended after it.
+        stop_process_group(proc, signal.SIGINT, 60, whole_group=True)
 
 
 def chromium_executable() -> str:

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pipeline import servers
@@ -69,3 +74,22 @@ def test_a_missing_server_says_how_to_install_it(tmp_path, monkeypatch):
         servers.start_redis(tmp_path / "redis")
     with pytest.raises(servers.ServerUnavailable, match="apt-get install postgresql"):
         servers.start_postgres(tmp_path / "pg")
+
+
+def test_stopping_a_group_also_ends_descendants_that_left_it(tmp_path):
+    # Airflow's task supervisor puts each task in a process group of its own: stopping `airflow
+    # standalone` or a Celery worker by its group alone left a running task (and its trainer) behind.
+    pids = tmp_path / "pids"
+    escaped = ("import os, signal, time; os.setpgid(0, 0); signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+               f"open({str(pids)!r}, 'a').write(f'{{os.getpid()}} {{os.getpgid(0)}}\\n'); time.sleep(600)")
+    leader = subprocess.Popen(["bash", "-c", f"{sys.executable} -c \"{escaped}\" & sleep 600 & wait"],
+                              start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (pids.exists() and pids.read_text().endswith("\n")):
+        assert time.monotonic() < deadline, "the escaping child never started"
+        time.sleep(0.05)
+    [(pid, pgid)] = [tuple(map(int, line.split())) for line in pids.read_text().splitlines()]
+    assert pgid == pid != leader.pid  # it really left the leader's group
+    servers.stop_process_group(leader, signal.SIGINT, timeout=2, whole_group=True)
+    assert leader.returncode is not None
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
