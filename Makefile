@@ -28,8 +28,8 @@ test-fast: setup  ## skip the slow tests (one small real Spark job + GE validati
 	@bash scripts/install_servers.sh
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-mutate: setup  ## mutation testing of the silent-mistake modules, one at a time (MODULES="..." for some; docs/testing.md)
-	nice -n 10 $(PY) scripts/mutate.py $(MODULES)
+mutate: setup  ## mutation testing of the silent-mistake modules, one at a time (MODULES="..." for some, AGAIN=1 to rerun only the last survivors; docs/testing.md)
+	nice -n 10 $(PY) scripts/mutate.py $(if $(AGAIN),--again) $(MODULES)
 
 bench: setup  ## every benchmark, one after the other (results go into docs/benchmarks.md by hand)
 	$(PY) -m bench.ingest_bench

@@ -43,7 +43,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from pipeline import provenance
-from pipeline.config import canonical_json
+from pipeline.config import RegistryConfig, canonical_json
 from pipeline.home import Home, check_name, is_url
 
 KINDS = ("log", "dataset", "statistics", "validation", "model", "metrics", "package")
@@ -290,7 +290,8 @@ def _add_missing_columns(conn: sa.Connection) -> None:
 class Registry:
     """The registry over one database. ``home`` is where artifact folders are created."""
 
-    def __init__(self, url: str, home: Home, lease_s: float = 60.0, lease_renew_s: float = 10.0):
+    def __init__(self, url: str, home: Home, lease_s: float = RegistryConfig.lease_s,
+                 lease_renew_s: float = RegistryConfig.lease_renew_s):
         if not 0 < lease_renew_s < lease_s:
             raise RegistryError(f"registry.lease_renew_s ({lease_renew_s}) must be above 0 and below "
                                 f"registry.lease_s ({lease_s}): a lease is renewed several times before it expires")

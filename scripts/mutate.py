@@ -16,6 +16,8 @@ Usage::
 
     python scripts/mutate.py                          # every module, one after the other
     python scripts/mutate.py spark_jobs/split.py      # one module
+    python scripts/mutate.py --again spark_jobs/split.py   # only the mutants the last run did not kill,
+                                                           # against today's tests (after adding some)
     MUTATE_JOBS=1 python scripts/mutate.py ...        # parallel mutants (default 2)
 
 Each module's result goes to ``mutants-results/<module>.json`` (score, counts, the mutants not killed
@@ -49,8 +51,9 @@ MODULES: dict[str, list[str]] = {
     # SQLite tests without worker processes: the PostgreSQL cases and the crash, concurrency and cross-host
     # lease tests start servers and processes (seconds each, for every mutant they reach); `make test` runs them.
     "pipeline/registry.py": ["tests/pipeline/test_registry.py", "tests/pipeline/test_registry_rules.py",
-                             "tests/pipeline/test_registry_lease.py", "-k",
-                             "not postgresql and not sigkilled and not two_processes and not another_host"],
+                             "tests/pipeline/test_registry_lease.py", "tests/pipeline/test_registry_lifecycle.py",
+                             "-k", "not postgresql and not sigkilled and not two_processes and not another_host "
+                                   "and not test_cli_"],
     # Only the tests that need no model: the others build and export a package in a session fixture, which
     # each mutant's fresh pytest run would repeat (minutes per mutant).
     "serving/package.py": ["tests/serving/test_package_rules.py", "tests/serving/test_package.py",
@@ -69,10 +72,19 @@ NOT_SCORED: dict[str, tuple[str, ...]] = {
 KILLED = "killed"
 
 
-def run_one(module: str, jobs: int) -> dict:
-    """Mutate ``module`` and run its tests against every mutant (in this process: mutmut keeps global state)."""
+def run_one(module: str, jobs: int, again: bool = False) -> dict:
+    """Mutate ``module`` and run its tests against every mutant (in this process: mutmut keeps global state).
+    With ``again``, keep the last run's results in ./mutants and rerun only the mutants it did not kill: tests
+    only ever get added, so a mutant killed then is killed now."""
     os.chdir(REPO)
-    shutil.rmtree("mutants", ignore_errors=True)
+    names: tuple[str, ...] = ()
+    if again:
+        last = summarise(module, MODULES[module])
+        names = tuple(n for status, found in last["not_killed"].items() for n in found)
+        if not names:
+            return last
+    else:
+        shutil.rmtree("mutants", ignore_errors=True)
     os.environ["PYTHONPATH"] = str(REPO / "mutants")  # for the subprocesses tests start; mutmut sets sys.path
 
     import mutmut.configuration as mutmut_config
@@ -84,7 +96,7 @@ def run_one(module: str, jobs: int) -> dict:
     from mutmut.__main__ import _run
 
     try:
-        _run((), jobs)
+        _run(names, jobs)
     except SystemExit as stop:
         if stop.code not in (None, 0):
             raise
@@ -135,10 +147,11 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--summary"]:  # the result of the last run in ./mutants again (e.g. after an interruption)
         write_result(argv[1], summarise(argv[1], MODULES[argv[1]]))
         return 0
-    if argv[:1] == ["--one"]:
-        write_result(argv[1], run_one(argv[1], int(os.environ.get("MUTATE_JOBS", "2"))))
+    if argv[:1] in (["--one"], ["--one-again"]):
+        write_result(argv[1], run_one(argv[1], int(os.environ.get("MUTATE_JOBS", "2")), again=argv[0] == "--one-again"))
         return 0
-    modules = argv or list(MODULES)
+    again = argv[:1] == ["--again"]
+    modules = argv[again:] or list(MODULES)
     unknown = [m for m in modules if m not in MODULES]
     if unknown:
         print(f"mutate: unknown module(s) {', '.join(unknown)}; known: {', '.join(MODULES)}", file=sys.stderr)
@@ -148,7 +161,8 @@ def main(argv: list[str]) -> int:
     lines, failed = [], False
     for module in modules:
         started = time.monotonic()
-        done = subprocess.run([sys.executable, __file__, "--one", module], cwd=REPO, env=env)
+        done = subprocess.run([sys.executable, __file__, "--one-again" if again else "--one", module], cwd=REPO,
+                              env=env)
         minutes = (time.monotonic() - started) / 60
         if done.returncode != 0:
             failed = True

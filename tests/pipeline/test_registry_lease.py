@@ -6,6 +6,7 @@ are short here (LEASE_S) so that waiting for one to expire stays quick; the wait
 instead of sleeping a fixed time.
 """
 
+import datetime as dt
 import functools
 import os
 import shutil
@@ -20,7 +21,16 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline import config, provenance
-from pipeline.registry import PG_WRITE_LOCK, BuildInProgress, Registry, RegistryError, _now, artifacts_table
+from pipeline.registry import (
+    PG_WRITE_LOCK,
+    BuildInProgress,
+    LeaseLost,
+    NotFound,
+    Registry,
+    RegistryError,
+    _now,
+    artifacts_table,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 LEASE_S, RENEW_S = 3.0, 0.3
@@ -232,3 +242,137 @@ def test_postgresql_ends_a_session_left_idle_in_its_transaction_for_a_lease(post
         conn.execute(sa.text("SELECT 1"))  # inside a transaction now
         time.sleep(1)  # five 0.2 s leases idle: the session survives
         assert conn.execute(sa.text("SELECT 2")).scalar() == 2
+
+
+# ------------------------------------------------------------- in one process: who may take over, and when
+def _set(registry, art_id, **values):
+    with registry.engine.begin() as conn:
+        conn.execute(artifacts_table.update().where(artifacts_table.c.id == art_id).values(**values))
+
+
+def _row(registry, art_id):
+    with registry.engine.connect() as conn:
+        return conn.execute(sa.select(artifacts_table).where(artifacts_table.c.id == art_id)).one()
+
+
+def _ended_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_build_whose_process_ended_on_this_host_is_recovered_at_once(cfg):
+    registry = _registry(cfg)
+    art = registry.register("dataset", "victim", content_key="k", entry_point="tests:lease")
+    staging = Path(cfg.home, "staging-of-the-dead")
+    staging.mkdir(parents=True)
+    registry.transition(art.id, "building")
+    registry.update_meta(art.id, _staging=[str(staging)])
+    pid = _ended_pid()
+    _set(registry, art.id, pid=pid)  # its lease is still running: only the ended process gives it away
+    [recovered] = registry.recover_stale()
+    assert recovered.state == "aborted"
+    assert recovered.reason == f"recovered: process {pid} on {provenance.host()} ended during the build"
+    assert not staging.exists()
+    [*_, taken] = registry.events(art.id)
+    assert (taken["from_state"], taken["to_state"], taken["reason"]) == ("building", "aborted", recovered.reason)
+    assert registry.get(art.id).updated_at > art.updated_at
+
+
+def test_a_live_process_on_this_host_keeps_its_build_unless_its_pid_was_reused(cfg):
+    registry = _registry(cfg)
+    mine = registry.register("dataset", "mine", content_key="k", entry_point="tests:lease")
+    assert registry.recover_stale() == []  # this process, alive, started when recorded
+    _set(registry, mine.id, pid_started=_row(registry, mine.id).pid_started - 100)  # same pid, another process
+    [recovered] = registry.recover_stale()
+    assert recovered.reason == f"recovered: process {os.getpid()} on {provenance.host()} ended during the build"
+
+
+def test_a_start_time_never_recorded_counts_as_ended(cfg):
+    registry = _registry(cfg)
+    art = registry.register("dataset", "old", content_key="k", entry_point="tests:lease")
+    _set(registry, art.id, pid=_ended_pid(), pid_started=0.0)
+    assert [a.id for a in registry.recover_stale()] == [art.id]
+
+
+def test_another_hosts_build_is_left_alone_while_its_lease_runs(cfg):
+    registry = _registry(cfg)
+    art = registry.register("dataset", "remote", content_key="k", entry_point="tests:lease")
+    _set(registry, art.id, host="avp-elsewhere", pid=_ended_pid())  # that pid means nothing here
+    assert registry.recover_stale() == [] and registry.get(art.id).state == "registered"
+
+
+def test_a_lease_that_ends_exactly_now_has_expired(cfg):
+    registry = _registry(cfg)
+    art = registry.register("dataset", "edge", content_key="k", entry_point="tests:lease")
+    row = _row(registry, art.id)
+    assert registry._abandoned_because(row, row.lease_until).startswith(
+        f"recovered: the lease of process {os.getpid()} on {provenance.host()} expired at ")
+    assert registry._abandoned_because(row, row.lease_until - dt.timedelta(microseconds=1)) is None
+
+
+def test_recovery_goes_on_past_a_live_build(cfg):
+    registry = _registry(cfg)
+    live = registry.register("dataset", "a-live", content_key="k", entry_point="tests:lease")
+    stale = registry.register("dataset", "b-stale", content_key="k", entry_point="tests:lease")
+    _set(registry, stale.id, lease_until=_now() - dt.timedelta(seconds=1))
+    assert [a.id for a in registry.recover_stale()] == [stale.id]
+    assert registry.get(live.id).state == "registered"
+
+
+def test_a_takeover_touches_only_its_own_record(cfg):
+    registry = _registry(cfg)
+    first = registry.register("dataset", "first", content_key="k", entry_point="tests:lease")
+    second = registry.register("dataset", "second", content_key="k", entry_point="tests:lease")
+    expired = _now() - dt.timedelta(seconds=1)
+    for art in (first, second):
+        _set(registry, art.id, lease_until=expired)  # same state, same lease
+    assert registry._take_over(_row(registry, first.id), "test: first only") is True
+    assert (registry.get(first.id).state, registry.get(second.id).state) == ("aborted", "registered")
+
+
+def test_renewing_touches_only_this_processs_record_on_this_host(cfg):
+    registry = _registry(cfg)
+    a = registry.register("dataset", "a", content_key="k", entry_point="tests:lease")
+    b = registry.register("dataset", "b", content_key="k", entry_point="tests:lease")
+    assert registry.renew_lease(a.id) is True
+    _set(registry, a.id, host="avp-elsewhere")
+    _set(registry, b.id, pid=_ended_pid())
+    assert registry.renew_lease(a.id) is False and registry.renew_lease(b.id) is False
+
+
+def test_a_build_longer_than_several_renewals_keeps_its_lease(cfg):
+    registry = _registry(cfg, lease_s=0.5, renew_s=0.05)
+    leases = []
+
+    def slow(staging, record):
+        leases.append(record.lease_until)
+        time.sleep(1.0)  # about twenty renewals, two leases
+        leases.append(registry.get(record.id).lease_until)
+    assert registry.build("dataset", "slow", entry_point="tests:lease", config={}, builder=slow).state == "succeeded"
+    assert leases[1] - leases[0] >= dt.timedelta(seconds=0.5)  # renewed while the builder worked
+
+
+def test_a_takeover_between_two_renewals_is_caught_before_publishing(cfg):
+    registry = _registry(cfg, lease_s=600, renew_s=300)  # the renewing thread does not wake during the build
+    reclaimer = _registry(cfg)
+
+    def taken_over(staging, record):
+        Path(staging, "data.txt").write_text("x")
+        assert reclaimer._take_over(_row(reclaimer, record.id), "test: taken over") is True
+    with pytest.raises(LeaseLost, match=r"^dataset:victim@v1: another process took this build over after its "
+                                        r"lease expired \(lease 600 s\); nothing was published$"):
+        registry.build("dataset", "victim", entry_point="tests:lease", config={}, builder=taken_over)
+    art = registry.get("dataset:victim@v1")
+    assert (art.state, art.reason) == ("aborted", "test: taken over")  # the failure did not overwrite it
+    assert not Path(art.location).exists()
+
+
+def test_ids_up_to_the_databases_integer_limit(cfg):
+    registry = _registry(cfg)
+    row = dict(_row(registry, registry.register("dataset", "small", content_key="k", entry_point="t").id)._mapping)
+    with registry.engine.begin() as conn:
+        conn.execute(artifacts_table.insert().values(**{**row, "id": 2**31 - 1, "name": "big"}))
+    assert registry.get(2**31 - 1).name == "big" and registry.get(str(2**31 - 1)).name == "big"
+    with pytest.raises(NotFound, match=rf"^no artifact with id {2**31}$"):
+        registry.get(2**31)  # refused before the query: PostgreSQL would reject the number itself

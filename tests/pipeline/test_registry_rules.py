@@ -4,20 +4,31 @@ refusals - each with the message a person sees. SQLite only (the PostgreSQL path
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
+import os
+import re
+import socket
+import time
+import uuid
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from pipeline import provenance
+from pipeline import registry as registry_module
+from pipeline.home import Home
 from pipeline.registry import (
     KINDS,
     STATES,
     TRANSITIONS,
+    BuildInProgress,
     IllegalTransition,
     NotFound,
     PromotionRefused,
+    Registry,
     RegistryError,
     content_key,
     parse_ref,
@@ -289,3 +300,341 @@ def test_record_registers_an_existing_thing_once(registry, tmp_path):
     assert registry.record("log", "log-a", content_key="sha-a", location="elsewhere", entry_point="x").id == log.id
     changed = registry.record("log", "log-a", content_key="sha-b", location=str(tmp_path / "a.mcap"), entry_point="x")
     assert changed.version == 2 and changed.meta == {}
+
+
+# ------------------------------------------------------------------------------------ references and ids
+@pytest.mark.parametrize("ref, message", [
+    ("dataset:../x", r"bad artifact reference 'dataset:\.\./x': expected kind:name@vN \(artifact name '\.\./x' is "
+                     r"not allowed"),
+    ("dataset:a:b", r"bad artifact reference 'dataset:a:b': expected kind:name@vN \(artifact name 'a:b'"),
+    ("dataset:a@X3", r"bad artifact reference 'dataset:a@X3': expected kind:name@vN \(invalid literal"),
+    ("dataset:a@v-1", r"bad artifact reference 'dataset:a@v-1': version -1 is out of range"),
+    (f"dataset:a@v{2**31}", rf"bad artifact reference 'dataset:a@v{2**31}': version {2**31} is out of range"),
+])
+def test_a_bad_reference_says_what_is_wrong(ref, message):
+    with pytest.raises(NotFound, match=message):
+        parse_ref(ref)
+
+
+def test_versions_up_to_the_database_integer_parse():
+    assert parse_ref("dataset:a@v0") == ("dataset", "a", 0)
+    assert parse_ref(f"dataset:a@v{2**31 - 1}") == ("dataset", "a", 2**31 - 1)
+
+
+# ------------------------------------------------------------------------------------------------ cleanup
+def _failing_build(registry, write):
+    def builder(staging, _record):
+        write(staging)
+        raise ValueError("the builder broke")
+    with pytest.raises(ValueError, match="the builder broke"):
+        registry.build("dataset", "fleet", entry_point="tests:cleanup", config={}, builder=builder)
+    [art] = registry.list("dataset", "fleet")
+    return art
+
+
+def test_a_cleanup_that_fails_does_not_hide_the_builders_error(registry, monkeypatch):
+    def busy(path, *args, **kwargs):
+        raise OSError(16, "Device or resource busy", path)
+    monkeypatch.setattr(registry_module.shutil, "rmtree", busy)
+    art = _failing_build(registry, lambda staging: Path(staging, "part.txt").write_text("half"))
+    assert art.state == "failed" and art.reason == "ValueError: the builder broke"
+
+
+def test_cleanup_removes_a_file_as_well_as_a_folder(tmp_path):
+    home = Home.from_config(str(tmp_path))
+    (tmp_path / "stray.txt").write_text("x")
+    (tmp_path / "folder" / "sub").mkdir(parents=True)
+    (tmp_path / "folder" / "sub" / "f.txt").write_text("x")
+    for path in ("stray.txt", "folder", "missing"):
+        registry_module._remove(home, str(tmp_path / path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def remote_registry(tmp_path):
+    """A registry whose home is an fsspec URL (the in-memory filesystem stands in for s3:// or hdfs://)."""
+    home = Home.from_config(f"memory://avp-{uuid.uuid4().hex[:8]}/home")
+    yield Registry(f"sqlite:///{tmp_path / 'registry.db'}", home)
+    home.fs.rm(home.root, recursive=True)
+
+
+def test_a_remote_home_publishes_by_moving_the_staging_folder(remote_registry):
+    fs = remote_registry.home.fs
+
+    def write(staging, _record):
+        fs.pipe(f"{staging}/sub/data.txt", b"x")
+        return {"rows": 1}
+    art = remote_registry.build("dataset", "fleet", entry_point="tests:remote", config={}, builder=write)
+    assert art.location == remote_registry.home.artifact_dir("dataset", "fleet", 1)
+    assert fs.cat(f"{art.location}/sub/data.txt") == b"x"
+    versions = fs.ls(remote_registry.home.join("artifacts", "dataset", "fleet"), detail=False)
+    assert [Path(p).name for p in versions] == ["v1"]
+
+
+def test_a_failed_build_on_a_remote_home_leaves_no_files(remote_registry):
+    fs = remote_registry.home.fs
+    art = _failing_build(remote_registry, lambda staging: fs.pipe(f"{staging}/sub/part.txt", b"half"))
+    assert art.state == "failed"
+    assert fs.find(remote_registry.home.join("artifacts")) == []
+
+
+def test_a_builder_gets_its_record_and_a_staging_folder_of_its_own(registry):
+    seen = {}
+
+    def builder(staging, record):
+        seen.update(staging=staging, ref=record.ref, state=record.state, staging_meta=record.meta["_staging"])
+        Path(staging, "data.txt").write_text("x")
+    art = registry.build("dataset", "fleet", entry_point="tests:record", config={}, builder=builder)
+    assert (seen["ref"], seen["state"], seen["staging_meta"]) == ("dataset:fleet@v1", "building", [seen["staging"]])
+    assert re.fullmatch(r"\.staging-v1-[0-9a-f]{8}", Path(seen["staging"]).name)
+    assert Path(seen["staging"]).parent == Path(art.location).parent and "_staging" not in art.meta
+
+
+def test_build_says_what_it_does(registry):
+    said = []
+    art = registry.build("dataset", "fleet", entry_point="tests:say", config={}, builder=lambda s, r: None,
+                         say=said.append)
+    again = registry.build("dataset", "fleet", entry_point="tests:say", config={}, builder=lambda s, r: None,
+                           say=said.append)
+    key = art.content_key[:12]
+    assert said == [f"building dataset:fleet@v1 (content key {key})",
+                    f"published dataset:fleet@v1 at {art.location}",
+                    f"cache hit: dataset:fleet@v1 has the same content key ({key}); reusing it (--force rebuilds)"]
+    assert again.id == art.id and again.cached  # reuse is the default, without force
+
+
+def test_an_interrupted_build_is_aborted_and_a_long_error_is_cut_to_2000_characters(registry):
+    def interrupted(staging, _record):
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        registry.build("dataset", "fleet", entry_point="tests:abort", config={}, builder=interrupted)
+
+    def verbose(staging, _record):
+        raise ValueError("x" * 5000)
+    with pytest.raises(ValueError):
+        registry.build("dataset", "fleet", entry_point="tests:abort", config={"b": 1}, builder=verbose)
+    first, second = registry.list("dataset", "fleet")
+    assert (first.state, first.reason) == ("aborted", "KeyboardInterrupt: ")
+    assert second.state == "failed" and second.reason == ("ValueError: " + "x" * 5000)[:2000]
+
+
+def _live_building_record(registry, kind="dataset", name="fleet", config=None):
+    """What another live build of the same content looks like: registered and building by a live process."""
+    key = content_key(kind, name, [], provenance.code_version(), {} if config is None else config)
+    art = registry.register(kind, name, content_key=key, entry_point="tests:other", config={})
+    return registry.transition(art.id, "building")
+
+
+def test_a_build_of_the_same_content_in_progress_is_refused_unless_forced(registry):
+    other = _live_building_record(registry)
+    with pytest.raises(BuildInProgress, match=rf"^dataset:fleet@v1 with the same content key is being built by pid "
+                                              rf"{os.getpid()} on {re.escape(provenance.host())}$"):
+        registry.build("dataset", "fleet", entry_point="tests:b", config={}, builder=lambda s, r: None)
+    forced = registry.build("dataset", "fleet", entry_point="tests:b", config={}, builder=lambda s, r: None,
+                            force=True)
+    assert forced.version == 2 and registry.get(other.id).state == "building"
+
+
+@pytest.mark.parametrize("kind, name, config", [("model", "fleet", {}), ("dataset", "other", {}),
+                                                ("dataset", "fleet", {"a": 2})])
+def test_only_the_same_kind_name_and_content_counts_as_in_progress(registry, kind, name, config):
+    _live_building_record(registry, kind, name, config)
+    art = registry.build("dataset", "fleet", entry_point="tests:b", config={}, builder=lambda s, r: None)
+    assert art.state == "succeeded"
+
+
+def test_records_with_the_same_content_key_under_two_names_are_two_artifacts(registry, tmp_path):
+    a = registry.record("log", "log-a", content_key="same", location=str(tmp_path / "a"), entry_point="x")
+    b = registry.record("log", "log-b", content_key="same", location=str(tmp_path / "b"), entry_point="x")
+    assert (a.ref, b.ref) == ("log:log-a@v1", "log:log-b@v1")
+
+
+def test_ids_and_latest_references(registry):
+    art = build(registry)
+    assert registry.get("fleet").id == art.id  # one kind has the name: no ambiguity
+    for ref, message in [(2**31, f"no artifact with id {2**31}"), ("00000000001", "no artifact with id 00000000001"),
+                         ("model:fleet", r"no succeeded version of 'model:fleet' in the registry \(sqlite")]:
+        with pytest.raises(NotFound, match=message):
+            registry.get(ref)
+
+
+def test_names_in_messages(registry):
+    with pytest.raises(ValueError, match=r"^artifact name '\.\./x' is not allowed"):
+        registry.register("dataset", "../x", content_key="k", entry_point="e")
+    with pytest.raises(RegistryError, match=r"unknown artifact kind 'widget'; kinds are log, dataset, statistics, "):
+        registry.register("widget", "x", content_key="k", entry_point="e")
+    with pytest.raises(IllegalTransition, match=r"unknown state 'gone'; states are registered, building, succeeded, "):
+        registry.transition(build(registry).id, "gone")
+    model = build(registry, "model", "seg")
+    registry.set_blessing(model.id, True)
+    with pytest.raises(ValueError, match=r"^namespace 'a/b' is not allowed"):
+        registry.promote(model.id, "a/b", "seg")
+    with pytest.raises(ValueError, match=r"^promotion name '\.\.' is not allowed"):
+        registry.promote(model.id, "perception", "..")
+
+
+def test_every_write_moves_updated_at_and_events_record_from_where(registry):
+    art = build(registry, "model", "seg")
+    stamps = [art.updated_at]
+    registry.set_blessing(art.id, True)
+    stamps.append(registry.get(art.id).updated_at)
+    registry.update_meta(art.id, note="x")
+    stamps.append(registry.get(art.id).updated_at)
+    registry.promote(art.id, "perception", "seg")
+    registry.deprecate(art.id, "bad labels", production=True)
+    stamps.append(registry.get(art.id).updated_at)
+    registry.end_of_life(art.id)
+    assert stamps == sorted(stamps) and len(set(stamps)) == 4
+    events = registry.events(art.id)
+    assert [(e["from_state"], e["to_state"], e["reason"]) for e in events] == [
+        (None, "registered", ""), ("registered", "building", ""), ("building", "succeeded", ""),
+        ("succeeded", "succeeded", "blessed"), ("succeeded", "succeeded", "promoted to perception/seg/1.0"),
+        ("succeeded", "deprecated", "bad labels"), ("deprecated", "end_of_life", "")]
+    assert registry.get(art.id).reason == "bad labels"  # a transition without a reason keeps the last one
+
+
+def test_a_state_change_of_a_missing_artifact_names_it(registry):
+    with pytest.raises(NotFound, match="^no artifact with id 999$"), registry._tx() as conn:
+        registry._set_state(conn, 999, "building")
+
+
+def test_namespaces_keep_their_own_versions_and_production(registry):
+    model = build(registry, "model", "seg")
+    registry.set_blessing(model.id, True)
+    registry.promote(model.id, "perception", "seg")
+    planning = registry.promote(model.id, "planning", "seg")
+    assert planning.label == "planning/seg/1.0"
+    assert registry.production("perception", "seg").label == "perception/seg/1.0"
+
+
+def test_rollback_restores_the_newest_previous_version_and_promoting_keeps_rolled_back(registry):
+    models = []
+    for i in range(3):
+        models.append(build(registry, "model", "seg", config={"i": i}))
+        registry.set_blessing(models[-1].id, True)
+        registry.promote(models[-1].id, "perception", "seg")
+    assert registry.rollback("perception", "seg").artifact_id == models[1].id
+    events = registry.events(models[1].id)
+    assert (events[-1]["from_state"], events[-1]["to_state"], events[-1]["reason"]) == (
+        "succeeded", "succeeded", "rolled back perception/seg: production again instead of 1.2")
+    registry.promote(models[0].id, "perception", "seg")
+    assert [p.status for p in registry.promotions("perception", "seg")] == [
+        "previous", "previous", "rolled_back", "production"]
+    assert [p.artifact_id for p in registry.production_of(models[0].id)] == [models[0].id]
+    assert registry.production_of(models[2].id) == []
+
+
+def test_a_note_is_an_event_that_changes_nothing_else(registry):
+    art = build(registry, "model", "seg")
+    registry.note(art.id, "promotion rejected: labels look off", by="reviewer")
+    last = registry.events(art.id)[-1]
+    assert (last["from_state"], last["to_state"], last["by"], last["reason"]) == (
+        "succeeded", "succeeded", "reviewer", "promotion rejected: labels look off")
+    registry.note(art.id, "timed out")
+    assert registry.events(art.id)[-1]["by"] == provenance.user()
+    assert registry.get(art.id).updated_at == art.updated_at
+
+
+def test_assignments_read_a_ledger(registry):
+    registry.sticky_assign("ledger-a", ["x", "y"], lambda existing, new: {k: "train" for k in new})
+    registry.sticky_assign("ledger-b", ["x"], lambda existing, new: {k: "val" for k in new})
+    assert registry.assignments("ledger-a") == {"x": "train", "y": "train"}
+    assert registry.assignments("ledger-b") == {"x": "val"} and registry.assignments("none") == {}
+
+
+@pytest.mark.parametrize("operation", ["register", "promote"])
+def test_a_version_clash_is_retried_with_growing_waits_then_named(registry, monkeypatch, operation):
+    # On PostgreSQL two writers can race for one version number; the unique constraint turns the loser's
+    # insert into an IntegrityError and it tries again. Here every insert clashes.
+    model = build(registry, "model", "seg")
+    registry.set_blessing(model.id, True)
+    table = "promotions" if operation == "promote" else "artifacts"
+
+    @sa.event.listens_for(registry.engine, "before_cursor_execute")
+    def clash(conn, cursor, statement, parameters, context, executemany):
+        if statement.startswith(f"INSERT INTO {table} "):
+            raise sa.exc.IntegrityError(statement, parameters, Exception("UNIQUE constraint failed"))
+    waits = []
+    monkeypatch.setattr(registry_module.time, "sleep", waits.append)
+    if operation == "promote":
+        with pytest.raises(RegistryError, match=r"^could not promote model:seg@v1: too many concurrent promotions$"):
+            registry.promote(model.id, "perception", "seg")
+    else:
+        with pytest.raises(RegistryError, match=r"^could not allocate a version for model:seg after 50 attempts$"):
+            registry.register("model", "seg", content_key="k", entry_point="e")
+    assert waits == pytest.approx([0.01 * (attempt + 1) for attempt in range(50)])
+
+
+def test_a_single_version_clash_costs_one_short_wait(registry, monkeypatch):
+    model = build(registry, "model", "seg")
+    registry.set_blessing(model.id, True)
+    clashes = []
+
+    @sa.event.listens_for(registry.engine, "before_cursor_execute")
+    def clash_once(conn, cursor, statement, parameters, context, executemany):
+        if statement.startswith("INSERT INTO promotions ") and not clashes:
+            clashes.append(statement)
+            raise sa.exc.IntegrityError(statement, parameters, Exception("UNIQUE constraint failed"))
+    waits = []
+    monkeypatch.setattr(registry_module.time, "sleep", waits.append)
+    assert registry.promote(model.id, "perception", "seg").label == "perception/seg/1.0"
+    assert waits == [0.01] and len(registry.promotions()) == 1
+
+
+# ------------------------------------------------------------------------------------ opening a registry
+def test_an_unreachable_registry_server_is_named_without_its_password(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RegistryError, match=rf"^cannot open the registry postgresql\+psycopg://avp:\*\*\*@127\.0\.0\.1:"
+                                            rf"{port}/avp: ") as refused:
+        Registry(f"postgresql://avp:s3cret@127.0.0.1:{port}/avp", Home.from_config(str(tmp_path)))
+    assert "s3cret" not in str(refused.value)
+
+
+def test_a_sqlite_registry_makes_its_folder_and_queues_writers(tmp_path):
+    registry = Registry(f"sqlite:///{tmp_path}/new/folder/registry.db", Home.from_config(str(tmp_path)))
+    assert (tmp_path / "new" / "folder" / "registry.db").exists()
+    with registry.engine.connect() as conn:
+        pragmas = {name: conn.exec_driver_sql(f"PRAGMA {name}").scalar()
+                   for name in ("journal_mode", "busy_timeout", "foreign_keys")}
+    assert pragmas == {"journal_mode": "wal", "busy_timeout": 120_000, "foreign_keys": 1}
+    assert (registry.lease_s, registry.lease_renew_s) == (60.0, 10.0)  # config's defaults
+
+
+@pytest.mark.parametrize("renew_s", [0, 60])
+def test_a_lease_must_be_renewed_more_often_than_it_lasts(tmp_path, renew_s):
+    with pytest.raises(RegistryError, match=rf"^registry.lease_renew_s \({renew_s}\) must be above 0 and below "
+                                            r"registry.lease_s \(60\)"):
+        Registry(f"sqlite:///{tmp_path}/r.db", Home.from_config(str(tmp_path)), lease_s=60, lease_renew_s=renew_s)
+
+
+def test_a_record_says_who_made_it_where_when_and_in_which_airflow_run(registry, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CTX_DAG_ID", "avp_daily")
+    monkeypatch.setenv("AIRFLOW_CTX_DAG_RUN_ID", "scheduled__2026-11-30")
+    art = registry.register("dataset", "fleet", content_key="k", entry_point="tests:who")
+    snap = provenance.snapshot()
+    assert (art.created_by, art.host, art.pid, art.diff_hash, art.git_sha) == (
+        snap["user"], snap["host"], os.getpid(), snap["diff_hash"], snap["git_sha"])
+    assert (art.dag_id, art.dag_run_id) == ("avp_daily", "scheduled__2026-11-30")
+    assert (art.state, art.reason, art.blessed, art.locations, art.meta) == ("registered", "", None, [], {})
+    assert art.created_at == art.updated_at and art.lease_until == art.created_at + dt.timedelta(seconds=60)
+
+
+def test_times_are_utc_whatever_the_local_zone(monkeypatch):
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        utc = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        assert abs(registry_module._now() - utc) < dt.timedelta(minutes=1)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_a_transition_without_a_reason_records_none(registry):
+    a, b = build(registry, config={"a": 1}), build(registry, config={"a": 2})
+    registry.deprecate(a.id)
+    registry.transition(b.id, "deprecated")
+    assert [registry.events(x.id)[-1]["reason"] for x in (a, b)] == ["", ""]
+    assert [registry.get(x.id).reason for x in (a, b)] == ["", ""]
