@@ -524,8 +524,8 @@ class Registry:
                     art_id = conn.execute(t.insert().values(
                         kind=kind, name=name, version=(latest or 0) + 1, content_key=content_key,
                         state="registered", git_sha=snap["git_sha"], diff_hash=snap["diff_hash"],
-                        entry_point=entry_point, config=canonical_json(config or {}), locations="[]",
-                        meta=canonical_json(meta or {}), blessed=None, reason="", created_by=snap["user"],
+                        entry_point=entry_point, config=canonical_json(config or {}),
+                        meta=canonical_json(meta or {}), created_by=snap["user"],
                         created_at=now, updated_at=now, host=snap["host"], pid=pid,
                         pid_started=_process_started(pid), lease_until=self._lease_end(now),
                         dag_id=snap.get("airflow_dag_id"),

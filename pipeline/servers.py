@@ -118,8 +118,10 @@ def stop_process_group(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeou
     Descendants that left the group are ended too: Airflow runs every task in a process group of its own
     (its supervisor calls setpgid), so a task running at shutdown, and whatever it started, would outlive
     the group. They are noted before the signal and get SIGTERM, then SIGKILL."""
-    family = _descendants(proc.pid)
-    if proc.poll() is None:
+    # only while it runs: a reaped PID may already belong to another process, whose children are not ours
+    running = proc.poll() is None
+    family = _descendants(proc.pid) if running else []
+    if running:
         try:
             (os.killpg if whole_group else os.kill)(proc.pid, sig)
             proc.wait(timeout=timeout)

@@ -48,12 +48,13 @@ MODULES: dict[str, list[str]] = {
     "evaluation/segmentation.py": ["tests/evaluation/test_segmentation.py",
                                    "tests/evaluation/test_segmentation_rules.py"],
     "pipeline/config.py": ["tests/pipeline/test_config.py", "tests/pipeline/test_config_rules.py"],
-    # SQLite tests without worker processes: the PostgreSQL cases and the crash, concurrency and cross-host
-    # lease tests start servers and processes (seconds each, for every mutant they reach); `make test` runs them.
+    # SQLite tests without worker processes, plus the two PostgreSQL tests of how a session is set up (its
+    # idle timeout, reconnecting): the other PostgreSQL cases and the crash, concurrency, cross-host and CLI
+    # tests start servers and processes (seconds each, for every mutant they reach); `make test` runs them.
     "pipeline/registry.py": ["tests/pipeline/test_registry.py", "tests/pipeline/test_registry_rules.py",
                              "tests/pipeline/test_registry_lease.py", "tests/pipeline/test_registry_lifecycle.py",
-                             "-k", "not postgresql and not sigkilled and not two_processes and not another_host "
-                                   "and not test_cli_"],
+                             "-k", "(not postgresql or left_idle or reconnects) and not sigkilled and not two_processes "
+                                   "and not another_host and not test_cli_"],
     # Only the tests that need no model: the others build and export a package in a session fixture, which
     # each mutant's fresh pytest run would repeat (minutes per mutant).
     "serving/package.py": ["tests/serving/test_package_rules.py", "tests/serving/test_package.py",
@@ -75,9 +76,14 @@ KILLED = "killed"
 def run_one(module: str, jobs: int, again: bool = False) -> dict:
     """Mutate ``module`` and run its tests against every mutant (in this process: mutmut keeps global state).
     With ``again``, keep the last run's results in ./mutants and rerun only the mutants it did not kill: tests
-    only ever get added, so a mutant killed then is killed now."""
+    only ever get added, so a mutant killed then is killed now. A module changed since that run has other
+    mutants (mutmut forgets the old results), so all of them run."""
     os.chdir(REPO)
     names: tuple[str, ...] = ()
+    copy = REPO / "mutants" / module
+    if again and (not copy.exists() or (REPO / module).stat().st_mtime > copy.stat().st_mtime):
+        print(f"mutate: {module} changed since the last run (or there was none): every mutant runs again")
+        again = False
     if again:
         last = summarise(module, MODULES[module])
         names = tuple(n for status, found in last["not_killed"].items() for n in found)

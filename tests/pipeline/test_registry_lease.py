@@ -244,6 +244,19 @@ def test_postgresql_ends_a_session_left_idle_in_its_transaction_for_a_lease(post
         assert conn.execute(sa.text("SELECT 2")).scalar() == 2
 
 
+def test_postgresql_registry_reconnects_after_the_server_ended_its_session(postgres_server, postgres_url, tmp_path):
+    # The server ends sessions (the idle timeout above, a restart, an administrator): the pool tests a
+    # connection before handing it out and opens a new one instead of failing the next registry call.
+    cfg = config.load({"home": str(tmp_path / "home"), "registry_url": postgres_url}, env={})
+    registry = _registry(cfg)
+    art = registry.register("dataset", "fleet", content_key="k", entry_point="tests:reconnect")
+    with registry.engine.connect() as conn:
+        backend = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar()  # the pooled session
+    with postgres_server.admin() as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s)", (backend,)).fetchone()[0] is True
+    assert registry.get(art.id).ref == "dataset:fleet@v1"
+
+
 # ------------------------------------------------------------- in one process: who may take over, and when
 def _set(registry, art_id, **values):
     with registry.engine.begin() as conn:
@@ -270,13 +283,14 @@ def test_a_build_whose_process_ended_on_this_host_is_recovered_at_once(cfg):
     registry.update_meta(art.id, _staging=[str(staging)])
     pid = _ended_pid()
     _set(registry, art.id, pid=pid)  # its lease is still running: only the ended process gives it away
+    before = registry.get(art.id)
     [recovered] = registry.recover_stale()
     assert recovered.state == "aborted"
     assert recovered.reason == f"recovered: process {pid} on {provenance.host()} ended during the build"
     assert not staging.exists()
     [*_, taken] = registry.events(art.id)
     assert (taken["from_state"], taken["to_state"], taken["reason"]) == ("building", "aborted", recovered.reason)
-    assert registry.get(art.id).updated_at > art.updated_at
+    assert recovered.updated_at > before.updated_at
 
 
 def test_a_live_process_on_this_host_keeps_its_build_unless_its_pid_was_reused(cfg):

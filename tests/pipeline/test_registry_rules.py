@@ -176,7 +176,7 @@ def test_lineage_depths_and_directions(registry):
         (1, "dataset:fleet@v1"), (2, "model:seg@v1"), (2, "package:seg@v1")]
     assert [a.ref for a in registry.parents(model.id)] == ["dataset:fleet@v1"]
     assert [a.ref for a in registry.children(data.id)] == ["model:seg@v1", "package:seg@v1"]
-    with pytest.raises(ValueError, match="direction must be 'up' or 'down'"):
+    with pytest.raises(ValueError, match="^direction must be 'up' or 'down'$"):
         registry.lineage(pkg.id, "sideways")
 
 
@@ -498,13 +498,49 @@ def test_a_state_change_of_a_missing_artifact_names_it(registry):
         registry._set_state(conn, 999, "building")
 
 
-def test_namespaces_keep_their_own_versions_and_production(registry):
+def test_each_namespace_and_name_keeps_its_own_versions_production_and_rollback(registry):
+    models = [build(registry, "model", "seg", config={"i": i}) for i in range(4)]
+    for model in models:
+        registry.set_blessing(model.id, True)
+    registry.promote(models[0].id, "perception", "seg")
+    registry.promote(models[1].id, "perception", "seg")
+    assert registry.promote(models[2].id, "planning", "seg").label == "planning/seg/1.0"  # promoted last
+    assert registry.promote(models[3].id, "perception", "other").label == "perception/other/1.0"
+    assert registry.rollback("perception", "seg").label == "perception/seg/1.0"
+    production = {(p.namespace, p.name): p.artifact_id for p in registry.promotions() if p.status == "production"}
+    assert production == {("perception", "seg"): models[0].id, ("planning", "seg"): models[2].id,
+                          ("perception", "other"): models[3].id}
+
+
+def test_retiring_production_names_every_promotion_it_serves(registry):
     model = build(registry, "model", "seg")
     registry.set_blessing(model.id, True)
     registry.promote(model.id, "perception", "seg")
-    planning = registry.promote(model.id, "planning", "seg")
-    assert planning.label == "planning/seg/1.0"
-    assert registry.production("perception", "seg").label == "perception/seg/1.0"
+    registry.promote(model.id, "planning", "seg")
+    with pytest.raises(PromotionRefused, match=(
+            r"^model:seg@v1 is production as perception/seg/1\.0, planning/seg/1\.0; retiring it needs the "
+            r"explicit production flag \(avp registry \.\.\. --production\), which rolls production back to the "
+            r"previous succeeded version$")):
+        registry.transition(model.id, "deprecated")  # without the flag, as deprecate() without it
+    assert registry.get(model.id).state == "succeeded"
+
+
+def test_a_rollback_refusal_lists_each_retired_previous_version(registry):
+    models = [build(registry, "model", "seg", config={"i": i}) for i in range(3)]
+    for model in models:
+        registry.set_blessing(model.id, True)
+        registry.promote(model.id, "perception", "seg")
+    registry.deprecate(models[0].id)
+    registry.deprecate(models[1].id, "bad labels")
+    with pytest.raises(PromotionRefused, match=(
+            r"^perception/seg has no previous version to roll back to that is still succeeded: perception/seg/1\.1 "
+            r"\(model:seg@v2 is deprecated\), perception/seg/1\.0 \(model:seg@v1 is deprecated\)$")):
+        registry.rollback("perception", "seg")
+    other = build(registry, "model", "other")
+    registry.set_blessing(other.id, True)
+    registry.promote(other.id, "perception", "other")
+    with pytest.raises(PromotionRefused, match=r"^perception/other has no previous version to roll back to$"):
+        registry.rollback("perception", "other")
 
 
 def test_rollback_restores_the_newest_previous_version_and_promoting_keeps_rolled_back(registry):
