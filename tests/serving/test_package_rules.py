@@ -350,3 +350,44 @@ def test_names_with_spaces_survive_manifest_verification_and_the_tarball(tmp_pat
     pkg.make_tarball(str(folder), str(tmp_path / "p.tar.gz"))
     out = pkg.extract_tarball(str(tmp_path / "p.tar.gz"), str(tmp_path / "out"))
     assert pkg.verify_package(out, digest)["files"] == files
+
+
+# ------------------------------------------------------------------------------ the default runtime
+PT2_CHOICE = {"variant": "aot_inductor", "runtime": "pt2", "reason": "the fastest eligible variant"}
+INT8_CHOICE = {"variant": "int8_pt2e", "runtime": "int8", "reason": "int8 meets every gate"}
+BUILT = {"torchscript": True, "pt2": True, "int8": True}
+
+
+@pytest.mark.parametrize("choice, built, why_not_int8, expected", [
+    (None, BUILT, "", {"variant": "torchscript_frozen", "serve_runtime": "torchscript", "file": "model.ts",
+                       "reason": "no evaluation choice: the reference TorchScript", "from_evaluation": False}),
+    (PT2_CHOICE, BUILT, "", {"variant": "aot_inductor", "serve_runtime": "pt2", "file": "model.pt2",
+                             "reason": "chosen by the evaluation: the fastest eligible variant",
+                             "from_evaluation": True}),
+    (INT8_CHOICE, BUILT, "", {"variant": "int8_pt2e", "serve_runtime": "int8", "file": "model_int8.pt2",
+                              "reason": "chosen by the evaluation: int8 meets every gate", "from_evaluation": True}),
+    (PT2_CHOICE, {**BUILT, "pt2": False}, "", {
+        "variant": "torchscript_frozen", "serve_runtime": "torchscript", "file": "model.ts", "from_evaluation": False,
+        "reason": "the evaluation chose aot_inductor, but this package's model.pt2 is not an AOTInductor program: "
+                  "the reference TorchScript"}),
+    (INT8_CHOICE, {**BUILT, "int8": False}, "its record does not match", {
+        "variant": "torchscript_frozen", "serve_runtime": "torchscript", "file": "model.ts", "from_evaluation": False,
+        "reason": "the evaluation chose int8_pt2e, but its record does not match: the reference TorchScript"}),
+    ({"variant": "torchscript_frozen", "runtime": "torchscript", "reason": "nothing faster fits"}, BUILT, "", {
+        "variant": "torchscript_frozen", "serve_runtime": "torchscript", "file": "model.ts", "from_evaluation": True,
+        "reason": "chosen by the evaluation: nothing faster fits"}),
+])
+def test_the_default_runtime_is_the_evaluations_choice_when_the_package_has_it(choice, built, why_not_int8, expected):
+    assert pkg.default_runtime(choice, built, why_not_int8) == expected
+
+
+def test_the_evaluations_choice_is_read_from_its_metrics(tmp_path):
+    from tests.serving.conftest import evaluation_metrics  # a whole metrics artifact (imports torch)
+
+    assert pkg.evaluation_choice(None) is None and pkg.evaluation_choice(str(tmp_path)) is None  # no evaluation
+    metrics = evaluation_metrics("model:seg@v1", "dataset:fleet@v1", "metrics:seg@v1")
+    metrics.save_to(str(tmp_path))
+    assert pkg.evaluation_choice(str(tmp_path)) is None  # evaluated before variants were chosen
+    candidate = {**metrics.candidate, "variants": {"choice": PT2_CHOICE}}
+    type(metrics).from_dict({**metrics.to_dict(), "candidate": candidate}, "metrics.json").save_to(str(tmp_path))
+    assert pkg.evaluation_choice(str(tmp_path)) == PT2_CHOICE
