@@ -231,3 +231,37 @@ def test_broken_rules_are_joined_in_one_message():
         config.load({"train.np": 0, "train.epochs": 0}, env={})
     assert str(caught.value) == ("config field train.np: 0 must be at least 1; "
                                  "config field train.epochs: 0 must be at least 1")
+
+
+# ------------------------------------------------------------------------------------------------ ranges
+# The ranges are built in the test, not at collection: `make mutate` switches a mutant on only while a test runs.
+@pytest.mark.parametrize("make_bound, inside, outside", [
+    (lambda: config._positive(5), [1e-9, 5], {0: "must be above 0", 5.5: "must be at most 5"}),
+    (lambda: config._at_least(1, 9), [1, 9], {0.5: "must be at least 1", 10: "must be at most 9"}),
+    (lambda: config._at_least(0), [0, 1e12], {-1: "must be at least 0"}),
+    (lambda: config.Bound(0, 1, exclusive_maximum=True), [0, 0.999], {1: "must be below 1", -0.1: "must be at least 0"}),
+    (lambda: config.Bound(), [-1e300, 1e300], {float("nan"): "is not a number (NaN)"}),
+])
+def test_a_range_says_which_side_a_value_is_out_on(make_bound, inside, outside):
+    bound = make_bound()
+    assert [bound.problem(v) for v in inside] == [None] * len(inside)
+    assert {v: bound.problem(v) for v in outside} == outside
+
+
+@pytest.mark.parametrize("make_bound, schema", [
+    (lambda: config.Bound(0, 1), {"minimum": 0, "maximum": 1}),
+    (lambda: config.Bound(0, 1, exclusive_minimum=True, exclusive_maximum=True),
+     {"exclusiveMinimum": 0, "exclusiveMaximum": 1}),
+    (lambda: config._positive(), {"exclusiveMinimum": 0}),
+    (lambda: config._at_least(2), {"minimum": 2}),
+    (lambda: config.Bound(maximum=3), {"maximum": 3}),
+    (lambda: config.Bound(), {}),
+])
+def test_a_range_is_the_same_as_json_schema(make_bound, schema):
+    assert make_bound().json_schema() == schema
+
+
+@pytest.mark.parametrize("overrides, name", [({}, config.FLEET_DATASET), ({"ingest.source": "kitti"}, "kitti"),
+                                             ({"ingest.source": "av2", "ingest.dataset_name": "mine"}, "mine")])
+def test_the_dataset_name_defaults_to_the_fleet_or_the_source(overrides, name):
+    assert config.load(overrides, env={}).ingest.dataset_name == name
