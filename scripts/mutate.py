@@ -169,7 +169,8 @@ def main(argv: list[str]) -> int:
         write_result(argv[1], summarise(argv[1], MODULES[argv[1]]))
         return 0
     if argv[:1] in (["--one"], ["--one-again"]):
-        write_result(argv[1], run_one(argv[1], int(os.environ.get("MUTATE_JOBS", "2")), again=argv[0] == "--one-again"))
+        jobs = int(os.environ.get("MUTATE_JOBS", "2"))
+        write_result(argv[1], run_one(argv[1], jobs, again=argv[0] == "--one-again"))
         return 0
     again = argv[:1] == ["--again"]
     modules = argv[again:] or list(MODULES)
