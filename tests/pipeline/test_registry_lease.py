@@ -109,10 +109,10 @@ def _rebuild(registry):
     return registry.build("dataset", "victim", entry_point="tests:killed", config={"n": 1}, builder=complete)
 
 
-def _rows(registry, art_id):
-    t = artifacts_table
+def _row(registry, art_id):
+    """The artifact's database row as it is now (what a reclaimer reads before taking over)."""
     with registry.engine.connect() as conn:
-        return conn.execute(sa.select(t).where(t.c.id == art_id)).all()
+        return conn.execute(sa.select(artifacts_table).where(artifacts_table.c.id == art_id)).one()
 
 
 def _wait_until_expired(registry, art_id):
@@ -181,7 +181,7 @@ def test_only_one_of_two_reclaimers_wins_and_the_owner_loses_its_lease(cfg):
     art = owner.register("dataset", "victim", content_key="k", entry_point="tests:lease")
     _wait_until_expired(owner, art.id)
     first, second = _registry(cfg), _registry(cfg)
-    [row] = _rows(first, art.id)
+    row = _row(first, art.id)
     assert first._take_over(row, "test: first") is True
     assert second._take_over(row, "test: second") is False  # same observed row, already taken
     assert first.get(art.id).reason == "test: first"
@@ -194,7 +194,7 @@ def test_a_renewed_lease_defeats_a_takeover_read_before_it(cfg):
     art = owner.register("dataset", "victim", content_key="k", entry_point="tests:lease")
     _wait_until_expired(owner, art.id)
     reclaimer = _registry(cfg)
-    [row] = _rows(reclaimer, art.id)
+    row = _row(reclaimer, art.id)
     assert owner.renew_lease(art.id) is True  # the owner came back before anyone took over
     assert reclaimer._take_over(row, "test: stale read") is False
     assert reclaimer.get(art.id).state == "registered"
@@ -261,11 +261,6 @@ def test_postgresql_registry_reconnects_after_the_server_ended_its_session(postg
 def _set(registry, art_id, **values):
     with registry.engine.begin() as conn:
         conn.execute(artifacts_table.update().where(artifacts_table.c.id == art_id).values(**values))
-
-
-def _row(registry, art_id):
-    with registry.engine.connect() as conn:
-        return conn.execute(sa.select(artifacts_table).where(artifacts_table.c.id == art_id)).one()
 
 
 def _ended_pid():
